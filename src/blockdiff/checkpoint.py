@@ -1,0 +1,134 @@
+"""Checkpoints: Hugging Face-style directories, written atomically, loaded with clear errors.
+
+A checkpoint directory holds config.json, model.safetensors and the tokenizer files; a training
+checkpoint adds trainer_state.json + trainer_state.safetensors (optimizer, EMA, raw weights).
+A run directory holds step-NNNNNNN/ checkpoints and a `latest` file naming the newest one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import ConfigError, ModelConfig
+from .model import BlockDiffLM
+from .tokenizer import Tokenizer
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint dir itself, or the newest checkpoint of a run dir."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint path {p} does not exist")
+    latest = p / "latest"
+    if not (p / "config.json").exists() and latest.exists():
+        p = p / latest.read_text().strip()
+    if not (p / "config.json").exists():
+        raise CheckpointError(f"checkpoint dir {p} has no config.json (and no 'latest' file naming one)")
+    return p
+
+
+def atomic_dir(final: Path):
+    """Context manager: write into a temp dir beside `final`, rename into place on success."""
+
+    class _Atomic:
+        def __enter__(self):
+            final.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp", dir=final.parent))
+            self.tmp.chmod(0o755)
+            return self.tmp
+
+        def __exit__(self, exc_type, exc, tb):
+            if exc_type is not None:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                return False
+            if final.exists():
+                old = final.with_name(f".{final.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                final.rename(old)
+                self.tmp.rename(final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                self.tmp.rename(final)
+            return False
+
+    return _Atomic()
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def state_dict_for_save(model: BlockDiffLM, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    if dtype is not None:
+        sd = {k: v.to(dtype) for k, v in sd.items()}
+    return sd
+
+
+def save_model(directory: Path, model: BlockDiffLM, tokenizer: Tokenizer, dtype: torch.dtype | None = None) -> None:
+    """Write config, weights and tokenizer into an existing directory."""
+    directory = Path(directory)
+    model.config.save(directory / "config.json")
+    save_file(state_dict_for_save(model, dtype), str(directory / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save(directory)
+
+
+def load_weights(file: Path) -> dict[str, torch.Tensor]:
+    if not file.exists():
+        raise CheckpointError(f"missing weights file {file}")
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"corrupt or unreadable weights file {file}: {e}") from None
+
+
+def load_model(
+    path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+) -> tuple[BlockDiffLM, Tokenizer]:
+    """Load a blockdiff checkpoint (or the newest one in a run dir) for inference."""
+    p = resolve(path)
+    try:
+        cfg = ModelConfig.load(p / "config.json")
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"bad config {p / 'config.json'}: {e}") from None
+    sd = load_weights(p / "model.safetensors")
+    model = BlockDiffLM(cfg)
+    if cfg.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not (cfg.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"weights in {p / 'model.safetensors'} do not match config.json: "
+            f"missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    if dtype is not None:
+        model.to(dtype)
+    else:
+        model.float()
+    try:
+        tok = Tokenizer.load(p)
+    except (FileNotFoundError, ValueError, Exception) as e:
+        raise CheckpointError(f"tokenizer in {p} cannot be loaded: {e}") from None
+    return model.to(device).eval(), tok
+
+
+def read_trainer_meta(path: Path) -> dict:
+    f = Path(path) / "trainer_state.json"
+    return json.loads(f.read_text()) if f.exists() else {}

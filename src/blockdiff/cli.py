@@ -1,0 +1,153 @@
+"""`blockdiff train | generate | info | export`: the command-line contract."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CheckpointError, load_model, read_trainer_meta, resolve
+from .config import ConfigError
+
+
+def bundled_model_path() -> Path:
+    return Path(str(resources.files("blockdiff") / "assets" / "demo"))
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from .train import train
+
+    last = train(a.config, a.out, a.resume, a.set or [])
+    if last is not None:
+        print(f"checkpoint: {last}")
+    return 0
+
+
+def cmd_info(a: argparse.Namespace) -> int:
+    p = resolve(a.path)
+    model, tok = load_model(p)
+    cfg, meta = model.config, read_trainer_meta(p)
+    card = p / "model_card.json"
+    if card.exists():
+        meta = {**json.loads(card.read_text()), **meta}
+    info = {
+        "path": str(p),
+        "architecture": (
+            f"Llama-style: {cfg.num_hidden_layers} layers, width {cfg.hidden_size}, "
+            f"{cfg.num_attention_heads} query / {cfg.num_key_value_heads} KV heads, vocab {cfg.vocab_size}"
+        ),
+        "parameters": model.num_parameters(),
+        "block_size": cfg.block_size,
+        "block_sizes": cfg.block_sizes or [cfg.block_size],
+        "logits": cfg.logits,
+        "layout": cfg.layout,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "training_tokens": meta.get("tokens_seen"),
+        "train_seconds": meta.get("train_seconds"),
+        "val_nll_bound": {k: v for k, v in (meta.get("metrics") or {}).items() if k.startswith("val_nll")} or None,
+    }
+    if a.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for k, v in info.items():
+            print(f"{k:>24}: {v}")
+    return 0
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from .export import export
+
+    export(a.run, a.out, dtype=a.dtype)
+    print(f"exported {resolve(a.run)} -> {a.out}")
+    return 0
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    from .decoding import generate
+    from .decoding.display import LiveCanvas
+
+    model, tok = load_model(a.model or bundled_model_path())
+    kwargs = {
+        k: getattr(a, k)
+        for k in ("max_new_tokens", "block_size", "steps", "threshold", "temperature", "top_p", "top_k", "seed")
+        if getattr(a, k) is not None
+    }
+    if a.no_cache:
+        kwargs["cache"] = "none"
+    elif a.cache:
+        kwargs["cache"] = a.cache
+    live = None if a.json or not sys.stdout.isatty() or a.quiet else LiveCanvas(tok)
+    out = generate(model, tok, [a.prompt], sampler=a.sampler, on_step=live, **kwargs)
+    if live is not None:
+        live.close()
+    row = out.rows[0]
+    if a.json:
+        print(json.dumps({"text": out.texts[0], "prompt": a.prompt, "sampler": a.sampler, **row.as_dict()}))
+    else:
+        print(a.prompt + out.texts[0])
+        print(
+            f"[{a.sampler}] {row.tokens} tokens, {row.nfe} NFEs, {row.tokens_per_nfe:.2f} tokens/NFE, "
+            f"{row.seconds:.2f}s",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="blockdiff", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    t = sub.add_parser("train", help="train a model from a YAML recipe")
+    t.add_argument("config")
+    t.add_argument("--out")
+    t.add_argument("--resume", action="store_true")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key, e.g. train.steps=10")
+    t.set_defaults(fn=cmd_train)
+
+    i = sub.add_parser("info", help="describe a checkpoint")
+    i.add_argument("path")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(fn=cmd_info)
+
+    e = sub.add_parser("export", help="copy a run's newest checkpoint for inference (weights only, model card)")
+    e.add_argument("run")
+    e.add_argument("out")
+    e.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
+    e.set_defaults(fn=cmd_export)
+
+    g = sub.add_parser("generate", help="generate text, showing the denoising as it happens")
+    g.add_argument("prompt")
+    g.add_argument("--model", help="checkpoint or run dir (default: the bundled demo model)")
+    g.add_argument("--sampler", default="bd3")
+    g.add_argument("--max-new-tokens", type=int, dest="max_new_tokens")
+    g.add_argument("--block-size", type=int, dest="block_size")
+    g.add_argument("--steps", type=int)
+    g.add_argument("--threshold", type=float)
+    g.add_argument("--temperature", type=float)
+    g.add_argument("--top-p", type=float, dest="top_p")
+    g.add_argument("--top-k", type=int, dest="top_k")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--cache", choices=["none", "prefix", "dual", "exact"])
+    g.add_argument("--no-cache", action="store_true", dest="no_cache")
+    g.add_argument("--json", action="store_true")
+    g.add_argument("--quiet", action="store_true", help="no live canvas")
+    g.set_defaults(fn=cmd_generate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    torch.set_grad_enabled(a.cmd == "train")
+    try:
+        return a.fn(a)
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"blockdiff {a.cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""Model configuration, stored as a Hugging Face-style `config.json`.
+
+The Llama fields keep their Hugging Face names so that Llama-family checkpoints load by name;
+the diffusion fields (block size, logit convention, mask token, attention layout) live beside
+them and are read only through this class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+LOGIT_CONVENTIONS = ("aligned", "shifted")
+LAYOUTS = ("block_causal", "context_causal")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message says what to change."""
+
+
+def check_keys(given: dict, allowed: list[str] | tuple[str, ...], where: str) -> None:
+    """Reject unknown keys, naming the closest known one."""
+    for key in given:
+        if key not in allowed:
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(allowed)}"
+            raise ConfigError(f"unknown {where} key '{key}'{hint}")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 4096
+    hidden_size: int = 256
+    intermediate_size: int = 688
+    num_hidden_layers: int = 6
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 4
+    head_dim: int | None = None
+    max_position_embeddings: int = 1024
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = True
+    # diffusion fields
+    block_size: int = 16
+    block_sizes: list[int] = field(default_factory=list)  # mix-scale training set (empty: just block_size)
+    logits: str = "aligned"  # aligned: output i predicts token i; shifted: output i-1 predicts token i
+    layout: str = "block_causal"  # clean context block-causal (BD3-LM) or causal (NBDiff)
+    mask_token_id: int | None = None
+    eos_token_id: int | None = None
+    bos_token_id: int | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        self.validate()
+
+    def validate(self) -> None:
+        if self.logits not in LOGIT_CONVENTIONS:
+            raise ConfigError(f"logits must be one of {LOGIT_CONVENTIONS}, got '{self.logits}'")
+        if self.layout not in LAYOUTS:
+            raise ConfigError(f"layout must be one of {LAYOUTS}, got '{self.layout}'")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads {self.num_key_value_heads}"
+            )
+        if self.block_size < 1:
+            raise ConfigError(f"block_size must be >= 1, got {self.block_size}")
+
+    @property
+    def shifted(self) -> bool:
+        return self.logits == "shifted"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        names = [f.name for f in dataclasses.fields(cls)]
+        d = dict(d)
+        extra = d.pop("blockdiff", {})  # diffusion fields are nested when saved
+        d.update(extra)
+        # Hugging Face configs carry many keys we do not use; keep only ours.
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def from_user(cls, d: dict[str, Any]) -> ModelConfig:
+        """From a user-written config: unknown keys are errors, not silently dropped."""
+        check_keys(d, [f.name for f in dataclasses.fields(cls)], "model")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        diff_keys = ["block_size", "block_sizes", "logits", "layout"]
+        out = {k: v for k, v in d.items() if k not in diff_keys}
+        out.update(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu")
+        out["blockdiff"] = {k: d[k] for k in diff_keys}
+        return out
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> ModelConfig:
+        path = Path(path)
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from None

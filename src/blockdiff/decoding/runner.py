@@ -1,0 +1,132 @@
+"""Forward passes over the canvas, with the KV cache handled here and nowhere else.
+
+Attention over the canvas is either block-causal with attention block `attn_block` anchored at
+the generation start (exact caching: a completed block never changes its keys), or full
+(bidirectional models; caches are then approximations refreshed by extra, counted forwards):
+
+* none   — every step feeds the whole visible canvas;
+* exact  — block-causal only: the keys of completed blocks are stored once, steps feed only the
+           current block (plus the block just completed, whose keys are written in the same pass);
+* prefix — full attention, Fast-dLLM prefix cache: a refresh forward stores the keys before the
+           active region; steps feed the active region and everything after it;
+* dual   — full attention, Fast-dLLM dual cache: the refresh stores prefix and suffix keys;
+           steps feed only the active block.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..model import BlockDiffLM, KVCache, token_logits
+from .canvas import Canvas
+
+CACHE_MODES = ("none", "exact", "prefix", "dual")
+
+
+class Runner:
+    def __init__(self, model: BlockDiffLM, canvas: Canvas, attn_block: int | None, cache: str):
+        if cache not in CACHE_MODES:
+            raise ValueError(f"unknown cache mode '{cache}' (known: {', '.join(CACHE_MODES)})")
+        if cache == "exact" and attn_block is None:
+            raise ValueError("cache 'exact' needs block-causal attention; use 'prefix' or 'dual' (approximate)")
+        if cache in ("prefix", "dual") and attn_block is not None:
+            raise ValueError(f"cache '{cache}' is for full attention; block-causal decoding uses 'exact'")
+        self.model, self.c, self.mode = model, canvas, cache
+        self.cfg = model.config
+        self.attn_block = attn_block
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.reset()
+
+    def reset(self) -> None:
+        self.cache = KVCache(self.cfg.num_hidden_layers)
+        self.cache_idx = torch.zeros(0, dtype=torch.long)
+        self.boundary: dict[int, Tensor] = {}  # column -> raw output there (shifted models)
+        self.region: tuple[int, int] | None = None  # dual cache: the block its keys exclude
+        self.fresh: Tensor | None = None  # output of a refresh, not yet used
+
+    def blk(self, cols: Tensor) -> Tensor:
+        return torch.div(cols - self.c.G, self.attn_block, rounding_mode="floor")
+
+    def _mask(self, q: Tensor, k: Tensor) -> Tensor:
+        c = self.c
+        allowed = c.valid[:, k][:, None, :].expand(c.batch, len(q), len(k))
+        if self.attn_block is not None:
+            allowed = allowed & (self.blk(k)[None, :] <= self.blk(q)[:, None])[None]
+        allowed = allowed | (q[:, None] == k[None, :])[None]  # padding queries see themselves
+        return allowed[:, None].to(self.device)
+
+    def _forward(self, lo: int, hi: int, write: int) -> Tensor:
+        """Feed canvas columns [lo, hi), write the first `write` of them into the cache."""
+        c = self.c
+        q = torch.arange(lo, hi)
+        k = torch.cat([self.cache_idx, q])
+        out = self.model(
+            c.tokens[:, lo:hi].to(self.device),
+            positions=c.pos[:, lo:hi].to(self.device),
+            mask=self._mask(q, k),
+            cache=self.cache,
+            write_cache=write,
+        ).float()
+        if write:
+            self.cache_idx = torch.cat([self.cache_idx, q[:write]])
+        return out
+
+    def block_end(self, col: int) -> int:
+        """End of the attention block holding column `col - 1` (block-causal), else the canvas end."""
+        if self.attn_block is None:
+            return self.c.T
+        B, G = self.attn_block, self.c.G
+        return min(self.c.T, G + -(-(col - G) // B) * B)
+
+    def refresh(self, lo: int, hi: int) -> None:
+        """prefix/dual: a full forward storing the keys outside the active region [lo, hi).
+
+        Its output serves the next `logits` call, so a refresh is the NFE of that step.
+        """
+        self.reset()
+        c = self.c
+        out = self._forward(0, c.T, c.T if self.mode == "dual" else lo)
+        if self.mode == "dual":
+            keep = torch.cat([torch.arange(0, lo), torch.arange(hi, c.T)])
+            self.cache.keep(keep.to(self.device))
+            self.cache_idx = keep
+            self.region = (lo, hi)
+        if lo > 0:
+            self.boundary = {lo - 1: out[:, lo - 1]}
+        self.fresh = out
+
+    def logits(self, lo: int, hi: int, frontier: int = 0) -> Tensor:
+        """Predictive logits [b, hi-lo, V] for canvas columns [lo, hi): one NFE.
+
+        `frontier`: columns before it are final and their attention blocks complete (the exact
+        cache writes them during this forward).
+        """
+        c = self.c
+        fresh, self.fresh = getattr(self, "fresh", None), None
+        if fresh is not None:
+            f_lo, out = 0, fresh
+        else:
+            if self.mode == "none":
+                self.reset()
+                f_lo, f_hi, write = 0, self.block_end(hi), 0
+            elif self.mode == "exact":
+                f_lo, f_hi = len(self.cache_idx), self.block_end(hi)
+                write = max(0, frontier - f_lo)
+            elif self.mode == "prefix":
+                f_lo, f_hi, write = len(self.cache_idx), c.T, 0
+            else:
+                (f_lo, f_hi), write = self.region, 0
+            out = self._forward(f_lo, f_hi, write)
+            if write:
+                self.boundary = {f_lo + write - 1: out[:, write - 1]}
+        prev = None
+        if self.cfg.shifted and lo > 0:
+            if lo - 1 >= f_lo:
+                prev = out[:, lo - 1 - f_lo]
+            elif lo - 1 in self.boundary:
+                prev = self.boundary[lo - 1]
+            else:
+                raise RuntimeError(f"no output for column {lo - 1} (shifted logits): cache bookkeeping bug")
+        return token_logits(out[:, lo - f_lo : hi - f_lo], self.cfg, prev)

@@ -1,0 +1,99 @@
+"""The one training objective: block diffusion with per-sequence block sizes.
+
+AR, MDLM, BD3-LM, mix-scale and NBDiff are settings of `block_diffusion_loss`:
+
+* AR       = block size 1 with shifted logits (every token is a block start, predicted from the
+             clean causal prefix: exactly next-token prediction; computed on x0 alone).
+* MDLM     = block size L (one block, no clean context; computed on xt alone).
+* BD3-LM   = 1 < B < L, vectorised over [xt ⊕ x0] with the block-causal layout.
+* mix-scale= a block size per row, drawn from a set that includes L.
+* NBDiff   = context_causal layout, shifted logits, plus lambda * the AR loss of the clean half.
+
+The diffusion term is sum over masked tokens of CE / t, divided by the number of predicted
+tokens: an upper bound on the NLL per token (exp of it bounds the perplexity) when t ranges over
+the full interval.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import masks
+from .model import BlockDiffLM
+from .noise import Noise, apply
+
+
+@dataclass
+class LossOut:
+    loss: Tensor  # what is optimised: diff + ar_weight * ar
+    diff: Tensor  # ELBO term per predicted token (the NLL bound)
+    ar: Tensor  # AR next-token loss on the clean half (0 when not computed)
+    tokens: int  # predicted tokens in the denominator
+    rows: Tensor  # per-sequence diffusion term (for variance-based interval choice)
+
+
+def _ce(logits: Tensor, target: Tensor) -> Tensor:
+    return F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), reduction="none").view(target.shape)
+
+
+def _ar_rows(logits_clean: Tensor, x0: Tensor) -> Tensor:
+    """Per-row next-token loss: clean output i predicts x0[i+1]."""
+    return _ce(logits_clean[:, :-1], x0[:, 1:]).mean(1)
+
+
+def block_diffusion_loss(
+    model: BlockDiffLM, x0: Tensor, block_sizes: Tensor, noise: Noise, ar_weight: float = 0.0
+) -> LossOut:
+    cfg = getattr(model, "module", model).config  # DDP wraps the model
+    b, L = x0.shape
+    block_sizes = block_sizes.to(torch.long)
+    for B in set(block_sizes.tolist()):
+        masks.check_block_size(L, B)
+    shifted = cfg.shifted
+    zero = x0.new_zeros((), dtype=torch.float32)
+
+    if shifted and bool((block_sizes == 1).all()):
+        # Every token starts its own block: it is predicted from the clean causal prefix alone.
+        logits = model(x0, mask=masks.block_causal(L, 1, b).to(x0.device))
+        rows = _ar_rows(logits, x0)
+        ar = rows.mean()
+        return LossOut(ar, ar, ar, b * (L - 1), rows)
+
+    xt = apply(x0, noise, cfg.mask_token_id)
+    pos = torch.arange(L, device=x0.device)
+    weight = noise.masked.to(x0.device) / noise.t.to(x0.device)  # 1/t on masked tokens, 0 elsewhere
+    ar = zero
+    if bool((block_sizes == L).all()) and ar_weight == 0:
+        # One global block: the clean half would be seen by nobody.
+        raw = model(xt, mask=None)
+        pred = raw if not shifted else torch.cat([raw[:, :1], raw[:, :-1]], 1)
+    else:
+        mask = masks.vectorised(L, block_sizes, layout=cfg.layout).to(x0.device)
+        raw = model(torch.cat([xt, x0], 1), positions=torch.cat([pos, pos]).expand(b, 2 * L), mask=mask)
+        noisy, clean = raw[:, :L], raw[:, L:]
+        if shifted:
+            # Token i comes from output i-1: inside the block from the noisy half, at a block
+            # start from the clean half (the last clean token before the block).
+            starts = (pos % block_sizes[:, None].to(x0.device)) == 0  # [b, L]
+            prev_noisy = torch.cat([noisy[:, :1], noisy[:, :-1]], 1)
+            prev_clean = torch.cat([clean[:, :1], clean[:, :-1]], 1)
+            pred = torch.where(starts[..., None], prev_clean, prev_noisy)
+        else:
+            pred = noisy
+        if ar_weight:
+            if cfg.layout != "context_causal" or not shifted:
+                raise ValueError("the auxiliary AR loss needs layout 'context_causal' and shifted logits")
+            ar = _ar_rows(clean, x0).mean()
+    if shifted:
+        weight = weight.clone()
+        weight[:, 0] = 0.0  # nothing precedes token 0
+    pred = pred.float().index_fill(-1, torch.tensor([cfg.mask_token_id], device=x0.device), float("-inf"))
+    ce = _ce(pred, x0)
+    per_row = L - 1 if shifted else L
+    rows = (ce * weight).sum(1) / per_row
+    diff = rows.mean()
+    return LossOut(diff + ar_weight * ar, diff, ar, b * per_row, rows)

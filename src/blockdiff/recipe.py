@@ -1,0 +1,165 @@
+"""Training recipes: YAML files with sections model / tokenizer / data / objective / train.
+
+Every key is checked (an unknown key names its closest match) and `--set a.b=value` overrides
+are parsed as YAML scalars, so `--set train.steps=10` gives an int.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import ConfigError, ModelConfig, check_keys
+
+
+@dataclass
+class TokenizerSpec:
+    kind: str = "bpe"  # bpe (trained on the corpus) | byte | a path to a tokenizer.json / dir
+    vocab_size: int = 4096
+
+
+@dataclass
+class DataSpec:
+    corpus: str = "shakespeare"
+    seq_len: int = 256
+    val_fraction: float = 0.05
+
+
+@dataclass
+class ObjectiveSpec:
+    # Block sizes drawn per sequence; "L" means the whole sequence. [1] + shifted logits = AR,
+    # ["L"] = MDLM, [B] = BD3-LM, [4, "L"] = mix-scale.
+    block_sizes: list = field(default_factory=lambda: [16])
+    weights: list | None = None  # sampling weights of block_sizes (default uniform)
+    interval: list = field(default_factory=lambda: [0.0, 1.0])  # clipped [beta, omega] for training t
+    antithetic: bool = True
+    adaptive_interval: bool = False  # pick [beta, omega] by minimum loss variance at each eval
+    ar_weight: float = 0.0  # lambda of the NBDiff auxiliary AR loss
+    growth: list | None = None  # [[progress, block_size], ...]: block size grows with progress (NBDiff)
+
+
+@dataclass
+class TrainSpec:
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup: int = 100
+    weight_decay: float = 0.1
+    betas: list = field(default_factory=lambda: [0.9, 0.95])
+    grad_clip: float = 1.0
+    ema: float = 0.0  # EMA decay of the weights that are saved for inference (0 = off)
+    eval_every: int = 200
+    eval_batches: int = 4
+    save_every: int = 200
+    log_every: int = 10
+    keep: int = 2
+    seed: int = 0
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    threads: int = 0  # torch threads (0 = PyTorch's default)
+
+
+SECTIONS = {"model": ModelConfig, "tokenizer": TokenizerSpec, "data": DataSpec, "objective": ObjectiveSpec, "train": TrainSpec}
+
+
+@dataclass
+class Recipe:
+    model: dict
+    tokenizer: TokenizerSpec
+    data: DataSpec
+    objective: ObjectiveSpec
+    train: TrainSpec
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": copy.deepcopy(self.model),
+            **{k: asdict(getattr(self, k)) for k in ("tokenizer", "data", "objective", "train")},
+        }
+
+    def block_sizes(self) -> list[int]:
+        L = self.data.seq_len
+        return [L if str(b).upper() == "L" else int(b) for b in self.objective.block_sizes]
+
+
+def _parse_value(text: str) -> Any:
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_overrides(d: dict, sets: list[str]) -> dict:
+    d = copy.deepcopy(d)
+    for item in sets:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got '{item}'")
+        key, value = item.split("=", 1)
+        parts = key.split(".")
+        if len(parts) != 2:
+            raise ConfigError(f"--set key must be section.key (e.g. train.steps), got '{key}'")
+        d.setdefault(parts[0], {})[parts[1]] = _parse_value(value)
+    return d
+
+
+def from_dict(d: dict) -> Recipe:
+    check_keys(d, list(SECTIONS), "recipe section")
+    d = {k: dict(d.get(k) or {}) for k in SECTIONS}
+    check_keys(d["model"], [f.name for f in fields(ModelConfig)], "model")
+    out = {"model": d["model"]}
+    for name in ("tokenizer", "data", "objective", "train"):
+        cls = SECTIONS[name]
+        check_keys(d[name], [f.name for f in fields(cls)], name)
+        out[name] = cls(**{k: _scalar(name, cls, k, v) for k, v in d[name].items()})
+    r = Recipe(**out)
+    validate(r)
+    return r
+
+
+def _scalar(section: str, cls: type, key: str, value: Any) -> Any:
+    """Check a number/bool key against its default's type. YAML reads `1e-3` (no dot) as a string."""
+    default = cls.__dataclass_fields__[key].default
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{section}.{key} must be true or false, got {value!r}")
+        return value
+    if not isinstance(default, int | float):
+        return value
+    try:
+        num = float(value) if not isinstance(value, bool) else None
+    except (TypeError, ValueError):
+        num = None
+    if num is None or (isinstance(default, int) and num != int(num)):
+        kind = "an integer" if isinstance(default, int) else "a number"
+        raise ConfigError(f"{section}.{key} must be {kind}, got {value!r}")
+    return int(num) if isinstance(default, int) else num
+
+
+def validate(r: Recipe) -> None:
+    L = r.data.seq_len
+    for B in r.block_sizes():
+        if B < 1 or L % B:
+            raise ConfigError(f"block_size {B} does not divide seq_len {L}")
+    if r.objective.weights is not None and len(r.objective.weights) != len(r.objective.block_sizes):
+        raise ConfigError("objective.weights must have one entry per objective.block_sizes entry")
+    lo, hi = r.objective.interval
+    if not 0 <= lo < hi <= 1:
+        raise ConfigError(f"objective.interval must satisfy 0 <= beta < omega <= 1, got {r.objective.interval}")
+    if r.train.precision not in ("fp32", "bf16"):
+        raise ConfigError(f"train.precision must be fp32 or bf16, got '{r.train.precision}'")
+    if r.train.batch_size < 1 or r.train.steps < 1:
+        raise ConfigError("train.batch_size and train.steps must be >= 1")
+    for _, B in r.objective.growth or []:
+        if L % int(B):
+            raise ConfigError(f"growth block_size {B} does not divide seq_len {L}")
+
+
+def load(path: str | Path, sets: list[str] | None = None) -> Recipe:
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"recipe {p} does not exist")
+    try:
+        d = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"recipe {p} is not valid YAML: {e}") from None
+    return from_dict(apply_overrides(d, sets or []))

@@ -1,0 +1,391 @@
+"""Training: one loop for every objective, resumable bit for bit, data parallel under torchrun.
+
+Everything random in a step (which sequences, which block sizes, which tokens are masked) is a
+function of (seed, step) drawn for the global batch and then sliced per process. So resuming
+from step k, or running on N processes, reproduces the single-process run exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from rich.console import Console
+from safetensors.torch import load_file, save_file
+
+from . import noise as noise_mod
+from . import recipe as recipe_mod
+from .checkpoint import CheckpointError, atomic_dir, save_model, write_text_atomic
+from .config import ConfigError, ModelConfig
+from .data.corpus import load_corpus, pack
+from .model import BlockDiffLM
+from .objectives import block_diffusion_loss
+from .tokenizer import Tokenizer, byte_tokenizer, train_bpe
+
+console = Console(stderr=True)
+
+
+def build_tokenizer(spec: recipe_mod.TokenizerSpec, train_texts: list[str]) -> Tokenizer:
+    if spec.kind == "byte":
+        return byte_tokenizer()
+    if spec.kind == "bpe":
+        return train_bpe(train_texts, spec.vocab_size)
+    return Tokenizer.load(spec.kind)
+
+
+def encode_split(tok: Tokenizer, texts: list[str], seq_len: int) -> np.ndarray:
+    return pack([e.ids for e in tok.hf.encode_batch(texts, add_special_tokens=False)], seq_len, tok.eos_id)
+
+
+def lr_at(step: int, t: recipe_mod.TrainSpec) -> float:
+    if step < t.warmup:
+        return t.lr * (step + 1) / t.warmup
+    p = (step - t.warmup) / max(1, t.steps - t.warmup)
+    return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
+
+
+def block_size_now(r: recipe_mod.Recipe, step: int) -> list[int]:
+    """The block-size set at this step: block growth replaces the first (small) entry."""
+    sizes = r.block_sizes()
+    if r.objective.growth:
+        p = step / r.train.steps
+        cur = [int(B) for q, B in sorted(r.objective.growth, key=lambda g: g[0]) if q <= p]
+        if cur:
+            sizes = [cur[-1], *sizes[1:]]
+    return sizes
+
+
+def global_rows(step: int, batch: int, n: int, seed: int) -> torch.Tensor:
+    """Indices of the sequences in this step's global batch: epochs of seeded permutations."""
+    out, pos = [], step * batch
+    while len(out) < batch:
+        epoch, off = divmod(pos, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+        take = perm[off : off + batch - len(out)]
+        out.extend(take.tolist())
+        pos += len(take)
+    return torch.tensor(out)
+
+
+class Trainer:
+    def __init__(self, r: recipe_mod.Recipe, out_dir: Path, resume: bool = False):
+        self.r, self.out = r, Path(out_dir)
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if r.train.batch_size % self.world:
+            raise ConfigError(f"train.batch_size {r.train.batch_size} is not divisible by {self.world} processes")
+        self.device = torch.device(
+            f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+        )
+        if r.train.threads:
+            torch.set_num_threads(r.train.threads)
+        self.stop = False
+        self.start_step, self.tokens_seen, self.train_seconds = 0, 0, 0.0
+        self.interval = tuple(r.objective.interval)
+        ckpt = self._latest() if resume else None
+        if resume and ckpt is None:
+            console.print(f"[yellow]--resume: no checkpoint in {self.out}, starting from scratch[/]")
+        if not resume and self._latest() is not None:
+            raise ConfigError(f"{self.out} already holds a training run; pass --resume or choose another --out")
+        self._setup_data_and_model(ckpt)
+        if ckpt is not None:
+            self._load_state(ckpt)
+
+    # ---- setup ---------------------------------------------------------------------------------
+    def _latest(self) -> Path | None:
+        f = self.out / "latest"
+        return self.out / f.read_text().strip() if f.exists() else None
+
+    def _setup_data_and_model(self, ckpt: Path | None) -> None:
+        r = self.r
+        corpus = load_corpus(r.data.corpus, r.data.val_fraction)
+        self.tok = Tokenizer.load(ckpt) if ckpt else build_tokenizer(r.tokenizer, corpus.train)
+        self.train_data = torch.from_numpy(encode_split(self.tok, corpus.train, r.data.seq_len)).long()
+        self.val_data = torch.from_numpy(encode_split(self.tok, corpus.val, r.data.seq_len)).long()
+        sizes = r.block_sizes()
+        mcfg = dict(r.model)
+        mcfg.update(
+            vocab_size=self.tok.vocab_size,
+            mask_token_id=self.tok.mask_id,
+            eos_token_id=self.tok.eos_id,
+            pad_token_id=self.tok.pad_id,
+            block_size=sizes[0],
+            block_sizes=sizes,
+            max_position_embeddings=max(r.data.seq_len, mcfg.get("max_position_embeddings", 0)),
+        )
+        torch.manual_seed(r.train.seed)
+        self.cfg = ModelConfig.from_user(mcfg)
+        self.model = BlockDiffLM(self.cfg).to(self.device)
+        decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2]
+        no_decay = [p for n, p in self.model.named_parameters() if p.ndim < 2]
+        self.opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": r.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=r.train.lr,
+            betas=tuple(r.train.betas),
+        )
+        self.ema = {n: p.detach().clone() for n, p in self.model.named_parameters()} if r.train.ema else None
+        self.ddp = (
+            torch.nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else self.model
+        )
+
+    # ---- state ---------------------------------------------------------------------------------
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        t = {f"model.{n}": p.detach() for n, p in self.model.named_parameters()}
+        if self.ema:
+            t.update({f"ema.{n}": v for n, v in self.ema.items()})
+        for i, st in self.opt.state_dict()["state"].items():
+            for k, v in st.items():
+                t[f"opt.{i}.{k}"] = torch.as_tensor(v)
+        return {k: v.detach().cpu().contiguous() for k, v in t.items()}
+
+    def _load_state(self, ckpt: Path) -> None:
+        meta_f, ten_f = ckpt / "trainer_state.json", ckpt / "trainer_state.safetensors"
+        for f in (meta_f, ten_f):
+            if not f.exists():
+                raise CheckpointError(f"cannot resume: missing {f}")
+        meta = json.loads(meta_f.read_text())
+        saved = meta["recipe"]
+        now = self.r.to_dict()
+        diff = [
+            f"{s}.{k}"
+            for s in now
+            for k in set(now[s]) | set(saved.get(s, {}))
+            if now[s].get(k) != saved.get(s, {}).get(k) and (s, k) not in {("train", "steps")}
+        ]
+        if diff:
+            raise ConfigError(f"cannot resume: recipe differs from the checkpoint's in {', '.join(sorted(diff))}")
+        try:
+            t = load_file(str(ten_f))
+        except Exception as e:
+            raise CheckpointError(f"corrupt trainer state {ten_f}: {e}") from None
+        with torch.no_grad():
+            for n, p in self.model.named_parameters():
+                p.copy_(t[f"model.{n}"])
+            if self.ema:
+                for n in self.ema:
+                    self.ema[n].copy_(t[f"ema.{n}"])
+        sd = self.opt.state_dict()
+        state: dict = {}
+        for k, v in t.items():
+            if k.startswith("opt."):
+                _, i, name = k.split(".", 2)
+                state.setdefault(int(i), {})[name] = v.to(self.device) if name != "step" else v
+        sd["state"] = state
+        self.opt.load_state_dict(sd)
+        self.start_step, self.tokens_seen = meta["step"], meta["tokens_seen"]
+        self.train_seconds, self.interval = meta["train_seconds"], tuple(meta["interval"])
+        console.print(f"resumed from {ckpt} at step {self.start_step}")
+
+    def _trim_metrics(self, step: int) -> None:
+        f = self.out / "metrics.jsonl"
+        if f.exists():
+            keep = [ln for ln in f.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
+            write_text_atomic(f, "".join(ln + "\n" for ln in keep))
+
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """Swap the EMA weights in (for evaluation and export), then swap the raw ones back."""
+        if not self.ema:
+            yield
+            return
+        backup = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+        with torch.no_grad():
+            for n, p in self.model.named_parameters():
+                p.copy_(self.ema[n])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in self.model.named_parameters():
+                    p.copy_(backup[n])
+
+    def save(self, step: int, metrics: dict | None = None) -> Path | None:
+        if self.rank != 0:
+            return None
+        name = f"step-{step:07d}"
+        with atomic_dir(self.out / name) as d:
+            with self.ema_weights():
+                save_model(d, self.model, self.tok)
+            save_file(self._state_tensors(), str(d / "trainer_state.safetensors"))
+            meta = {
+                "step": step,
+                "tokens_seen": self.tokens_seen,
+                "train_seconds": self.train_seconds,
+                "interval": list(self.interval),
+                "world_size": self.world,
+                "metrics": metrics or {},
+                "recipe": self.r.to_dict(),
+            }
+            (d / "trainer_state.json").write_text(json.dumps(meta, indent=2) + "\n")
+            (d / "recipe.yaml").write_text(yaml.safe_dump(self.r.to_dict(), sort_keys=False))
+        write_text_atomic(self.out / "latest", name + "\n")
+        ckpts = sorted(p for p in self.out.glob("step-*") if p.is_dir())
+        for old in ckpts[: -self.r.train.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return self.out / name
+
+    # ---- steps ---------------------------------------------------------------------------------
+    def batch(self, step: int, data: torch.Tensor, batch: int, seed: int, interval, sizes: list[int]):
+        """Global batch for `step`, sliced to this process's rows."""
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        x0 = data[global_rows(step, batch, len(data), seed)]
+        w = torch.tensor(self.r.objective.weights or [1.0] * len(sizes), dtype=torch.float)
+        bs = torch.tensor(sizes)[torch.multinomial(w, batch, replacement=True, generator=gen)]
+        nz = noise_mod.draw(tuple(x0.shape), bs, gen, interval, self.r.objective.antithetic)
+        per = batch // self.world
+        sl = slice(self.rank * per, (self.rank + 1) * per)
+        return x0[sl].to(self.device), bs[sl], nz.rows(sl)
+
+    def autocast(self):
+        on = self.r.train.precision == "bf16"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=on)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """NLL bound per token (full interval, fixed noise) for each block size of the recipe."""
+        r, out = self.r, {}
+        self.model.eval()
+        with self.ema_weights():
+            for B in sorted(set(r.block_sizes())):
+                tot = 0.0
+                n = min(r.train.eval_batches, max(1, len(self.val_data) // r.train.batch_size))
+                for i in range(n):
+                    rows = torch.arange(i * r.train.batch_size, (i + 1) * r.train.batch_size) % len(self.val_data)
+                    x0 = self.val_data[rows].to(self.device)
+                    gen = torch.Generator().manual_seed(10_007 + i)
+                    bs = torch.full((len(x0),), B)
+                    nz = noise_mod.draw(tuple(x0.shape), bs, gen, (0.0, 1.0), True)
+                    with self.autocast():
+                        tot += block_diffusion_loss(self.model, x0, bs, nz).diff.item()
+                out[f"val_nll_B{B}"] = tot / n
+            if r.objective.adaptive_interval:
+                self.interval = self._choose_interval()
+                out["interval"] = list(self.interval)
+        main = out[f"val_nll_B{r.block_sizes()[0]}"]
+        out.update(val_nll=main, val_ppl_bound=math.exp(min(main, 50)))
+        self.model.train()
+        return out
+
+    def _choose_interval(self) -> tuple[float, float]:
+        """BD3-LM's data-driven clipping: the [beta, omega] whose loss estimates vary least."""
+        x0 = self.val_data[: self.r.train.batch_size].to(self.device)
+        bs = torch.full((len(x0),), self.r.block_sizes()[0])
+        best, best_var = self.interval, float("inf")
+        for cand in noise_mod.interval_candidates():
+            gen = torch.Generator().manual_seed(4242)
+            nz = noise_mod.draw(tuple(x0.shape), bs, gen, cand, True)
+            with self.autocast():
+                var = block_diffusion_loss(self.model, x0, bs, nz).rows.var().item()
+            if var < best_var:
+                best, best_var = cand, var
+        return best
+
+    def _on_signal(self, signum, frame) -> None:
+        self.stop = True
+        console.print(f"[yellow]signal {signum}: saving a checkpoint after this step[/]")
+
+    def run(self) -> Path | None:
+        r, t = self.r, self.r.train
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.rank == 0:
+            # Drop records past the step we start from (all of them on a fresh start), so the log
+            # never holds a step twice; one writer, so processes do not race on the temp file.
+            self._trim_metrics(self.start_step)
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, self._on_signal)
+        if self.rank == 0:
+            console.print(
+                f"blockdiff train: {self.model.num_parameters() / 1e6:.2f}M params, block sizes {r.block_sizes()}, "
+                f"{len(self.train_data)} train / {len(self.val_data)} val sequences of {r.data.seq_len}, "
+                f"{self.world} process(es), device {self.device}"
+            )
+        metrics_f = self.out / "metrics.jsonl"
+        self.model.train()
+        step, t0, tok0 = self.start_step, time.time(), self.tokens_seen
+        last = None
+        while step < t.steps:
+            lr = lr_at(step, t)
+            for g in self.opt.param_groups:
+                g["lr"] = lr
+            x0, bs, nz = self.batch(step, self.train_data, t.batch_size, t.seed, self.interval, block_size_now(r, step))
+            tic = time.time()
+            with self.autocast():
+                out = block_diffusion_loss(self.ddp, x0, bs, nz, r.objective.ar_weight)
+            out.loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            if self.ema:
+                d = min(t.ema, (1 + step) / (10 + step))
+                with torch.no_grad():
+                    for n, p in self.model.named_parameters():
+                        self.ema[n].mul_(d).add_(p.detach(), alpha=1 - d)
+            self.train_seconds += time.time() - tic
+            step += 1
+            self.tokens_seen += t.batch_size * r.data.seq_len
+            losses = torch.stack([out.loss.detach(), out.diff.detach(), out.ar.detach()]).float()
+            if self.world > 1:
+                # Each process holds the mean over its own rows: the global batch's loss is their mean.
+                dist.all_reduce(losses)
+                losses /= self.world
+            loss, diff, ar = losses.tolist()
+            rec = {"step": step, "loss": loss, "diff": diff, "ar": ar, "lr": lr}
+            if step % t.log_every == 0 or step == t.steps:
+                el = time.time() - t0
+                rec.update(
+                    grad_norm=gnorm.item(), tokens_seen=self.tokens_seen, tok_per_s=(self.tokens_seen - tok0) / el
+                )
+                if self.rank == 0:
+                    console.print(
+                        f"step {step}/{t.steps} loss {rec['loss']:.4f} lr {lr:.2e} "
+                        f"{rec['tok_per_s']:.0f} tok/s",
+                        highlight=False,
+                    )
+            if step % t.eval_every == 0 or step == t.steps:
+                rec.update(self.evaluate())
+                if self.rank == 0:
+                    console.print(f"  eval: val NLL bound {rec['val_nll']:.4f} (ppl <= {rec['val_ppl_bound']:.2f})")
+            if self.rank == 0 and (step % t.log_every == 0 or "val_nll" in rec or step == t.steps):
+                with metrics_f.open("a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            if self.world > 1:
+                flag = torch.tensor([float(self.stop)], device=self.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                self.stop = bool(flag.item())
+            if step % t.save_every == 0 or step == t.steps or self.stop:
+                last = self.save(step, {k: v for k, v in rec.items() if k.startswith("val")}) or last
+                if self.world > 1:
+                    dist.barrier()
+            if self.stop:
+                if self.rank == 0:
+                    console.print(f"[yellow]stopped at step {step}; resume with --resume --out {self.out}[/]")
+                raise SystemExit(130)
+        return last
+
+
+def train(recipe_path: str, out_dir: str | None, resume: bool, sets: list[str]) -> Path | None:
+    r = recipe_mod.load(recipe_path, sets)
+    out = Path(out_dir) if out_dir else Path("runs") / Path(recipe_path).stem
+    trainer = Trainer(r, out, resume)
+    try:
+        return trainer.run()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    train(sys.argv[1], None, False, [])

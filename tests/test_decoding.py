@@ -1,0 +1,247 @@
+"""Decoding oracles: cache = recomputation, batched = unbatched, B=1 = greedy AR, NFE accounting."""
+
+import math
+
+import pytest
+import torch
+
+from blockdiff import masks
+from blockdiff.decoding import generate
+from blockdiff.decoding import runner as runner_mod
+from blockdiff.model import token_logits
+
+PROMPTS = ["The king", "O", "Shall I compare thee"]
+
+
+def greedy_ar(model, tok, prompt, n):
+    """Reference: greedy decoding by repeated full causal forwards, no cache, no engine."""
+    ids = torch.tensor([tok.encode(prompt)])
+    for _ in range(n):
+        L = ids.shape[1]
+        out = model(ids, mask=masks.block_causal(L, 1))
+        pred = token_logits(out, model.config)  # shifted: row L-1 would be token L-1; need next
+        nxt = out[0, -1] if model.config.shifted else None
+        if nxt is None:  # aligned: append a mask and read its own row
+            x = torch.cat([ids, torch.tensor([[tok.mask_id]])], 1)
+            nxt = token_logits(model(x, mask=masks.block_causal(L + 1, 1)), model.config)[0, -1]
+        else:
+            nxt = nxt.clone()
+            nxt[tok.mask_id] = float("-inf")
+        del pred
+        ids = torch.cat([ids, nxt.argmax().view(1, 1)], 1)
+    return ids[0, -n:].tolist()
+
+
+@pytest.mark.parametrize("logits", ["shifted", "aligned"])
+def test_ar_equals_greedy_full_forward(make_model, tok, logits):
+    m = make_model(tok, logits=logits, block_sizes=(1,))
+    for p in PROMPTS:
+        out = generate(m, tok, p, sampler="ar", max_new_tokens=12, stop_at_eos=False)
+        assert out.tokens[0] == greedy_ar(m, tok, p, 12)
+        assert out.rows[0].nfe == 12
+
+
+class _Spy:
+    """Compare every cached forward's logits with a fresh no-cache recomputation."""
+
+    def __init__(self, monkeypatch):
+        self.max_diff, self.calls = 0.0, 0
+        orig = runner_mod.Runner.logits
+
+        def spy(run, lo, hi, frontier=0):
+            got = orig(run, lo, hi, frontier)
+            if run.mode == "exact":
+                ref = runner_mod.Runner(run.model, run.c, run.attn_block, "none").logits(lo, hi, frontier)
+                finite = torch.isfinite(ref)
+                self.max_diff = max(self.max_diff, float((got[finite] - ref[finite]).abs().max()))
+                self.calls += 1
+            return got
+
+        monkeypatch.setattr(runner_mod.Runner, "logits", spy)
+
+
+@pytest.mark.parametrize("logits", ["aligned", "shifted"])
+@pytest.mark.parametrize(
+    "sampler,kw",
+    [
+        ("bd3", dict(block_size=4, order="confidence", temperature=0.0, steps=2)),
+        ("dcd", dict(block_size=8, window=3, threshold=0.5)),
+        ("ar", {}),
+    ],
+)
+def test_exact_cache_equals_recomputation(make_model, tok, monkeypatch, sampler, kw, logits):
+    sizes = (1,) if sampler == "ar" else (4, 8, "L")
+    m = make_model(tok, logits=logits, block_sizes=sizes)
+    nocache = generate(m, tok, PROMPTS, sampler=sampler, max_new_tokens=16, cache="none", stop_at_eos=False, **kw)
+    spy = _Spy(monkeypatch)
+    cached = generate(m, tok, PROMPTS, sampler=sampler, max_new_tokens=16, cache="exact", stop_at_eos=False, **kw)
+    assert cached.tokens == nocache.tokens
+    assert spy.calls > 0 and spy.max_diff <= 1e-5
+    assert [r.nfe for r in cached.rows] == [r.nfe for r in nocache.rows]
+
+
+@pytest.mark.parametrize(
+    "sampler,kw",
+    [
+        ("bd3", dict(block_size=4, order="confidence", temperature=0.0)),
+        ("llada", dict(block_size=8, steps=8)),
+        ("fastdllm", dict(block_size=8, cache="dual")),
+        ("dcd", dict(block_size=8)),
+        ("mdlm", dict(temperature=0.0, steps=8)),
+        ("structural", dict(block_size=4, order="confidence", temperature=0.0)),
+    ],
+)
+def test_batched_equals_unbatched(make_model, tok, sampler, kw):
+    m = make_model(tok)
+    # Make one row stop early: declare as EOS a token the model emits often for the first prompt.
+    probe = generate(m, tok, PROMPTS[0], sampler=sampler, max_new_tokens=16, stop_at_eos=False, **kw)
+    eos_tok = tok.eos_id
+    tok.eos_id = probe.tokens[0][5]
+    try:
+        batched = generate(m, tok, PROMPTS, sampler=sampler, max_new_tokens=16, seed=[5, 6, 7], **kw)
+        alone = [
+            generate(m, tok, p, sampler=sampler, max_new_tokens=16, seed=[5 + i], **kw) for i, p in enumerate(PROMPTS)
+        ]
+    finally:
+        tok.eos_id = eos_tok
+    assert batched.rows[0].stopped_at_eos and batched.rows[0].tokens < 16
+    for i, a in enumerate(alone):
+        assert batched.tokens[i] == a.tokens[0], f"row {i}"
+        assert batched.rows[i].nfe == a.rows[0].nfe
+
+
+def test_nothing_committed_after_eos(make_model, tok):
+    m = make_model(tok)
+    probe = generate(m, tok, PROMPTS[0], sampler="bd3", max_new_tokens=16, order="confidence", temperature=0.0)
+    old = tok.eos_id
+    tok.eos_id = probe.tokens[0][3]
+    try:
+        out = generate(m, tok, PROMPTS[0], sampler="bd3", max_new_tokens=16, order="confidence",
+                       temperature=0.0, trace=True)
+    finally:
+        tok.eos_id = old
+    c = out.canvas
+    e = int(c.eos_at[0])
+    assert e < c.T
+    commit_cols = [col for ev in c.trace for (_, col, _) in ev.get("committed", [])]
+    eos_step = int(c.commit_step[0, e])
+    late = [col for ev in c.trace if ev["step"] > eos_step for (_, col, _) in ev.get("committed", [])]
+    assert all(col < e for col in late)
+    assert max(commit_cols) <= c.G + 15
+    assert not c.valid[0, e + 1 :].any()
+
+
+def test_llada_nfe_and_schedule(make_model, tok):
+    m = make_model(tok)
+    out = generate(m, tok, PROMPTS[0], sampler="llada", max_new_tokens=32, block_size=8, steps=16,
+                   trace=True, stop_at_eos=False)
+    assert out.rows[0].nfe == 16
+    per_step = [len(ev["committed"]) for ev in out.canvas.trace if "committed" in ev]
+    assert per_step == [2] * 16  # 8 masks per block over 4 steps per block
+    out = generate(m, tok, PROMPTS[0], sampler="llada", max_new_tokens=24, block_size=8, steps=9,
+                   trace=True, stop_at_eos=False)
+    per_step = [len(ev["committed"]) for ev in out.canvas.trace if "committed" in ev]
+    assert out.rows[0].nfe == 9 and per_step == [3, 3, 2] * 3
+
+
+@pytest.mark.parametrize("tau", [0.15, 0.3])
+def test_fastdllm_threshold_rule(make_model, tok, tau):
+    m = make_model(tok)
+    out = generate(m, tok, PROMPTS, sampler="fastdllm", max_new_tokens=24, block_size=8, threshold=tau,
+                   cache="none", trace=True, stop_at_eos=False)
+    c = out.canvas
+    multi = 0
+    for ev in c.trace:
+        by_row: dict = {}
+        for r, col, _ in ev["committed"]:
+            by_row.setdefault(r, []).append(float(c.conf[r, col]))
+        for confs in by_row.values():
+            assert len(confs) >= 1
+            confs.sort(reverse=True)
+            assert all(x >= tau for x in confs[1:])
+            multi += len(confs) > 1
+    assert multi > 0  # the rule did commit several tokens in one step somewhere
+    for r, row in enumerate(out.rows):  # every forward of a row committed at least one token
+        assert row.nfe == sum(any(rr == r for rr, _, _ in ev["committed"]) for ev in c.trace)
+
+
+def test_dcd_without_deferral_is_fixed_block_threshold(make_model, tok):
+    m = make_model(tok)
+    for prompt in PROMPTS:
+        a = generate(m, tok, prompt, sampler="dcd", max_new_tokens=24, window=8, deferral=False, threshold=0.6,
+                     cache="none")
+        b = generate(m, tok, prompt, sampler="fastdllm", max_new_tokens=24, block_size=8, threshold=0.6,
+                     cache="none")
+        assert a.tokens == b.tokens and a.rows[0].nfe == b.rows[0].nfe
+
+
+def test_dcd_defers_low_confidence(make_model, tok):
+    """With deferral the window moves past a low-confidence column instead of forcing it."""
+    m = make_model(tok)
+    out = generate(m, tok, PROMPTS[0], sampler="dcd", max_new_tokens=32, window=4, threshold=0.95, trace=True,
+                   cache="none", stop_at_eos=False)
+    c = out.canvas
+    order = [col for ev in c.trace for (_, col, _) in ev.get("committed", [])]
+    # some column was committed after a column more than 4 to its right (outside a fixed block of 4)
+    assert any(later > col + 4 for i, col in enumerate(order) for later in order[:i])
+
+
+def test_structural(make_model, tok):
+    m = make_model(tok)
+    kw = dict(block_size=4, order="confidence", temperature=0.0, max_new_tokens=24, stop_at_eos=False)
+    draft = generate(m, tok, PROMPTS, sampler="bd3", **kw)
+    same = generate(m, tok, PROMPTS, sampler="structural", stages=[], **kw)
+    assert same.tokens == draft.tokens
+    gamma = 0.3
+    rev = generate(m, tok, PROMPTS, sampler="structural", stages=[(None, gamma)], trace=True, **kw)
+    c = rev.canvas
+    remasked = [ev["remasked"] for ev in c.trace if "remasked" in ev][0]
+    for r in range(len(PROMPTS)):
+        cols = {col for rr, col in remasked if rr == r}
+        assert len(cols) == math.ceil(gamma * 24)
+        for j, (a, b) in enumerate(zip(draft.tokens[r], rev.tokens[r], strict=True)):
+            if c.G + j not in cols:
+                assert a == b
+    assert all(rv.nfe > d.nfe for rv, d in zip(rev.rows, draft.rows, strict=True))
+
+
+def test_infilling_keeps_given_tokens(make_model, tok):
+    m = make_model(tok)
+    prompt = "To be or <|mask|><|mask|><|mask|> to be, that <|mask|><|mask|> the question"
+    for sampler in ("mdlm", "llada"):
+        kw = dict(steps=5) if sampler == "mdlm" else dict(block_size=5, steps=5)
+        out = generate(m, tok, prompt, sampler=sampler, max_new_tokens=0 if sampler == "mdlm" else 5, **kw)
+        c = out.canvas
+        given = tok.encode(prompt)
+        row = c.tokens[0, c.G - len(given) : c.G].tolist()
+        for g, t in zip(given, row, strict=True):
+            if g != tok.mask_id:
+                assert g == t
+            else:
+                assert t != tok.mask_id
+        assert not c.masked.any()
+
+
+def test_seeded_sampling_is_reproducible(make_model, tok):
+    m = make_model(tok)
+    kw = dict(sampler="bd3", max_new_tokens=16, temperature=1.0, stop_at_eos=False)
+    a = generate(m, tok, PROMPTS, seed=1, **kw)
+    b = generate(m, tok, PROMPTS, seed=1, **kw)
+    c = generate(m, tok, PROMPTS, seed=2, **kw)
+    assert a.tokens == b.tokens and a.tokens != c.tokens
+
+
+def test_bad_input(make_model, tok):
+    m = make_model(tok)
+    with pytest.raises(ValueError, match="unknown sampler 'bd4'.*known samplers: ar, bd3"):
+        generate(m, tok, "x", sampler="bd4")
+    with pytest.raises(ValueError, match="threshold must be in"):
+        generate(m, tok, "x", sampler="fastdllm", threshold=1.5)
+    with pytest.raises(ValueError, match="larger than the canvas"):
+        generate(m, tok, "x", sampler="bd3", block_size=16, max_new_tokens=8)
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        generate(m, tok, "x" * 60, sampler="bd3", max_new_tokens=8)
+    with pytest.raises(ValueError, match="cache 'exact' needs block-causal"):
+        generate(m, tok, "x", sampler="fastdllm", cache="exact", max_new_tokens=8, block_size=8)
+    with pytest.raises(ValueError, match="block-causal decoding uses 'exact'"):
+        generate(m, tok, "x", sampler="bd3", cache="prefix", max_new_tokens=8)
