@@ -34,13 +34,30 @@ def corpus_dir(tmp_path_factory):
 def tiny_recipe(corpus, logits="aligned", block_sizes=(4, 8, "L"), steps=150, **train):
     return recipe.from_dict(
         {
-            "model": dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=2, logits=logits, tie_word_embeddings=False),
+            "model": dict(
+                hidden_size=48,
+                intermediate_size=96,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                logits=logits,
+                tie_word_embeddings=False,
+            ),
             "tokenizer": {"kind": "byte"},
             "data": {"corpus": str(corpus), "seq_len": 64, "val_fraction": 0.1},
             "objective": {"block_sizes": list(block_sizes)},
-            "train": dict(dict(steps=steps, batch_size=16, lr=3e-3, warmup=10, eval_every=10_000,
-                               save_every=10_000, log_every=10_000), **train),
+            "train": dict(
+                dict(
+                    steps=steps,
+                    batch_size=16,
+                    lr=3e-3,
+                    warmup=10,
+                    eval_every=10_000,
+                    save_every=10_000,
+                    log_every=10_000,
+                ),
+                **train,
+            ),
         }
     )
 

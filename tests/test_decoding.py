@@ -72,9 +72,13 @@ class _Spy:
 def test_exact_cache_equals_recomputation(make_model, tok, monkeypatch, sampler, kw, logits):
     sizes = (1,) if sampler == "ar" else (4, 8, "L")
     m = make_model(tok, logits=logits, block_sizes=sizes)
-    nocache = generate(m, tok, PROMPTS, sampler=sampler, max_new_tokens=16, cache="none", stop_at_eos=False, **kw)
+    nocache = generate(
+        m, tok, PROMPTS, sampler=sampler, max_new_tokens=16, cache="none", stop_at_eos=False, **kw
+    )
     spy = _Spy(monkeypatch)
-    cached = generate(m, tok, PROMPTS, sampler=sampler, max_new_tokens=16, cache="exact", stop_at_eos=False, **kw)
+    cached = generate(
+        m, tok, PROMPTS, sampler=sampler, max_new_tokens=16, cache="exact", stop_at_eos=False, **kw
+    )
     assert cached.tokens == nocache.tokens
     assert spy.calls > 0 and spy.max_diff <= 1e-5
     assert [r.nfe for r in cached.rows] == [r.nfe for r in nocache.rows]
@@ -100,7 +104,8 @@ def test_batched_equals_unbatched(make_model, tok, sampler, kw):
     try:
         batched = generate(m, tok, PROMPTS, sampler=sampler, max_new_tokens=16, seed=[5, 6, 7], **kw)
         alone = [
-            generate(m, tok, p, sampler=sampler, max_new_tokens=16, seed=[5 + i], **kw) for i, p in enumerate(PROMPTS)
+            generate(m, tok, p, sampler=sampler, max_new_tokens=16, seed=[5 + i], **kw)
+            for i, p in enumerate(PROMPTS)
         ]
     finally:
         tok.eos_id = eos_tok
@@ -112,12 +117,22 @@ def test_batched_equals_unbatched(make_model, tok, sampler, kw):
 
 def test_nothing_committed_after_eos(make_model, tok):
     m = make_model(tok)
-    probe = generate(m, tok, PROMPTS[0], sampler="bd3", max_new_tokens=16, order="confidence", temperature=0.0)
+    probe = generate(
+        m, tok, PROMPTS[0], sampler="bd3", max_new_tokens=16, order="confidence", temperature=0.0
+    )
     old = tok.eos_id
     tok.eos_id = probe.tokens[0][3]
     try:
-        out = generate(m, tok, PROMPTS[0], sampler="bd3", max_new_tokens=16, order="confidence",
-                       temperature=0.0, trace=True)
+        out = generate(
+            m,
+            tok,
+            PROMPTS[0],
+            sampler="bd3",
+            max_new_tokens=16,
+            order="confidence",
+            temperature=0.0,
+            trace=True,
+        )
     finally:
         tok.eos_id = old
     c = out.canvas
@@ -133,13 +148,31 @@ def test_nothing_committed_after_eos(make_model, tok):
 
 def test_llada_nfe_and_schedule(make_model, tok):
     m = make_model(tok)
-    out = generate(m, tok, PROMPTS[0], sampler="llada", max_new_tokens=32, block_size=8, steps=16,
-                   trace=True, stop_at_eos=False)
+    out = generate(
+        m,
+        tok,
+        PROMPTS[0],
+        sampler="llada",
+        max_new_tokens=32,
+        block_size=8,
+        steps=16,
+        trace=True,
+        stop_at_eos=False,
+    )
     assert out.rows[0].nfe == 16
     per_step = [len(ev["committed"]) for ev in out.canvas.trace if "committed" in ev]
     assert per_step == [2] * 16  # 8 masks per block over 4 steps per block
-    out = generate(m, tok, PROMPTS[0], sampler="llada", max_new_tokens=24, block_size=8, steps=9,
-                   trace=True, stop_at_eos=False)
+    out = generate(
+        m,
+        tok,
+        PROMPTS[0],
+        sampler="llada",
+        max_new_tokens=24,
+        block_size=8,
+        steps=9,
+        trace=True,
+        stop_at_eos=False,
+    )
     per_step = [len(ev["committed"]) for ev in out.canvas.trace if "committed" in ev]
     assert out.rows[0].nfe == 9 and per_step == [3, 3, 2] * 3
 
@@ -147,8 +180,18 @@ def test_llada_nfe_and_schedule(make_model, tok):
 @pytest.mark.parametrize("tau", [0.15, 0.3])
 def test_fastdllm_threshold_rule(make_model, tok, tau):
     m = make_model(tok)
-    out = generate(m, tok, PROMPTS, sampler="fastdllm", max_new_tokens=24, block_size=8, threshold=tau,
-                   cache="none", trace=True, stop_at_eos=False)
+    out = generate(
+        m,
+        tok,
+        PROMPTS,
+        sampler="fastdllm",
+        max_new_tokens=24,
+        block_size=8,
+        threshold=tau,
+        cache="none",
+        trace=True,
+        stop_at_eos=False,
+    )
     c = out.canvas
     multi = 0
     for ev in c.trace:
@@ -168,18 +211,38 @@ def test_fastdllm_threshold_rule(make_model, tok, tau):
 def test_dcd_without_deferral_is_fixed_block_threshold(make_model, tok):
     m = make_model(tok)
     for prompt in PROMPTS:
-        a = generate(m, tok, prompt, sampler="dcd", max_new_tokens=24, window=8, deferral=False, threshold=0.6,
-                     cache="none")
-        b = generate(m, tok, prompt, sampler="fastdllm", max_new_tokens=24, block_size=8, threshold=0.6,
-                     cache="none")
+        a = generate(
+            m,
+            tok,
+            prompt,
+            sampler="dcd",
+            max_new_tokens=24,
+            window=8,
+            deferral=False,
+            threshold=0.6,
+            cache="none",
+        )
+        b = generate(
+            m, tok, prompt, sampler="fastdllm", max_new_tokens=24, block_size=8, threshold=0.6, cache="none"
+        )
         assert a.tokens == b.tokens and a.rows[0].nfe == b.rows[0].nfe
 
 
 def test_dcd_defers_low_confidence(make_model, tok):
     """With deferral the window moves past a low-confidence column instead of forcing it."""
     m = make_model(tok)
-    out = generate(m, tok, PROMPTS[0], sampler="dcd", max_new_tokens=32, window=4, threshold=0.95, trace=True,
-                   cache="none", stop_at_eos=False)
+    out = generate(
+        m,
+        tok,
+        PROMPTS[0],
+        sampler="dcd",
+        max_new_tokens=32,
+        window=4,
+        threshold=0.95,
+        trace=True,
+        cache="none",
+        stop_at_eos=False,
+    )
     c = out.canvas
     order = [col for ev in c.trace for (_, col, _) in ev.get("committed", [])]
     # some column was committed after a column more than 4 to its right (outside a fixed block of 4)

@@ -12,8 +12,13 @@ from blockdiff.model import BlockDiffLM
 def model():
     torch.manual_seed(0)
     cfg = ModelConfig(
-        vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, mask_token_id=49,
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        mask_token_id=49,
     )
     return BlockDiffLM(cfg).eval()
 

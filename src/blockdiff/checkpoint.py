@@ -81,11 +81,15 @@ def state_dict_for_save(model: BlockDiffLM, dtype: torch.dtype | None = None) ->
     return sd
 
 
-def save_model(directory: Path, model: BlockDiffLM, tokenizer: Tokenizer, dtype: torch.dtype | None = None) -> None:
+def save_model(
+    directory: Path, model: BlockDiffLM, tokenizer: Tokenizer, dtype: torch.dtype | None = None
+) -> None:
     """Write config, weights and tokenizer into an existing directory."""
     directory = Path(directory)
     model.config.save(directory / "config.json")
-    save_file(state_dict_for_save(model, dtype), str(directory / "model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        state_dict_for_save(model, dtype), str(directory / "model.safetensors"), metadata={"format": "pt"}
+    )
     tokenizer.save(directory)
 
 

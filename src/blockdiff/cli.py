@@ -48,7 +48,8 @@ def cmd_info(a: argparse.Namespace) -> int:
         "max_position_embeddings": cfg.max_position_embeddings,
         "training_tokens": meta.get("tokens_seen"),
         "train_seconds": meta.get("train_seconds"),
-        "val_nll_bound": {k: v for k, v in (meta.get("metrics") or {}).items() if k.startswith("val_nll")} or None,
+        "val_nll_bound": {k: v for k, v in (meta.get("metrics") or {}).items() if k.startswith("val_nll")}
+        or None,
     }
     if a.json:
         print(json.dumps(info, indent=2))
@@ -73,7 +74,16 @@ def cmd_generate(a: argparse.Namespace) -> int:
     model, tok = load_model(a.model or bundled_model_path())
     kwargs = {
         k: getattr(a, k)
-        for k in ("max_new_tokens", "block_size", "steps", "threshold", "temperature", "top_p", "top_k", "seed")
+        for k in (
+            "max_new_tokens",
+            "block_size",
+            "steps",
+            "threshold",
+            "temperature",
+            "top_p",
+            "top_k",
+            "seed",
+        )
         if getattr(a, k) is not None
     }
     if a.no_cache:
@@ -105,7 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config")
     t.add_argument("--out")
     t.add_argument("--resume", action="store_true")
-    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key, e.g. train.steps=10")
+    t.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a recipe key, e.g. train.steps=10"
+    )
     t.set_defaults(fn=cmd_train)
 
     i = sub.add_parser("info", help="describe a checkpoint")
@@ -113,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
     i.set_defaults(fn=cmd_info)
 
-    e = sub.add_parser("export", help="copy a run's newest checkpoint for inference (weights only, model card)")
+    e = sub.add_parser(
+        "export", help="copy a run's newest checkpoint for inference (weights only, model card)"
+    )
     e.add_argument("run")
     e.add_argument("out")
     e.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])

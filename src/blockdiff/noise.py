@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-
 MIN_T = 1e-3  # the epsilon of the schedule: t never goes below it (the 1/t weight stays finite)
 
 

@@ -36,13 +36,15 @@ class LossOut:
     rows: Tensor  # per-sequence diffusion term (for variance-based interval choice)
 
 
-def _ce(logits: Tensor, target: Tensor) -> Tensor:
-    return F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), reduction="none").view(target.shape)
+def _ce(logits: Tensor, target: Tensor, mask_id: int) -> Tensor:
+    """Cross-entropy with the mask token excluded from the prediction (SUBS)."""
+    logits = logits.float().index_fill(-1, torch.tensor([mask_id], device=logits.device), float("-inf"))
+    return F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none").view(target.shape)
 
 
-def _ar_rows(logits_clean: Tensor, x0: Tensor) -> Tensor:
+def _ar_rows(logits_clean: Tensor, x0: Tensor, mask_id: int) -> Tensor:
     """Per-row next-token loss: clean output i predicts x0[i+1]."""
-    return _ce(logits_clean[:, :-1], x0[:, 1:]).mean(1)
+    return _ce(logits_clean[:, :-1], x0[:, 1:], mask_id).mean(1)
 
 
 def block_diffusion_loss(
@@ -59,7 +61,7 @@ def block_diffusion_loss(
     if shifted and bool((block_sizes == 1).all()):
         # Every token starts its own block: it is predicted from the clean causal prefix alone.
         logits = model(x0, mask=masks.block_causal(L, 1, b).to(x0.device))
-        rows = _ar_rows(logits, x0)
+        rows = _ar_rows(logits, x0, cfg.mask_token_id)
         ar = rows.mean()
         return LossOut(ar, ar, ar, b * (L - 1), rows)
 
@@ -87,12 +89,11 @@ def block_diffusion_loss(
         if ar_weight:
             if cfg.layout != "context_causal" or not shifted:
                 raise ValueError("the auxiliary AR loss needs layout 'context_causal' and shifted logits")
-            ar = _ar_rows(clean, x0).mean()
+            ar = _ar_rows(clean, x0, cfg.mask_token_id).mean()
     if shifted:
         weight = weight.clone()
         weight[:, 0] = 0.0  # nothing precedes token 0
-    pred = pred.float().index_fill(-1, torch.tensor([cfg.mask_token_id], device=x0.device), float("-inf"))
-    ce = _ce(pred, x0)
+    ce = _ce(pred, x0, cfg.mask_token_id)
     per_row = L - 1 if shifted else L
     rows = (ce * weight).sum(1) / per_row
     diff = rows.mean()

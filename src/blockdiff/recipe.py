@@ -63,7 +63,13 @@ class TrainSpec:
     threads: int = 0  # torch threads (0 = PyTorch's default)
 
 
-SECTIONS = {"model": ModelConfig, "tokenizer": TokenizerSpec, "data": DataSpec, "objective": ObjectiveSpec, "train": TrainSpec}
+SECTIONS = {
+    "model": ModelConfig,
+    "tokenizer": TokenizerSpec,
+    "data": DataSpec,
+    "objective": ObjectiveSpec,
+    "train": TrainSpec,
+}
 
 
 @dataclass
@@ -144,7 +150,9 @@ def validate(r: Recipe) -> None:
         raise ConfigError("objective.weights must have one entry per objective.block_sizes entry")
     lo, hi = r.objective.interval
     if not 0 <= lo < hi <= 1:
-        raise ConfigError(f"objective.interval must satisfy 0 <= beta < omega <= 1, got {r.objective.interval}")
+        raise ConfigError(
+            f"objective.interval must satisfy 0 <= beta < omega <= 1, got {r.objective.interval}"
+        )
     if r.train.precision not in ("fp32", "bf16"):
         raise ConfigError(f"train.precision must be fp32 or bf16, got '{r.train.precision}'")
     if r.train.batch_size < 1 or r.train.steps < 1:

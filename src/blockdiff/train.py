@@ -86,7 +86,9 @@ class Trainer:
         if self.world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         if r.train.batch_size % self.world:
-            raise ConfigError(f"train.batch_size {r.train.batch_size} is not divisible by {self.world} processes")
+            raise ConfigError(
+                f"train.batch_size {r.train.batch_size} is not divisible by {self.world} processes"
+            )
         self.device = torch.device(
             f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
         )
@@ -99,7 +101,9 @@ class Trainer:
         if resume and ckpt is None:
             console.print(f"[yellow]--resume: no checkpoint in {self.out}, starting from scratch[/]")
         if not resume and self._latest() is not None:
-            raise ConfigError(f"{self.out} already holds a training run; pass --resume or choose another --out")
+            raise ConfigError(
+                f"{self.out} already holds a training run; pass --resume or choose another --out"
+            )
         self._setup_data_and_model(ckpt)
         if ckpt is not None:
             self._load_state(ckpt)
@@ -132,14 +136,15 @@ class Trainer:
         decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2]
         no_decay = [p for n, p in self.model.named_parameters() if p.ndim < 2]
         self.opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": r.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            [
+                {"params": decay, "weight_decay": r.train.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
             lr=r.train.lr,
             betas=tuple(r.train.betas),
         )
         self.ema = {n: p.detach().clone() for n, p in self.model.named_parameters()} if r.train.ema else None
-        self.ddp = (
-            torch.nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else self.model
-        )
+        self.ddp = torch.nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else self.model
 
     # ---- state ---------------------------------------------------------------------------------
     def _state_tensors(self) -> dict[str, torch.Tensor]:
@@ -166,7 +171,9 @@ class Trainer:
             if now[s].get(k) != saved.get(s, {}).get(k) and (s, k) not in {("train", "steps")}
         ]
         if diff:
-            raise ConfigError(f"cannot resume: recipe differs from the checkpoint's in {', '.join(sorted(diff))}")
+            raise ConfigError(
+                f"cannot resume: recipe differs from the checkpoint's in {', '.join(sorted(diff))}"
+            )
         try:
             t = load_file(str(ten_f))
         except Exception as e:
@@ -263,7 +270,9 @@ class Trainer:
                 tot = 0.0
                 n = min(r.train.eval_batches, max(1, len(self.val_data) // r.train.batch_size))
                 for i in range(n):
-                    rows = torch.arange(i * r.train.batch_size, (i + 1) * r.train.batch_size) % len(self.val_data)
+                    rows = torch.arange(i * r.train.batch_size, (i + 1) * r.train.batch_size) % len(
+                        self.val_data
+                    )
                     x0 = self.val_data[rows].to(self.device)
                     gen = torch.Generator().manual_seed(10_007 + i)
                     bs = torch.full((len(x0),), B)
@@ -308,7 +317,8 @@ class Trainer:
             signal.signal(s, self._on_signal)
         if self.rank == 0:
             console.print(
-                f"blockdiff train: {self.model.num_parameters() / 1e6:.2f}M params, block sizes {r.block_sizes()}, "
+                f"blockdiff train: {self.model.num_parameters() / 1e6:.2f}M params, "
+                f"block sizes {r.block_sizes()}, "
                 f"{len(self.train_data)} train / {len(self.val_data)} val sequences of {r.data.seq_len}, "
                 f"{self.world} process(es), device {self.device}"
             )
@@ -320,7 +330,9 @@ class Trainer:
             lr = lr_at(step, t)
             for g in self.opt.param_groups:
                 g["lr"] = lr
-            x0, bs, nz = self.batch(step, self.train_data, t.batch_size, t.seed, self.interval, block_size_now(r, step))
+            x0, bs, nz = self.batch(
+                step, self.train_data, t.batch_size, t.seed, self.interval, block_size_now(r, step)
+            )
             tic = time.time()
             with self.autocast():
                 out = block_diffusion_loss(self.ddp, x0, bs, nz, r.objective.ar_weight)
@@ -346,7 +358,9 @@ class Trainer:
             if step % t.log_every == 0 or step == t.steps:
                 el = time.time() - t0
                 rec.update(
-                    grad_norm=gnorm.item(), tokens_seen=self.tokens_seen, tok_per_s=(self.tokens_seen - tok0) / el
+                    grad_norm=gnorm.item(),
+                    tokens_seen=self.tokens_seen,
+                    tok_per_s=(self.tokens_seen - tok0) / el,
                 )
                 if self.rank == 0:
                     console.print(
@@ -357,7 +371,9 @@ class Trainer:
             if step % t.eval_every == 0 or step == t.steps:
                 rec.update(self.evaluate())
                 if self.rank == 0:
-                    console.print(f"  eval: val NLL bound {rec['val_nll']:.4f} (ppl <= {rec['val_ppl_bound']:.2f})")
+                    console.print(
+                        f"  eval: val NLL bound {rec['val_nll']:.4f} (ppl <= {rec['val_ppl_bound']:.2f})"
+                    )
             if self.rank == 0 and (step % t.log_every == 0 or "val_nll" in rec or step == t.steps):
                 with metrics_f.open("a") as f:
                     f.write(json.dumps(rec) + "\n")

@@ -81,7 +81,9 @@ def load_corpus(spec: str | Path, val_fraction: float = 0.05) -> Corpus:
 def pack(token_docs: list[list[int]], seq_len: int, eos_id: int) -> np.ndarray:
     """Concatenate documents, each followed by EOS, and cut [n, seq_len] sequences."""
     flat = np.fromiter(
-        (t for doc in token_docs for t in [*doc, eos_id]), dtype=np.int32, count=sum(len(d) + 1 for d in token_docs)
+        (t for doc in token_docs for t in [*doc, eos_id]),
+        dtype=np.int32,
+        count=sum(len(d) + 1 for d in token_docs),
     )
     n = len(flat) // seq_len
     if n == 0:

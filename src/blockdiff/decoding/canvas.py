@@ -58,7 +58,13 @@ class Canvas:
 
     @classmethod
     def build(
-        cls, prompts: list[list[int]], max_new_tokens: int, mask_id: int, eos_id: int, pad_id: int, round_to: int = 1
+        cls,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        mask_id: int,
+        eos_id: int,
+        pad_id: int,
+        round_to: int = 1,
     ) -> Canvas:
         prompts = [p if len(p) else [eos_id] for p in prompts]  # nothing before: start as after a document
         G = max(len(p) for p in prompts)
@@ -115,7 +121,10 @@ class Canvas:
         self.conf[rows, cols] = conf.float()
         if self.trace is not None:
             self.trace.append(
-                {"step": self.step, "committed": list(zip(rows.tolist(), cols.tolist(), toks.tolist(), strict=True))}
+                {
+                    "step": self.step,
+                    "committed": list(zip(rows.tolist(), cols.tolist(), toks.tolist(), strict=True)),
+                }
             )
         eos = (toks == self.eos_id) & self.stop_at_eos
         for r, c in zip(rows[eos].tolist(), cols[eos].tolist(), strict=True):
@@ -135,7 +144,9 @@ class Canvas:
         self.commit_step[rows, cols] = -1
         self.finished_at[rows] = float("nan")
         if self.trace is not None:
-            self.trace.append({"step": self.step, "remasked": list(zip(rows.tolist(), cols.tolist(), strict=True))})
+            self.trace.append(
+                {"step": self.step, "remasked": list(zip(rows.tolist(), cols.tolist(), strict=True))}
+            )
 
     def generated(self, r: int) -> Tensor:
         """The row's generated tokens, up to and excluding EOS."""

@@ -92,7 +92,12 @@ def filter_logits(logits: Tensor, top_k: int | None, top_p: float | None) -> Ten
 
 
 def sample(
-    logits: Tensor, temperature: float, top_k: int | None, top_p: float | None, gen: torch.Generator, score: str
+    logits: Tensor,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    gen: torch.Generator,
+    score: str,
 ) -> tuple[Tensor, Tensor]:
     """Tokens and confidences [n] for logits [n, V] of one row.
 
@@ -172,7 +177,9 @@ class Factor:
 # ---- remask rule (structural revision) ---------------------------------------------------------
 
 
-def lowest_confidence(c: Canvas, gamma: float, how: str, gens: list[torch.Generator]) -> tuple[Tensor, Tensor]:
+def lowest_confidence(
+    c: Canvas, gamma: float, how: str, gens: list[torch.Generator]
+) -> tuple[Tensor, Tensor]:
     """Per row, the ceil(gamma * n) generated columns with the lowest snapshot confidence
     (EOS and given tokens stay). `how='random'` picks them at random (the ablation)."""
     rows, cols = [], []

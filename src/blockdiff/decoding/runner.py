@@ -29,7 +29,9 @@ class Runner:
         if cache not in CACHE_MODES:
             raise ValueError(f"unknown cache mode '{cache}' (known: {', '.join(CACHE_MODES)})")
         if cache == "exact" and attn_block is None:
-            raise ValueError("cache 'exact' needs block-causal attention; use 'prefix' or 'dual' (approximate)")
+            raise ValueError(
+                "cache 'exact' needs block-causal attention; use 'prefix' or 'dual' (approximate)"
+            )
         if cache in ("prefix", "dual") and attn_block is not None:
             raise ValueError(f"cache '{cache}' is for full attention; block-causal decoding uses 'exact'")
         self.model, self.c, self.mode = model, canvas, cache

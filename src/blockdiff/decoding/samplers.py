@@ -1,10 +1,10 @@
 """One canvas loop; every sampler is a named composition of policies.
 
-    region = window.region(canvas)          which block (or the whole canvas) is being decoded
-    logits = runner.logits(region)          one forward = one NFE, cache handled by the runner
-    tokens, conf = sample(logits)           scoring
-    keep = commit.select(conf)              commit rule
-    (structural) remask lowest snapshot confidence, decode again with a larger block
+region = window.region(canvas)          which block (or the whole canvas) is being decoded
+logits = runner.logits(region)          one forward = one NFE, cache handled by the runner
+tokens, conf = sample(logits)           scoring
+keep = commit.select(conf)              commit rule
+(structural) remask lowest snapshot confidence, decode again with a larger block
 """
 
 from __future__ import annotations
@@ -93,32 +93,71 @@ def _full_attention_cache(model, cache, notes, block):
 # ---- the named samplers ------------------------------------------------------------------------
 
 
-def plan_ar(model, max_new_tokens, notes, temperature=0.0, top_k=None, top_p=None, cache="exact", **kw) -> Plan:
+def plan_ar(
+    model, max_new_tokens, notes, temperature=0.0, top_k=None, top_p=None, cache="exact", **kw
+) -> Plan:
     return Plan(BlockWindow(1), TopK(1), 1, cache, temperature=temperature, top_k=top_k, top_p=top_p, **kw)
 
 
 def plan_bd3(
-    model, max_new_tokens, notes, block_size=None, steps=None, threshold=None, temperature=1.0, top_p=0.9, top_k=None,
-    order="random", cache="exact", **kw,
+    model,
+    max_new_tokens,
+    notes,
+    block_size=None,
+    steps=None,
+    threshold=None,
+    temperature=1.0,
+    top_p=0.9,
+    top_k=None,
+    order="random",
+    cache="exact",
+    **kw,
 ) -> Plan:
     B = block_size or _default_block(model)
     score = "random" if order == "random" else "prob"
     return Plan(
-        BlockWindow(B), _commit(threshold, None, steps or B), B, cache, score=score,
-        temperature=temperature, top_k=top_k, top_p=top_p, **kw,
+        BlockWindow(B),
+        _commit(threshold, None, steps or B),
+        B,
+        cache,
+        score=score,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        **kw,
     )
 
 
-def plan_mdlm(model, max_new_tokens, notes, steps=None, temperature=1.0, top_p=None, top_k=None, cache="none", **kw):
+def plan_mdlm(
+    model, max_new_tokens, notes, steps=None, temperature=1.0, top_p=None, top_k=None, cache="none", **kw
+):
     attn, cache = _full_attention_cache(model, cache, notes, _default_block(model))
     window = GlobalWindow() if attn is None else BlockWindow(attn)
-    return Plan(window, TopK(steps or max_new_tokens), attn, cache, score="random",
-                temperature=temperature, top_k=top_k, top_p=top_p, **kw)
+    return Plan(
+        window,
+        TopK(steps or max_new_tokens),
+        attn,
+        cache,
+        score="random",
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        **kw,
+    )
 
 
 def plan_llada(
-    model, max_new_tokens, notes, block_size=32, steps=None, temperature=0.0, remasking="low_confidence",
-    top_k=None, top_p=None, cache="none", **kw,
+    model,
+    max_new_tokens,
+    notes,
+    block_size=32,
+    steps=None,
+    temperature=0.0,
+    remasking="low_confidence",
+    top_k=None,
+    top_p=None,
+    cache="none",
+    **kw,
 ) -> Plan:
     B = min(block_size, max(1, max_new_tokens))
     if max_new_tokens % B:
@@ -129,22 +168,62 @@ def plan_llada(
         raise ValueError(f"llada: steps {steps} must be a multiple of the number of blocks {n_blocks}")
     attn, cache = _full_attention_cache(model, cache, notes, B)
     score = "random" if remasking == "random" else "prob"
-    return Plan(BlockWindow(B), TopK(steps // n_blocks), attn, cache, refresh="block", score=score,
-                temperature=temperature, top_k=top_k, top_p=top_p, **kw)
+    return Plan(
+        BlockWindow(B),
+        TopK(steps // n_blocks),
+        attn,
+        cache,
+        refresh="block",
+        score=score,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        **kw,
+    )
 
 
 def plan_fastdllm(
-    model, max_new_tokens, notes, block_size=32, threshold=0.9, factor=None, temperature=0.0, top_k=None, top_p=None,
-    cache="prefix", **kw,
+    model,
+    max_new_tokens,
+    notes,
+    block_size=32,
+    threshold=0.9,
+    factor=None,
+    temperature=0.0,
+    top_k=None,
+    top_p=None,
+    cache="prefix",
+    **kw,
 ) -> Plan:
     attn, cache = _full_attention_cache(model, cache, notes, block_size)
-    return Plan(BlockWindow(block_size), _commit(threshold, factor, None), attn, cache, refresh="block",
-                temperature=temperature, top_k=top_k, top_p=top_p, **kw)
+    return Plan(
+        BlockWindow(block_size),
+        _commit(threshold, factor, None),
+        attn,
+        cache,
+        refresh="block",
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        **kw,
+    )
 
 
 def plan_dcd(
-    model, max_new_tokens, notes, block_size=None, window=None, threshold=0.9, max_span=128, deferral=True,
-    temperature=0.0, top_k=None, top_p=None, cache=None, refresh_every=32, **kw,
+    model,
+    max_new_tokens,
+    notes,
+    block_size=None,
+    window=None,
+    threshold=0.9,
+    max_span=128,
+    deferral=True,
+    temperature=0.0,
+    top_k=None,
+    top_p=None,
+    cache=None,
+    refresh_every=32,
+    **kw,
 ) -> Plan:
     """Block-causal models: the window slides inside cache blocks (exact cache). Models trained
     with the global block: the window slides over the whole canvas, prefix cache refreshed
@@ -160,10 +239,14 @@ def plan_dcd(
     W = window or 16
     win = SlidingWindow(W, max_span) if deferral else BlockWindow(W)
     cache = cache or "prefix"
-    return Plan(win, commit, None, cache, refresh=f"every:{refresh_every}" if cache != "none" else None, **common)
+    return Plan(
+        win, commit, None, cache, refresh=f"every:{refresh_every}" if cache != "none" else None, **common
+    )
 
 
-def plan_structural(model, max_new_tokens, notes, draft="bd3", stages=((None, 0.25),), revise_by="snapshot", **kw) -> Plan:
+def plan_structural(
+    model, max_new_tokens, notes, draft="bd3", stages=((None, 0.25),), revise_by="snapshot", **kw
+) -> Plan:
     """Diffusion in diffusion: draft with small blocks, then each stage remasks the gamma
     fraction with the lowest snapshot confidence and decodes it again with a larger block."""
     if draft not in ("bd3", "dcd", "ar"):
@@ -208,8 +291,13 @@ def _decode(model, c: Canvas, plan: Plan, gens, on_step) -> None:
             if plan.refresh == "block" and plan.cache in ("prefix", "dual"):
                 runner.refresh(*region)
         lo, hi = region
-        if plan.refresh and plan.refresh.startswith("every:") and (
-            runner.fresh is None and (len(runner.cache_idx) == 0 or committed_since_refresh >= int(plan.refresh[6:]))
+        if (
+            plan.refresh
+            and plan.refresh.startswith("every:")
+            and (
+                runner.fresh is None
+                and (len(runner.cache_idx) == 0 or committed_since_refresh >= int(plan.refresh[6:]))
+            )
         ):
             runner.refresh(lo, hi)
             committed_since_refresh = 0
@@ -225,7 +313,9 @@ def _decode(model, c: Canvas, plan: Plan, gens, on_step) -> None:
             if len(cols) == 0:
                 continue
             c.nfe[r] += 1
-            tok, conf = sample(logits[r, cols - q_lo], plan.temperature, plan.top_k, plan.top_p, gens[r], plan.score)
+            tok, conf = sample(
+                logits[r, cols - q_lo], plan.temperature, plan.top_k, plan.top_p, gens[r], plan.score
+            )
             keep = plan.commit.select(conf, step_in_region, int(masks_at_start[r]))
             if plan.score != "prob":  # snapshot confidence is always the token's probability
                 conf = logits[r, cols - q_lo].double().softmax(-1).gather(-1, tok[:, None])[:, 0]
@@ -250,8 +340,17 @@ def _revise(model, c: Canvas, plan: Plan, gens, on_step) -> None:
             on_step(c)
         window = GlobalWindow() if B is None else BlockWindow(B)
         commit = plan.commit if not isinstance(plan.commit, TopK) else Threshold(0.9)
-        stage = Plan(window, commit, B, "none", score="prob", temperature=plan.temperature,
-                     top_k=plan.top_k, top_p=plan.top_p, stop_at_eos=plan.stop_at_eos)
+        stage = Plan(
+            window,
+            commit,
+            B,
+            "none",
+            score="prob",
+            temperature=plan.temperature,
+            top_k=plan.top_k,
+            top_p=plan.top_p,
+            stop_at_eos=plan.stop_at_eos,
+        )
         _decode(model, c, stage, gens, on_step)
 
 
