@@ -105,13 +105,13 @@ def sample(
     temperature 0 is argmax. Confidence: 'prob' (probability of the chosen token under the
     model), 'margin' (top1 - top2 probability), 'entropy' (negative entropy), 'random'.
     """
-    logits = logits.double()
-    probs = logits.softmax(-1)
+    probs = logits.double().softmax(-1)
     if temperature == 0:
-        tok = filter_logits(logits, top_k, top_p).argmax(-1)
+        tok = logits.argmax(-1)  # top-k / top-p never remove the argmax
     else:
         u = torch.rand(logits.shape, generator=gen, dtype=torch.float64).clamp_(1e-300, 1.0)
-        tok = (filter_logits(logits / temperature, top_k, top_p) - torch.log(-torch.log(u))).argmax(-1)
+        filtered = filter_logits(logits / temperature, top_k, top_p).double()
+        tok = (filtered - torch.log(-torch.log(u))).argmax(-1)
     if score == "prob":
         conf = probs.gather(-1, tok[:, None])[:, 0]
     elif score == "margin":

@@ -59,8 +59,9 @@ class Runner:
         allowed = allowed | (q[:, None] == k[None, :])[None]  # padding queries see themselves
         return allowed[:, None].to(self.device)
 
-    def _forward(self, lo: int, hi: int, write: int) -> Tensor:
-        """Feed canvas columns [lo, hi), write the first `write` of them into the cache."""
+    def _forward(self, lo: int, hi: int, write: int, out_from: int | None = None) -> Tensor:
+        """Feed canvas columns [lo, hi), write the first `write` of them into the cache; output
+        logits for columns [out_from, hi) only (the LM head is costly with large vocabularies)."""
         c = self.c
         q = torch.arange(lo, hi)
         k = torch.cat([self.cache_idx, q])
@@ -70,6 +71,7 @@ class Runner:
             mask=self._mask(q, k),
             cache=self.cache,
             write_cache=write,
+            logits_slice=None if out_from is None else slice(out_from - lo, None),
         ).float()
         if write:
             self.cache_idx = torch.cat([self.cache_idx, q[:write]])
@@ -120,9 +122,12 @@ class Runner:
                 f_lo, f_hi, write = len(self.cache_idx), c.T, 0
             else:
                 (f_lo, f_hi), write = self.region, 0
-            out = self._forward(f_lo, f_hi, write)
-            if write:
-                self.boundary = {f_lo + write - 1: out[:, write - 1]}
+            shifted = self.cfg.shifted
+            o_lo = max(f_lo, min(lo - 1, f_lo + write - 1 if write else lo) if shifted else lo)
+            out = self._forward(f_lo, f_hi, write, o_lo)
+            if write and shifted:
+                self.boundary = {f_lo + write - 1: out[:, f_lo + write - 1 - o_lo]}
+            f_lo = o_lo  # `out` starts at column o_lo
         prev = None
         if self.cfg.shifted and lo > 0:
             if lo - 1 >= f_lo:
