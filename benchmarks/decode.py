@@ -61,25 +61,38 @@ def main() -> None:
     for _ in range(a.repeats):
         for label, sampler, kw in cfgs:
             t = time.perf_counter()
-            out = generate(model, tok, prompts, sampler=sampler, max_new_tokens=a.max_new_tokens,
-                           stop_at_eos=False, seed=0, **kw)
+            out = generate(
+                model,
+                tok,
+                prompts,
+                sampler=sampler,
+                max_new_tokens=a.max_new_tokens,
+                stop_at_eos=False,
+                seed=0,
+                **kw,
+            )
             times[label].append(time.perf_counter() - t)
-            stats[label] = dict(nfe=sum(r.nfe for r in out.rows) / len(out.rows),
-                                tokens=sum(r.tokens for r in out.rows))
+            stats[label] = dict(
+                nfe=sum(r.nfe for r in out.rows) / len(out.rows), tokens=sum(r.tokens for r in out.rows)
+            )
     wall = {k: statistics.median(v) for k, v in times.items()}
     tps = {k: stats[k]["tokens"] / wall[k] for k in wall}
     ar, llada = tps["ar, exact KV cache"], tps["llada B=16, 2 tok/step, no cache"]
     print(f"command: python {' '.join(sys.argv)}")
-    print(f"model: {a.model or 'bundled demo'}, {model.num_parameters() / 1e6:.2f}M params, "
-          f"batch {a.batch}, {a.max_new_tokens} new tokens, median of {a.repeats}, torch threads "
-          f"{torch.get_num_threads()}\n")
+    print(
+        f"model: {a.model or 'bundled demo'}, {model.num_parameters() / 1e6:.2f}M params, "
+        f"batch {a.batch}, {a.max_new_tokens} new tokens, median of {a.repeats}, torch threads "
+        f"{torch.get_num_threads()}\n"
+    )
     print("| sampler | NFEs | tokens/NFE | wall s | tokens/s | × ar (KV cache) | × llada B=16 no cache |")
     print("|---|---|---|---|---|---|---|")
     for label, _, _ in cfgs:
         s = stats[label]
         tpn = s["tokens"] / len(prompts) / s["nfe"]
-        print(f"| {label} | {s['nfe']:.0f} | {tpn:.2f} | {wall[label]:.3f} | {tps[label]:.1f} | "
-              f"{tps[label] / ar:.2f} | {tps[label] / llada:.2f} |")
+        print(
+            f"| {label} | {s['nfe']:.0f} | {tpn:.2f} | {wall[label]:.3f} | {tps[label]:.1f} | "
+            f"{tps[label] / ar:.2f} | {tps[label] / llada:.2f} |"
+        )
 
 
 if __name__ == "__main__":

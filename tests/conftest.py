@@ -72,13 +72,19 @@ def trained(tmp_path_factory, corpus, logits, block_sizes):
         out = tmp_path_factory.mktemp("tiny")
         torch.manual_seed(0)
         Trainer(tiny_recipe(corpus, logits, block_sizes), out).run()
-        _MODELS[key] = load_model(out)[0]
+        _MODELS[key] = (load_model(out)[0], out)
     return _MODELS[key]
 
 
 @pytest.fixture(scope="session")
 def make_model(tmp_path_factory, corpus_dir):
     def make(tok, logits="aligned", block_sizes=(4, 8, "L")):
-        return trained(tmp_path_factory, corpus_dir, logits, block_sizes)
+        return trained(tmp_path_factory, corpus_dir, logits, block_sizes)[0]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory, corpus_dir):
+    """Run dir of the tiny aligned mix-scale model."""
+    return trained(tmp_path_factory, corpus_dir, "aligned", (4, 8, "L"))[1]

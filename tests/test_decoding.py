@@ -48,10 +48,10 @@ class _Spy:
         self.max_diff, self.calls = 0.0, 0
         orig = runner_mod.Runner.logits
 
-        def spy(run, lo, hi, frontier=0):
-            got = orig(run, lo, hi, frontier)
+        def spy(run, lo, hi, frontier=0, end=None):
+            got = orig(run, lo, hi, frontier, end)
             if run.mode == "exact":
-                ref = runner_mod.Runner(run.model, run.c, run.attn_block, "none").logits(lo, hi, frontier)
+                ref = runner_mod.Runner(run.model, run.c, True, "none").logits(lo, hi, frontier, end)
                 finite = torch.isfinite(ref)
                 self.max_diff = max(self.max_diff, float((got[finite] - ref[finite]).abs().max()))
                 self.calls += 1
@@ -308,3 +308,19 @@ def test_bad_input(make_model, tok):
         generate(m, tok, "x", sampler="fastdllm", cache="exact", max_new_tokens=8, block_size=8)
     with pytest.raises(ValueError, match="block-causal decoding uses 'exact'"):
         generate(m, tok, "x", sampler="bd3", cache="prefix", max_new_tokens=8)
+
+
+def test_dcd_block_expansion(make_model, tok):
+    """A low-confidence window cut by the block edge grows the block (by 4, at most +16) instead
+    of committing; the wasted forwards are counted as NFEs."""
+    m = make_model(tok)
+    kw = dict(sampler="dcd", block_size=8, window=4, threshold=0.95, max_new_tokens=32, stop_at_eos=False)
+    grown = generate(m, tok, PROMPTS[0], expand_below=0.99, trace=True, **kw)
+    plain = generate(m, tok, PROMPTS[0], expand=False, **kw)
+    c = grown.canvas
+    gen_blocks = c.blk[0, c.G : c.G + 32]
+    sizes = torch.bincount(gen_blocks - gen_blocks.min())
+    assert sizes.max() > 8 and sizes.max() <= 8 + 16 and (sizes[:-1] - 8).remainder(4).eq(0).all()
+    steps_with_commits = sum(1 for ev in c.trace if ev.get("committed"))
+    assert grown.rows[0].nfe > steps_with_commits  # expansion forwards commit nothing
+    assert plain.canvas.blk[0, c.G : c.G + 32].bincount().max() == 8

@@ -155,9 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    torch.set_grad_enabled(a.cmd == "train")
     try:
-        return a.fn(a)
+        with torch.set_grad_enabled(a.cmd == "train"):
+            return a.fn(a)
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"blockdiff {a.cmd}: error: {e}", file=sys.stderr)
         return 2

@@ -307,14 +307,21 @@ class Trainer:
         console.print(f"[yellow]signal {signum}: saving a checkpoint after this step[/]")
 
     def run(self) -> Path | None:
+        """Train to train.steps. SIGINT/SIGTERM: checkpoint after the current step, exit 130."""
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            return self._run()
+        finally:  # in-process callers (tests, notebooks) get their own handlers back
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    def _run(self) -> Path | None:
         r, t = self.r, self.r.train
         self.out.mkdir(parents=True, exist_ok=True)
         if self.rank == 0:
             # Drop records past the step we start from (all of them on a fresh start), so the log
             # never holds a step twice; one writer, so processes do not race on the temp file.
             self._trim_metrics(self.start_step)
-        for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, self._on_signal)
         if self.rank == 0:
             console.print(
                 f"blockdiff train: {self.model.num_parameters() / 1e6:.2f}M params, "

@@ -55,6 +55,7 @@ class Canvas:
     started: float = field(default_factory=time.perf_counter)
     finished_at: Tensor = None  # [b] wall time when the row finished
     stop_at_eos: bool = True  # False: EOS is an ordinary token (fixed-length decoding)
+    blk: Tensor = None  # [b, T] block id of each column (negative in the prompt); see set_grid
 
     @classmethod
     def build(
@@ -98,6 +99,23 @@ class Canvas:
             eos_at=torch.full((b,), T, dtype=torch.long),
             finished_at=torch.full((b,), float("nan"), dtype=torch.float64),
         )
+
+    def set_grid(self, B: int) -> None:
+        """Blocks of B anchored at the generation start; the prompt splits backwards from it."""
+        cols = torch.arange(self.T) - self.G
+        self.blk = torch.div(cols, B, rounding_mode="floor").expand(self.batch, self.T).clone()
+
+    def expand_block(self, r: int, k: int, by: int, B: int) -> bool:
+        """Grow row r's block k by `by` columns (DCD block expansion); later blocks shift right."""
+        cols = (self.blk[r] == k).nonzero().flatten()
+        end = int(cols[-1]) + 1
+        valid_end = int(self.valid[r].nonzero().flatten()[-1]) + 1
+        if end >= valid_end:
+            return False
+        new_end = min(end + by, self.T)
+        self.blk[r, end:new_end] = k
+        self.blk[r, new_end:] = k + 1 + torch.div(torch.arange(self.T - new_end), B, rounding_mode="floor")
+        return True
 
     @property
     def batch(self) -> int:

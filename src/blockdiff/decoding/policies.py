@@ -18,37 +18,36 @@ from .canvas import Canvas
 # ---- windows -----------------------------------------------------------------------------------
 
 
+Region = tuple[int, int, int]  # (block index k, first column, end column) over all rows
+
+
 @dataclass
 class BlockWindow:
-    """Fixed blocks of `size` anchored at the generation start, decoded left to right."""
+    """Fixed blocks of `size` (the canvas grid `blk`), decoded left to right. All rows work on
+    their k-th block together: a row done with it waits, so every row sees the same steps."""
 
     size: int
 
-    def region(self, c: Canvas, active: Tensor) -> tuple[int, int] | None:
-        """The leftmost block that still has masks in an active row."""
-        cols = c.masked[active].any(0).nonzero()
-        if len(cols) == 0:
+    def region(self, c: Canvas, active: Tensor) -> Region | None:
+        live = c.masked & active[:, None]
+        if not live.any():
             return None
-        first = int(cols[0])
-        if first < c.G:  # masks inside the prompt (infilling) belong to the first block
-            return first, min(c.T, c.G + self.size)
-        k = (first - c.G) // self.size
-        return c.G + k * self.size, min(c.T, c.G + (k + 1) * self.size)
+        k = int(c.blk[live].min())
+        cols = (c.blk == k).any(0).nonzero().flatten()
+        return k, int(cols[0]), int(cols[-1]) + 1
 
-    def candidates(self, c: Canvas, lo: int, hi: int) -> Tensor:
-        m = torch.zeros_like(c.masked)
-        m[:, lo:hi] = c.masked[:, lo:hi]
-        return m
+    def candidates(self, c: Canvas, region: Region) -> Tensor:
+        return c.masked & (c.blk == region[0])
 
 
 @dataclass
 class GlobalWindow:
     """The whole canvas at once (full-sequence diffusion)."""
 
-    def region(self, c: Canvas, active: Tensor) -> tuple[int, int] | None:
-        return (0, c.T) if c.masked[active].any() else None
+    def region(self, c: Canvas, active: Tensor) -> Region | None:
+        return (0, 0, c.T) if c.masked[active].any() else None
 
-    def candidates(self, c: Canvas, lo: int, hi: int) -> Tensor:
+    def candidates(self, c: Canvas, region: Region) -> Tensor:
         return c.masked.clone()
 
 
@@ -62,18 +61,30 @@ class SlidingWindow:
     max_span: int = 128
     within: BlockWindow | GlobalWindow | None = None  # region the window lives in
 
-    def region(self, c: Canvas, active: Tensor) -> tuple[int, int] | None:
+    def region(self, c: Canvas, active: Tensor) -> Region | None:
         return (self.within or GlobalWindow()).region(c, active)
 
-    def candidates(self, c: Canvas, lo: int, hi: int) -> Tensor:
+    def candidates(self, c: Canvas, region: Region) -> Tensor:
+        inner = (self.within or GlobalWindow()).candidates(c, region)
         m = torch.zeros_like(c.masked)
         for r in range(c.batch):
-            cols = c.masked[r, lo:hi].nonzero().flatten() + lo
+            cols = inner[r].nonzero().flatten()
             if len(cols) == 0:
                 continue
             cols = cols[cols < cols[0] + self.max_span][: self.masks]
             m[r, cols] = True
         return m
+
+
+@dataclass
+class Expand:
+    """DCD block expansion (block-causal): when a row's window is cut by its block's right edge
+    and even its best candidate is below `below`, commit nothing, grow the block by `step`
+    columns (at most `max_extra` in all) and decode again."""
+
+    step: int = 4
+    max_extra: int = 16
+    below: float = 0.5
 
 
 # ---- scoring -----------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Forward passes over the canvas, with the KV cache handled here and nowhere else.
 
-Attention over the canvas is either block-causal with attention block `attn_block` anchored at
-the generation start (exact caching: a completed block never changes its keys), or full
+Attention over the canvas is either block-causal by each row's block grid `canvas.blk` (exact
+caching: a completed block never changes its keys), or full
 (bidirectional models; caches are then approximations refreshed by extra, counted forwards):
 
 * none   — every step feeds the whole visible canvas;
@@ -25,20 +25,19 @@ CACHE_MODES = ("none", "exact", "prefix", "dual")
 
 
 class Runner:
-    def __init__(self, model: BlockDiffLM, canvas: Canvas, attn_block: int | None, cache: str):
+    def __init__(self, model: BlockDiffLM, canvas: Canvas, block_causal: bool, cache: str):
         if cache not in CACHE_MODES:
             raise ValueError(f"unknown cache mode '{cache}' (known: {', '.join(CACHE_MODES)})")
-        if cache == "exact" and attn_block is None:
+        if cache == "exact" and not block_causal:
             raise ValueError(
                 "cache 'exact' needs block-causal attention; use 'prefix' or 'dual' (approximate)"
             )
-        if cache in ("prefix", "dual") and attn_block is not None:
+        if cache in ("prefix", "dual") and block_causal:
             raise ValueError(f"cache '{cache}' is for full attention; block-causal decoding uses 'exact'")
         self.model, self.c, self.mode = model, canvas, cache
         self.cfg = model.config
-        self.attn_block = attn_block
+        self.block_causal = block_causal
         self.device = next(model.parameters()).device
-        self.dtype = next(model.parameters()).dtype
         self.reset()
 
     def reset(self) -> None:
@@ -48,14 +47,12 @@ class Runner:
         self.region: tuple[int, int] | None = None  # dual cache: the block its keys exclude
         self.fresh: Tensor | None = None  # output of a refresh, not yet used
 
-    def blk(self, cols: Tensor) -> Tensor:
-        return torch.div(cols - self.c.G, self.attn_block, rounding_mode="floor")
-
     def _mask(self, q: Tensor, k: Tensor) -> Tensor:
+        """Each row by its own block grid `canvas.blk`: a query sees keys of its block and earlier."""
         c = self.c
         allowed = c.valid[:, k][:, None, :].expand(c.batch, len(q), len(k))
-        if self.attn_block is not None:
-            allowed = allowed & (self.blk(k)[None, :] <= self.blk(q)[:, None])[None]
+        if self.block_causal:
+            allowed = allowed & (c.blk[:, k][:, None, :] <= c.blk[:, q][:, :, None])
         allowed = allowed | (q[:, None] == k[None, :])[None]  # padding queries see themselves
         return allowed[:, None].to(self.device)
 
@@ -77,13 +74,6 @@ class Runner:
             self.cache_idx = torch.cat([self.cache_idx, q[:write]])
         return out
 
-    def block_end(self, col: int) -> int:
-        """End of the attention block holding column `col - 1` (block-causal), else the canvas end."""
-        if self.attn_block is None:
-            return self.c.T
-        B, G = self.attn_block, self.c.G
-        return min(self.c.T, G + -(-(col - G) // B) * B)
-
     def refresh(self, lo: int, hi: int) -> None:
         """prefix/dual: a full forward storing the keys outside the active region [lo, hi).
 
@@ -101,11 +91,12 @@ class Runner:
             self.boundary = {lo - 1: out[:, lo - 1]}
         self.fresh = out
 
-    def logits(self, lo: int, hi: int, frontier: int = 0) -> Tensor:
+    def logits(self, lo: int, hi: int, frontier: int = 0, end: int | None = None) -> Tensor:
         """Predictive logits [b, hi-lo, V] for canvas columns [lo, hi): one NFE.
 
         `frontier`: columns before it are final and their attention blocks complete (the exact
-        cache writes them during this forward).
+        cache writes them during this forward). `end`: block-causal attention feeds up to here
+        (the end of the current blocks: columns after it are invisible to the queries).
         """
         c = self.c
         fresh, self.fresh = getattr(self, "fresh", None), None
@@ -114,9 +105,9 @@ class Runner:
         else:
             if self.mode == "none":
                 self.reset()
-                f_lo, f_hi, write = 0, self.block_end(hi), 0
+                f_lo, f_hi, write = 0, end if self.block_causal and end else c.T, 0
             elif self.mode == "exact":
-                f_lo, f_hi = len(self.cache_idx), self.block_end(hi)
+                f_lo, f_hi = len(self.cache_idx), end
                 write = max(0, frontier - f_lo)
             elif self.mode == "prefix":
                 f_lo, f_hi, write = len(self.cache_idx), c.T, 0

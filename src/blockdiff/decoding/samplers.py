@@ -10,6 +10,7 @@ keep = commit.select(conf)              commit rule
 from __future__ import annotations
 
 import difflib
+import inspect
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from ..tokenizer import Tokenizer
 from .canvas import Canvas, RowStats
 from .policies import (
     BlockWindow,
+    Expand,
     Factor,
     GlobalWindow,
     SlidingWindow,
@@ -46,6 +48,7 @@ class Plan:
     revise: list = field(default_factory=list)  # structural: [(block_size or None, gamma), ...]
     revise_by: str = "snapshot"
     stop_at_eos: bool = True
+    expand: Expand | None = None  # DCD block expansion (block-causal only)
 
 
 @dataclass
@@ -94,8 +97,10 @@ def _full_attention_cache(model, cache, notes, block):
 
 
 def plan_ar(
-    model, max_new_tokens, notes, temperature=0.0, top_k=None, top_p=None, cache="exact", **kw
+    model, max_new_tokens, notes, block_size=1, temperature=0.0, top_k=None, top_p=None, cache="exact", **kw
 ) -> Plan:
+    if block_size != 1:
+        raise ValueError(f"ar decodes one token per step: block_size must be 1, got {block_size}")
     return Plan(BlockWindow(1), TopK(1), 1, cache, temperature=temperature, top_k=top_k, top_p=top_p, **kw)
 
 
@@ -218,6 +223,10 @@ def plan_dcd(
     threshold=0.9,
     max_span=128,
     deferral=True,
+    expand=True,
+    expand_step=4,
+    expand_max=16,
+    expand_below=0.5,
     temperature=0.0,
     top_k=None,
     top_p=None,
@@ -225,9 +234,11 @@ def plan_dcd(
     refresh_every=32,
     **kw,
 ) -> Plan:
-    """Block-causal models: the window slides inside cache blocks (exact cache). Models trained
-    with the global block: the window slides over the whole canvas, prefix cache refreshed
-    every `refresh_every` committed tokens (the delayed region is recomputed meanwhile)."""
+    """Block-causal (`block_size` given, or no global block): the window slides inside cache
+    blocks with the exact cache, and a block grows (`expand_step`, at most `expand_max`) when
+    the window is cut by its edge with low confidence. Otherwise (models trained with the
+    global block): the window slides over the whole canvas, prefix cache refreshed every
+    `refresh_every` committed tokens, the delayed region recomputed meanwhile."""
     common = dict(temperature=temperature, top_k=top_k, top_p=top_p, **kw)
     commit = _commit(threshold, None, None)
     if block_size is not None or not _global(model):
@@ -235,9 +246,10 @@ def plan_dcd(
         W = window or min(8, B)
         inner = BlockWindow(B)
         win = SlidingWindow(W, max_span, inner) if deferral else BlockWindow(B)
-        return Plan(win, commit, B, cache or "exact", **common)
+        grow = Expand(expand_step, expand_max, expand_below) if expand and deferral else None
+        return Plan(win, commit, B, cache or "exact", expand=grow, **common)
     W = window or 16
-    win = SlidingWindow(W, max_span) if deferral else BlockWindow(W)
+    win = SlidingWindow(W, max_span, GlobalWindow()) if deferral else BlockWindow(W)
     cache = cache or "prefix"
     return Plan(
         win, commit, None, cache, refresh=f"every:{refresh_every}" if cache != "none" else None, **common
@@ -270,42 +282,49 @@ SAMPLERS = tuple(PLANS)
 ALIASES = {"gen_length": "max_new_tokens", "block_length": "block_size", "alg": "order"}
 
 
+def _accepted(sampler: str, draft: str) -> set[str]:
+    names = set(inspect.signature(PLANS[sampler]).parameters)
+    if sampler == "structural":
+        names |= set(inspect.signature(PLANS[draft]).parameters)
+    names |= {"stop_at_eos", "score"}
+    return names - {"model", "max_new_tokens", "notes", "kw"}
+
+
 # ---- the loop ----------------------------------------------------------------------------------
 
 
 def _decode(model, c: Canvas, plan: Plan, gens, on_step) -> None:
-    runner = Runner(model, c, plan.attn_block, plan.cache)
-    window = plan.window
+    block_causal = plan.attn_block is not None
+    runner = Runner(model, c, block_causal, plan.cache)
+    window, every = plan.window, plan.refresh and plan.refresh.startswith("every:")
     region, step_in_region, masks_at_start = None, 0, None
     committed_since_refresh = 0
+    extra = torch.zeros(c.batch, dtype=torch.long)  # DCD expansion so far in the current block
     while True:
         active = ~c.done()
-        if not active.any():
-            return
-        new_region = window.region(c, active)
+        new_region = window.region(c, active) if active.any() else None
         if new_region is None:
             return
-        if new_region != region:
-            region, step_in_region = new_region, 0
-            masks_at_start = c.masked[:, region[0] : region[1]].sum(1)
+        if region is None or new_region[0] != region[0]:
+            step_in_region, extra[:] = 0, 0
+            masks_at_start = (
+                window.candidates(c, new_region) if isinstance(window, BlockWindow) else c.masked
+            ).sum(1)
             if plan.refresh == "block" and plan.cache in ("prefix", "dual"):
-                runner.refresh(*region)
-        lo, hi = region
+                runner.refresh(new_region[1], new_region[2])
+        region = new_region
+        _, lo, hi = region
         if (
-            plan.refresh
-            and plan.refresh.startswith("every:")
-            and (
-                runner.fresh is None
-                and (len(runner.cache_idx) == 0 or committed_since_refresh >= int(plan.refresh[6:]))
-            )
+            every
+            and runner.fresh is None
+            and (len(runner.cache_idx) == 0 or committed_since_refresh >= int(plan.refresh[6:]))
         ):
             runner.refresh(lo, hi)
             committed_since_refresh = 0
-        cand = window.candidates(c, lo, hi) & active[:, None]
+        cand = window.candidates(c, region) & active[:, None]
         cols_any = cand.any(0).nonzero().flatten()
         q_lo, q_hi = int(cols_any[0]), int(cols_any[-1]) + 1
-        frontier = lo if plan.attn_block is not None else 0
-        logits = runner.logits(q_lo, q_hi, frontier)
+        logits = runner.logits(q_lo, q_hi, frontier=lo if block_causal else 0, end=hi)
         c.step += 1
         rows_w, cols_w, toks_w, conf_w = [], [], [], []
         for r in range(c.batch):
@@ -313,12 +332,13 @@ def _decode(model, c: Canvas, plan: Plan, gens, on_step) -> None:
             if len(cols) == 0:
                 continue
             c.nfe[r] += 1
-            tok, conf = sample(
-                logits[r, cols - q_lo], plan.temperature, plan.top_k, plan.top_p, gens[r], plan.score
-            )
+            row_logits = logits[r, cols - q_lo]
+            tok, conf = sample(row_logits, plan.temperature, plan.top_k, plan.top_p, gens[r], plan.score)
             keep = plan.commit.select(conf, step_in_region, int(masks_at_start[r]))
             if plan.score != "prob":  # snapshot confidence is always the token's probability
-                conf = logits[r, cols - q_lo].double().softmax(-1).gather(-1, tok[:, None])[:, 0]
+                conf = row_logits.double().softmax(-1).gather(-1, tok[:, None])[:, 0]
+            if plan.expand is not None and _expand(c, plan, r, region[0], cols, conf[keep], extra):
+                continue
             rows_w.append(torch.full((len(keep),), r))
             cols_w.append(cols[keep])
             toks_w.append(tok[keep])
@@ -332,6 +352,19 @@ def _decode(model, c: Canvas, plan: Plan, gens, on_step) -> None:
             on_step(c)
 
 
+def _expand(c: Canvas, plan: Plan, r: int, k: int, cols, kept_conf, extra) -> bool:
+    """DCD block expansion for row r; True if the block grew (and nothing is committed)."""
+    e = plan.expand
+    in_block = int((c.masked[r] & (c.blk[r] == k)).sum())
+    at_edge = in_block <= plan.window.masks  # the window already reaches the block's right edge
+    if not at_edge or float(kept_conf.min()) >= e.below or int(extra[r]) + e.step > e.max_extra:
+        return False
+    if not c.expand_block(r, k, e.step, plan.attn_block):
+        return False
+    extra[r] += e.step
+    return True
+
+
 def _revise(model, c: Canvas, plan: Plan, gens, on_step) -> None:
     for B, gamma in plan.revise:
         rows, cols = lowest_confidence(c, gamma, plan.revise_by, gens)
@@ -339,6 +372,7 @@ def _revise(model, c: Canvas, plan: Plan, gens, on_step) -> None:
         if on_step is not None:
             on_step(c)
         window = GlobalWindow() if B is None else BlockWindow(B)
+        c.set_grid(B or c.T)
         commit = plan.commit if not isinstance(plan.commit, TopK) else Threshold(0.9)
         stage = Plan(
             window,
@@ -387,11 +421,19 @@ def generate(
     prompts = [prompts] if single else list(prompts)
     notes: list[str] = []
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    allowed = _accepted(sampler, kwargs.get("draft", "bd3"))
+    unknown = sorted(set(kwargs) - allowed)
+    if unknown:
+        raise ValueError(
+            f"sampler '{sampler}' does not take {', '.join(unknown)}; it takes {', '.join(sorted(allowed))}"
+        )
     plan = PLANS[sampler](model, max_new_tokens, notes, **kwargs)
     cfg = model.config
     ids = [tokenizer.encode(p) for p in prompts]
-    round_to = plan.window.size if isinstance(plan.window, BlockWindow) else 1
+    grid = plan.window.within if isinstance(plan.window, SlidingWindow) else plan.window
+    round_to = grid.size if isinstance(grid, BlockWindow) else 1
     c = Canvas.build(ids, max_new_tokens, cfg.mask_token_id, tokenizer.eos_id, tokenizer.pad_id, round_to)
+    c.set_grid(round_to if isinstance(grid, BlockWindow) else c.T)
     if c.G + max_new_tokens > cfg.max_position_embeddings:
         raise ValueError(
             f"prompt ({c.G} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context "
