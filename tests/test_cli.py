@@ -48,69 +48,23 @@ def test_generate_no_cache_matches_cache(capsys, tiny_ckpt):
     assert json.loads(a)["text"] == json.loads(b)["text"]
 
 
-def test_generate_errors(capsys, tiny_ckpt):
-    code, _, err = run_cli(capsys, "generate", "x", "--model", str(tiny_ckpt), "--sampler", "nope")
-    assert code == 2 and "known samplers: ar, bd3" in err
-    code, _, err = run_cli(capsys, "generate", "x" * 100, "--model", str(tiny_ckpt), "--max-new-tokens", "8")
-    assert code == 2 and "exceeds the model's context" in err
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--sampler", "nope"], "known samplers: ar, bd3"),
+        (["--max-new-tokens", "8", "--prompt-repeat"], "exceeds the model's context"),
+        (["--sampler", "fastdllm", "--threshold", "0", "--block-size", "8"], "threshold must be in (0, 1]"),
+        (["--sampler", "mdlm", "--block-size", "8"], "'mdlm' does not take block_size"),
+        (["--sampler", "ar", "--block-size", "8"], "block_size must be 1"),
+    ],
+)
+def test_generate_errors(capsys, tiny_ckpt, args, message):
+    prompt = "x" * 100 if "--prompt-repeat" in args else "x"
+    args = [a for a in args if a != "--prompt-repeat"]
     code, _, err = run_cli(
-        capsys,
-        "generate",
-        "x",
-        "--model",
-        str(tiny_ckpt),
-        "--sampler",
-        "fastdllm",
-        "--threshold",
-        "0",
-        "--max-new-tokens",
-        "8",
-        "--block-size",
-        "8",
+        capsys, "generate", prompt, "--model", str(tiny_ckpt), "--max-new-tokens", "8", *args
     )
-    assert code == 2 and "threshold must be in (0, 1]" in err
-    code, _, err = run_cli(
-        capsys,
-        "generate",
-        "x",
-        "--model",
-        str(tiny_ckpt),
-        "--sampler",
-        "mdlm",
-        "--block-size",
-        "8",
-        "--max-new-tokens",
-        "8",
-    )
-    assert code == 2 and "'mdlm' does not take block_size" in err
-    code, _, err = run_cli(
-        capsys,
-        "generate",
-        "x",
-        "--model",
-        str(tiny_ckpt),
-        "--sampler",
-        "ar",
-        "--block-size",
-        "8",
-        "--max-new-tokens",
-        "8",
-    )
-    assert code == 2 and "block_size must be 1" in err
-    code, _, err = run_cli(
-        capsys,
-        "generate",
-        "x",
-        "--model",
-        str(tiny_ckpt),
-        "--sampler",
-        "mdlm",
-        "--block-size",
-        "8",
-        "--max-new-tokens",
-        "8",
-    )
-    assert code == 2 and "'mdlm' does not take block_size" in err
+    assert code == 2 and message in err and err.count("\n") == 1
 
 
 def test_bundled_model_end_to_end():

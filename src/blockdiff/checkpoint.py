@@ -113,15 +113,10 @@ def load_model(
         raise CheckpointError(f"bad config {p / 'config.json'}: {e}") from None
     sd = load_weights(p / "model.safetensors")
     model = BlockDiffLM(cfg)
-    if cfg.tie_word_embeddings:
-        sd.pop("lm_head.weight", None)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not (cfg.tie_word_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise CheckpointError(
-            f"weights in {p / 'model.safetensors'} do not match config.json: "
-            f"missing {missing[:3]}, unexpected {unexpected[:3]}"
-        )
+    try:
+        model.load_llama_state_dict(sd)
+    except ValueError as e:
+        raise CheckpointError(f"weights in {p / 'model.safetensors'} do not match config.json: {e}") from None
     if dtype is not None:
         model.to(dtype)
     else:

@@ -155,6 +155,17 @@ class BlockDiffLM(nn.Module):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, std=0.02)
 
+    def load_llama_state_dict(self, sd: dict[str, Tensor]) -> None:
+        """Load Llama-named weights (tied head and RoPE buffers tolerated); mismatch = ValueError."""
+        tied = self.config.tie_word_embeddings
+        sd = {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}
+        if tied:
+            sd.pop("lm_head.weight", None)
+        missing, unexpected = self.load_state_dict(sd, strict=False)
+        missing = [k for k in missing if not (tied and k == "lm_head.weight")]
+        if missing or unexpected:
+            raise ValueError(f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
 
