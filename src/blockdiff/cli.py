@@ -98,7 +98,10 @@ def cmd_generate(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps({"text": out.texts[0], "prompt": a.prompt, "sampler": a.sampler, **row.as_dict()}))
     else:
-        print(a.prompt + out.texts[0])
+        if live is None:  # the live view already shows the final canvas
+            print(a.prompt + out.texts[0])
+        for note in out.notes:
+            print(f"note: {note}", file=sys.stderr)
         print(
             f"[{a.sampler}] {row.tokens} tokens, {row.nfe} NFEs, {row.tokens_per_nfe:.2f} tokens/NFE, "
             f"{row.seconds:.2f}s",

@@ -75,7 +75,13 @@ def block_diffusion_loss(
         pred = raw if not shifted else torch.cat([raw[:, :1], raw[:, :-1]], 1)
     else:
         mask = masks.vectorised(L, block_sizes, layout=cfg.layout).to(x0.device)
-        raw = model(torch.cat([xt, x0], 1), positions=torch.cat([pos, pos]).expand(b, 2 * L), mask=mask)
+        need_clean = shifted or ar_weight > 0  # otherwise the clean half's logits are never read
+        raw = model(
+            torch.cat([xt, x0], 1),
+            positions=torch.cat([pos, pos]).expand(b, 2 * L),
+            mask=mask,
+            logits_slice=None if need_clean else slice(0, L),
+        )
         noisy, clean = raw[:, :L], raw[:, L:]
         if shifted:
             # Token i comes from output i-1: inside the block from the noisy half, at a block

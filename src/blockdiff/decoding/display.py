@@ -22,6 +22,8 @@ class LiveCanvas:
     def __call__(self, c: Canvas) -> None:
         r = 0
         text = Text()
+        prompt = c.tokens[r, : c.G][c.valid[r, : c.G]].tolist()
+        text.append(self.tok.decode(prompt), style="bold")
         cols = range(c.G, min(int(c.eos_at[r]) + 1, c.T))
         last = int(c.commit_step[r].max())
         for j in cols:
