@@ -22,6 +22,8 @@ class Tokenizer:
 
     def __init__(self, hf: HFTokenizer, mask_token: str = MASK, eos_token: str = EOS, pad_token: str = PAD):
         self.hf = hf
+        self.names = {"mask_token": mask_token, "eos_token": eos_token, "pad_token": pad_token}
+        self.chat_template: str | None = None
         self.mask_id = self._special(mask_token)
         self.eos_id = self._special(eos_token)
         self.pad_id = hf.token_to_id(pad_token)
@@ -57,7 +59,9 @@ class Tokenizer:
     def save(self, directory: Path) -> None:
         directory = Path(directory)
         self.hf.save(str(directory / "tokenizer.json"))
-        meta = {"mask_token": MASK, "eos_token": EOS, "pad_token": PAD}
+        meta = dict(self.names)
+        if self.chat_template:
+            meta["chat_template"] = self.chat_template
         (directory / "tokenizer_config.json").write_text(json.dumps(meta, indent=2) + "\n")
 
     @classmethod
@@ -69,7 +73,9 @@ class Tokenizer:
         meta_f = f.parent / "tokenizer_config.json"
         meta = json.loads(meta_f.read_text()) if meta_f.exists() else {}
         keys = ("mask_token", "eos_token", "pad_token")
-        return cls(HFTokenizer.from_file(str(f)), **{k: meta[k] for k in keys if k in meta})
+        tok = cls(HFTokenizer.from_file(str(f)), **{k: meta[k] for k in keys if k in meta})
+        tok.chat_template = meta.get("chat_template")
+        return tok
 
 
 def byte_tokenizer() -> Tokenizer:

