@@ -27,6 +27,73 @@ def cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
+def growth_schedule(spec: str, target: int, until: float = 0.5) -> list | None:
+    """'none', 'linear' (1, 2, 4, ... target spread evenly over the first half of training) or
+    explicit 'progress:block,...' pairs such as '0:1,0.2:2,0.4:4'."""
+    if spec == "none":
+        return None
+    if spec == "linear":
+        sizes = [1]
+        while sizes[-1] * 2 <= target:
+            sizes.append(sizes[-1] * 2)
+        if sizes[-1] != target:
+            sizes.append(target)
+        return [
+            [round(until * i / (len(sizes) - 1), 4) if len(sizes) > 1 else 0.0, b]
+            for i, b in enumerate(sizes)
+        ]
+    try:
+        return [[float(p), int(b)] for p, b in (item.split(":") for item in spec.split(","))]
+    except ValueError:
+        raise ConfigError(f"--growth must be none, linear or 'progress:block,...', got '{spec}'") from None
+
+
+def cmd_adapt(a: argparse.Namespace) -> int:
+    """NBDiff: context-causal layout, shifted logits, AR-loss regulariser, gradual block growth."""
+    from . import recipe
+    from .train import Trainer
+
+    rec = {
+        "model": {"base": a.base, "logits": "shifted", "layout": "context_causal"},
+        "data": {"corpus": a.data, "seq_len": a.seq_len},
+        "objective": {
+            "block_sizes": [a.target_block_size] + (["L"] if a.mix_scale else []),
+            "ar_weight": a.ar_loss_weight,
+            "growth": growth_schedule(a.growth, a.target_block_size),
+        },
+        "train": {
+            "steps": a.steps,
+            "batch_size": a.batch_size,
+            "lr": a.lr,
+            "warmup": max(1, a.steps // 20),
+            "precision": a.precision,
+            "eval_every": max(1, a.steps // 4),
+            "save_every": max(1, a.steps // 10),
+            "log_every": 1,
+            "eval_batches": 2,
+            "weight_decay": 0.0,
+            "min_lr_ratio": 0.1,
+        },
+    }
+    r = recipe.from_dict(recipe.apply_overrides(rec, a.set or []))
+    out = Path(a.out or f"runs/adapt-{Path(str(a.base)).name}-B{a.target_block_size}")
+    last = Trainer(r, out, a.resume).run()
+    if last is not None:
+        print(f"checkpoint: {last}")
+    return 0
+
+
+def cmd_import(a: argparse.Namespace) -> int:
+    from .checkpoint import atomic_dir, save_model
+    from .hub import import_causal_lm
+
+    model, tok, _ = import_causal_lm(a.base)
+    with atomic_dir(Path(a.out)) as d:
+        save_model(d, model, tok, dtype=getattr(torch, a.dtype))
+    print(f"imported {a.base} -> {a.out}")
+    return 0
+
+
 def cmd_info(a: argparse.Namespace) -> int:
     p = resolve(a.path)
     model, tok = load_model(p)
@@ -136,6 +203,31 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
     e.set_defaults(fn=cmd_export)
 
+    ad = sub.add_parser("adapt", help="turn a pretrained AR model into a block-diffusion model (NBDiff)")
+    ad.add_argument(
+        "--base", default="smollm2-135m-instruct", help="smollm2-135m-instruct, a path or an HF id"
+    )
+    ad.add_argument("--data", default="shakespeare")
+    ad.add_argument("--target-block-size", type=int, default=4, dest="target_block_size")
+    ad.add_argument("--ar-loss-weight", type=float, default=0.5, dest="ar_loss_weight")
+    ad.add_argument("--growth", default="linear", help="none | linear | 'progress:block,...'")
+    ad.add_argument("--mix-scale", action="store_true", dest="mix_scale", help="also train the global block")
+    ad.add_argument("--seq-len", type=int, default=128, dest="seq_len")
+    ad.add_argument("--steps", type=int, default=200)
+    ad.add_argument("--batch-size", type=int, default=4, dest="batch_size")
+    ad.add_argument("--lr", type=float, default=5e-5)
+    ad.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
+    ad.add_argument("--out")
+    ad.add_argument("--resume", action="store_true")
+    ad.add_argument("--set", action="append", metavar="KEY=VALUE")
+    ad.set_defaults(fn=cmd_adapt)
+
+    im = sub.add_parser("import", help="convert a Llama-family causal LM into a blockdiff checkpoint")
+    im.add_argument("base", help="smollm2-135m-instruct, a .gguf file, a local directory or an HF id")
+    im.add_argument("out")
+    im.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    im.set_defaults(fn=cmd_import)
+
     g = sub.add_parser("generate", help="generate text, showing the denoising as it happens")
     g.add_argument("prompt")
     g.add_argument("--model", help="checkpoint or run dir (default: the bundled demo model)")
@@ -159,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
-        with torch.set_grad_enabled(a.cmd == "train"):
+        with torch.set_grad_enabled(a.cmd in ("train", "adapt")):
             return a.fn(a)
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"blockdiff {a.cmd}: error: {e}", file=sys.stderr)

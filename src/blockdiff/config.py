@@ -49,6 +49,7 @@ class ModelConfig:
     block_sizes: list[int] = field(default_factory=list)  # mix-scale training set (empty: just block_size)
     logits: str = "aligned"  # aligned: output i predicts token i; shifted: output i-1 predicts token i
     layout: str = "block_causal"  # clean context block-causal (BD3-LM) or causal (NBDiff)
+    train_seq_len: int | None = None  # sequence length trained on: block size == it is the global block
     mask_token_id: int | None = None
     eos_token_id: int | None = None
     bos_token_id: int | None = None
@@ -93,7 +94,7 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        diff_keys = ["block_size", "block_sizes", "logits", "layout"]
+        diff_keys = ["block_size", "block_sizes", "logits", "layout", "train_seq_len"]
         out = {k: v for k, v in d.items() if k not in diff_keys}
         out.update(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu")
         out["blockdiff"] = {k: d[k] for k in diff_keys}

@@ -63,6 +63,8 @@ class TrainSpec:
     threads: int = 0  # torch threads (0 = PyTorch's default)
 
 
+BASE_OVERRIDABLE = {"logits", "layout"}  # what a recipe may change on a pretrained base model
+
 SECTIONS = {
     "model": ModelConfig,
     "tokenizer": TokenizerSpec,
@@ -111,7 +113,13 @@ def apply_overrides(d: dict, sets: list[str]) -> dict:
 def from_dict(d: dict) -> Recipe:
     check_keys(d, list(SECTIONS), "recipe section")
     d = {k: dict(d.get(k) or {}) for k in SECTIONS}
-    check_keys(d["model"], [f.name for f in fields(ModelConfig)], "model")
+    check_keys(d["model"], [f.name for f in fields(ModelConfig)] + ["base"], "model")
+    if d["model"].get("base"):
+        arch = sorted(set(d["model"]) - BASE_OVERRIDABLE - {"base"})
+        if arch:
+            raise ConfigError(
+                f"model.{arch[0]} comes from model.base and cannot be set; settable: logits, layout"
+            )
     out = {"model": d["model"]}
     for name in ("tokenizer", "data", "objective", "train"):
         cls = SECTIONS[name]

@@ -8,6 +8,7 @@ from step k, or running on N processes, reproduces the single-process run exactl
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -26,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from . import noise as noise_mod
 from . import recipe as recipe_mod
-from .checkpoint import CheckpointError, atomic_dir, save_model, write_text_atomic
+from .checkpoint import CheckpointError, atomic_dir, load_model, resolve, save_model, write_text_atomic
 from .config import ConfigError, ModelConfig
 from .data.corpus import load_corpus, pack
 from .model import BlockDiffLM
@@ -46,6 +47,20 @@ def build_tokenizer(spec: recipe_mod.TokenizerSpec, train_texts: list[str]) -> T
 
 def encode_split(tok: Tokenizer, texts: list[str], seq_len: int) -> np.ndarray:
     return pack([e.ids for e in tok.hf.encode_batch(texts, add_special_tokens=False)], seq_len, tok.eos_id)
+
+
+def load_base(base: str) -> tuple[BlockDiffLM, Tokenizer]:
+    """A pretrained starting point: a blockdiff checkpoint, or an external causal LM (imported
+    with a mask token added)."""
+    p = Path(base)
+    if p.is_dir() and ((p / "config.json").exists() or (p / "latest").exists()):
+        ckpt = resolve(p)
+        if "blockdiff" in json.loads((ckpt / "config.json").read_text()):
+            return load_model(ckpt)
+    from .hub import import_causal_lm
+
+    model, tok, _ = import_causal_lm(base)
+    return model, tok
 
 
 def lr_at(step: int, t: recipe_mod.TrainSpec) -> float:
@@ -115,12 +130,29 @@ class Trainer:
 
     def _setup_data_and_model(self, ckpt: Path | None) -> None:
         r = self.r
+        mcfg = dict(r.model)
+        base = mcfg.pop("base", None)
         corpus = load_corpus(r.data.corpus, r.data.val_fraction)
-        self.tok = Tokenizer.load(ckpt) if ckpt else build_tokenizer(r.tokenizer, corpus.train)
+        base_model = None
+        if ckpt:
+            self.tok = Tokenizer.load(ckpt)
+        elif base:
+            base_model, self.tok = load_base(base)
+        else:
+            self.tok = build_tokenizer(r.tokenizer, corpus.train)
         self.train_data = torch.from_numpy(encode_split(self.tok, corpus.train, r.data.seq_len)).long()
         self.val_data = torch.from_numpy(encode_split(self.tok, corpus.val, r.data.seq_len)).long()
         sizes = r.block_sizes()
-        mcfg = dict(r.model)
+        if base:  # adapting a pretrained model: its architecture, our diffusion settings
+            src = ModelConfig.load(ckpt / "config.json") if ckpt else base_model.config
+            self.cfg = dataclasses.replace(
+                src, block_size=sizes[0], block_sizes=sizes, train_seq_len=r.data.seq_len, **mcfg
+            )
+            self.model = base_model if base_model is not None else BlockDiffLM(self.cfg)
+            self.model.config = self.cfg
+            self.model.to(self.device)
+            self._setup_optimizer()
+            return
         mcfg.update(
             vocab_size=self.tok.vocab_size,
             mask_token_id=self.tok.mask_id,
@@ -128,11 +160,16 @@ class Trainer:
             pad_token_id=self.tok.pad_id,
             block_size=sizes[0],
             block_sizes=sizes,
+            train_seq_len=r.data.seq_len,
             max_position_embeddings=max(r.data.seq_len, mcfg.get("max_position_embeddings", 0)),
         )
         torch.manual_seed(r.train.seed)
         self.cfg = ModelConfig.from_user(mcfg)
         self.model = BlockDiffLM(self.cfg).to(self.device)
+        self._setup_optimizer()
+
+    def _setup_optimizer(self) -> None:
+        r = self.r
         decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2]
         no_decay = [p for n, p in self.model.named_parameters() if p.ndim < 2]
         self.opt = torch.optim.AdamW(
@@ -337,9 +374,8 @@ class Trainer:
             lr = lr_at(step, t)
             for g in self.opt.param_groups:
                 g["lr"] = lr
-            x0, bs, nz = self.batch(
-                step, self.train_data, t.batch_size, t.seed, self.interval, block_size_now(r, step)
-            )
+            sizes = block_size_now(r, step)
+            x0, bs, nz = self.batch(step, self.train_data, t.batch_size, t.seed, self.interval, sizes)
             tic = time.time()
             with self.autocast():
                 out = block_diffusion_loss(self.ddp, x0, bs, nz, r.objective.ar_weight)
@@ -361,7 +397,7 @@ class Trainer:
                 dist.all_reduce(losses)
                 losses /= self.world
             loss, diff, ar = losses.tolist()
-            rec = {"step": step, "loss": loss, "diff": diff, "ar": ar, "lr": lr}
+            rec = {"step": step, "loss": loss, "diff": diff, "ar": ar, "lr": lr, "block_size": sizes[0]}
             if step % t.log_every == 0 or step == t.steps:
                 el = time.time() - t0
                 rec.update(

@@ -64,13 +64,17 @@ def _trained_sizes(model: BlockDiffLM) -> list[int]:
     return model.config.block_sizes or [model.config.block_size]
 
 
+def _seq_len(model: BlockDiffLM) -> int:
+    return model.config.train_seq_len or model.config.max_position_embeddings
+
+
 def _global(model: BlockDiffLM) -> bool:
     """Was the model trained with the global block (full attention)?"""
-    return any(b >= model.config.max_position_embeddings for b in _trained_sizes(model))
+    return any(b >= _seq_len(model) for b in _trained_sizes(model))
 
 
 def _default_block(model: BlockDiffLM) -> int:
-    small = [b for b in _trained_sizes(model) if b < model.config.max_position_embeddings]
+    small = [b for b in _trained_sizes(model) if b < _seq_len(model)]
     return small[0] if small else 32
 
 
@@ -200,6 +204,7 @@ def plan_fastdllm(
     cache="prefix",
     **kw,
 ) -> Plan:
+    block_size = min(block_size, max(1, max_new_tokens))
     attn, cache = _full_attention_cache(model, cache, notes, block_size)
     return Plan(
         BlockWindow(block_size),

@@ -1,0 +1,96 @@
+"""NBDiff adaptation end to end on a tiny AR base: layout, growth, AR regulariser, samplers."""
+
+import json
+
+import pytest
+
+from blockdiff import cli
+from blockdiff.checkpoint import load_model
+from blockdiff.decoding import SAMPLERS, generate
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ar_base(make_model, tok, tiny_ckpt, tmp_path_factory):
+    make_model(tok, logits="shifted", block_sizes=(1,))  # trains and caches the tiny AR model
+    from tests.conftest import _MODELS
+
+    return _MODELS[("shifted", (1,))][1]
+
+
+def test_growth_schedule():
+    assert cli.growth_schedule("linear", 8) == [[0.0, 1], [0.1667, 2], [0.3333, 4], [0.5, 8]]
+    assert cli.growth_schedule("0:1,0.5:4", 4) == [[0.0, 1], [0.5, 4]]
+    assert cli.growth_schedule("none", 4) is None
+
+
+def test_adapt_tiny_ar_base(ar_base, corpus_dir, tmp_path, capsys):
+    out = tmp_path / "adapted"
+    args = [
+        "adapt",
+        "--base",
+        str(ar_base),
+        "--data",
+        str(corpus_dir),
+        "--target-block-size",
+        "4",
+        "--seq-len",
+        "32",
+        "--steps",
+        "8",
+        "--batch-size",
+        "4",
+        "--mix-scale",
+        "--lr",
+        "1e-3",
+        "--precision",
+        "fp32",
+        "--out",
+        str(out),
+    ]
+    assert cli.main(args) == 0, capsys.readouterr().err
+    model, tok = load_model(out)
+    cfg = model.config
+    assert (cfg.layout, cfg.logits, cfg.block_sizes, cfg.train_seq_len) == (
+        "context_causal",
+        "shifted",
+        [4, 32],
+        32,
+    )
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["block_size"] for r in recs] == [1, 1, 2, 2, 4, 4, 4, 4]  # 1 -> 2 -> 4 over the first half
+    assert all(r["ar"] > 0 for r in recs)  # the AR regulariser is computed on the clean half
+    for sampler in SAMPLERS:  # a normal checkpoint: every sampler runs on it
+        g = generate(model, tok, "Shall I", sampler=sampler, max_new_tokens=8)
+        assert g.rows[0].nfe >= 1
+    assert cli.main(args[:-2] + ["--out", str(out), "--resume", "--set", "train.steps=9"]) == 0
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--target-block-size", "3"], "block_size 3 does not divide seq_len 32"),
+        (["--base", "/nonexistent"], "cannot load causal LM '/nonexistent'"),
+        (["--set", "model.hidden_size=8"], "model.hidden_size comes from model.base"),
+    ],
+)
+def test_adapt_bad_input_fails_before_training(ar_base, corpus_dir, tmp_path, capsys, extra, message):
+    out = tmp_path / "never"
+    args = [
+        "adapt",
+        "--base",
+        str(ar_base),
+        "--data",
+        str(corpus_dir),
+        "--seq-len",
+        "32",
+        "--steps",
+        "2",
+        "--out",
+        str(out),
+        *extra,
+    ]
+    assert cli.main(args) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
