@@ -94,6 +94,43 @@ def cmd_import(a: argparse.Namespace) -> int:
     return 0
 
 
+def _sampler_kwargs(a: argparse.Namespace) -> dict:
+    names = ("block_size", "steps", "threshold", "temperature", "top_p", "top_k", "seed")
+    kw = {k: getattr(a, k) for k in names if getattr(a, k, None) is not None}
+    if getattr(a, "no_cache", False):
+        kw["cache"] = "none"
+    elif getattr(a, "cache", None):
+        kw["cache"] = a.cache
+    return kw
+
+
+def cmd_eval_genppl(a: argparse.Namespace) -> int:
+    from .eval.genppl import corpus_prompts, evaluate, reference_row
+    from .hub import load_reference
+
+    model, tok = load_model(a.model or bundled_model_path())
+    ref, ref_tok = load_reference(a.evaluator)
+    prompts, real = corpus_prompts(tok, a.corpus, a.num_samples, a.prompt_tokens, a.max_new_tokens)
+    kw = _sampler_kwargs(a)
+    res = evaluate(
+        model, tok, ref, ref_tok, prompts, a.sampler, a.max_new_tokens, batch_size=a.batch_size, **kw
+    )
+    real_ppl = reference_row(ref, ref_tok, prompts, real)
+    row = {
+        "sampler": a.sampler,
+        **res.as_dict(),
+        "real_text_ppl": round(real_ppl, 4),
+        "evaluator": a.evaluator,
+    }
+    if a.json:
+        print(json.dumps(row))
+    else:
+        for k, v in row.items():
+            print(f"{k:>18}: {v}")
+        print(f"{'sample':>18}: {prompts[0]!r} -> {res.texts[0][:200]!r}")
+    return 0
+
+
 def cmd_info(a: argparse.Namespace) -> int:
     p = resolve(a.path)
     model, tok = load_model(p)
@@ -177,6 +214,21 @@ def cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _decode_args(g: argparse.ArgumentParser) -> None:
+    g.add_argument("--model", help="checkpoint or run dir (default: the bundled demo model)")
+    g.add_argument("--sampler", default="bd3")
+    g.add_argument("--block-size", type=int, dest="block_size")
+    g.add_argument("--steps", type=int)
+    g.add_argument("--threshold", type=float)
+    g.add_argument("--temperature", type=float)
+    g.add_argument("--top-p", type=float, dest="top_p")
+    g.add_argument("--top-k", type=int, dest="top_k")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--cache", choices=["none", "prefix", "dual", "exact"])
+    g.add_argument("--no-cache", action="store_true", dest="no_cache")
+    g.add_argument("--json", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="blockdiff", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -230,21 +282,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate text, showing the denoising as it happens")
     g.add_argument("prompt")
-    g.add_argument("--model", help="checkpoint or run dir (default: the bundled demo model)")
-    g.add_argument("--sampler", default="bd3")
     g.add_argument("--max-new-tokens", type=int, dest="max_new_tokens")
-    g.add_argument("--block-size", type=int, dest="block_size")
-    g.add_argument("--steps", type=int)
-    g.add_argument("--threshold", type=float)
-    g.add_argument("--temperature", type=float)
-    g.add_argument("--top-p", type=float, dest="top_p")
-    g.add_argument("--top-k", type=int, dest="top_k")
-    g.add_argument("--seed", type=int)
-    g.add_argument("--cache", choices=["none", "prefix", "dual", "exact"])
-    g.add_argument("--no-cache", action="store_true", dest="no_cache")
-    g.add_argument("--json", action="store_true")
+    _decode_args(g)
     g.add_argument("--quiet", action="store_true", help="no live canvas")
     g.set_defaults(fn=cmd_generate)
+    ev = sub.add_parser("eval", help="evaluate a model").add_subparsers(dest="what", required=True)
+    gp = ev.add_parser("genppl", help="generative perplexity under a reference model, with NFEs and entropy")
+    _decode_args(gp)
+    gp.add_argument("--num-samples", type=int, default=16, dest="num_samples")
+    gp.add_argument("--max-new-tokens", type=int, default=128, dest="max_new_tokens")
+    gp.add_argument("--prompt-tokens", type=int, default=16, dest="prompt_tokens")
+    gp.add_argument("--batch-size", type=int, default=8, dest="batch_size")
+    gp.add_argument(
+        "--corpus", default="shakespeare", help="prompts and real text come from its validation split"
+    )
+    gp.add_argument("--evaluator", default="smollm2-135m-instruct", help="known name, local path or HF id")
+    gp.set_defaults(fn=cmd_eval_genppl)
     return p
 
 

@@ -1,0 +1,1 @@
+"""Honest numbers: generative perplexity under a reference model, with NFEs and entropy."""
