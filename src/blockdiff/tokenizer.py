@@ -45,16 +45,8 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=False).ids
 
-    def encode_with_masks(self, text: str) -> list[int]:
-        """Encode text in which `<|mask|>` marks positions to fill (infilling)."""
-        return self.encode(text)
-
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special)
-
-    def token_strings(self, ids: Iterable[int]) -> list[str]:
-        """One printable string per id (for live canvas display)."""
-        return [self.hf.decode([i], skip_special_tokens=False) for i in ids]
 
     def save(self, directory: Path) -> None:
         directory = Path(directory)

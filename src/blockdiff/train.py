@@ -14,7 +14,6 @@ import math
 import os
 import shutil
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -444,7 +443,3 @@ def train(recipe_path: str, out_dir: str | None, resume: bool, sets: list[str]) 
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    train(sys.argv[1], None, False, [])

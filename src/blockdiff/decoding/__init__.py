@@ -1,6 +1,8 @@
 """The decoding engine: one canvas loop, composable policies, every sampler as a named plan."""
 
 from .canvas import Canvas, RowStats
-from .samplers import SAMPLERS, GenerateOutput, Plan, generate
+from .engine import GenerateOutput, generate
+from .policies import Plan
+from .samplers import SAMPLERS
 
 __all__ = ["Canvas", "GenerateOutput", "Plan", "RowStats", "SAMPLERS", "generate"]

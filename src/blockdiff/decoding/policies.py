@@ -8,7 +8,7 @@ committed tokens back to the mask.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -207,3 +207,23 @@ def lowest_confidence(
     if not rows:
         return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
     return torch.cat(rows), torch.cat(cols)
+
+
+# ---- a sampler = a composition of the above -------------------------------------------------
+
+
+@dataclass
+class Plan:
+    window: BlockWindow | GlobalWindow | SlidingWindow
+    commit: TopK | Threshold | Factor
+    attn_block: int | None  # block-causal attention block; None = full attention
+    cache: str = "none"
+    refresh: str | None = None  # prefix/dual: "block" (at each region start) or "every:N" committed tokens
+    score: str = "prob"
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    revise: list = field(default_factory=list)  # structural: [(block_size or None, gamma), ...]
+    revise_by: str = "snapshot"
+    stop_at_eos: bool = True
+    expand: Expand | None = None  # DCD block expansion (block-causal only)
