@@ -71,8 +71,8 @@ def main() -> None:
         temp = {} if sampler in ("ar",) and t == 0 else {"temperature": t}
         r = evaluate(m, tk, ref, ref_tok, prompts, sampler, a.max_new_tokens, batch_size=1, **temp, **kw)
         print(
-            f"| {name} | {label} | {r.gen_ppl:.2f} | {r.entropy:.2f} | {r.nfe:.1f} | {r.tokens_per_nfe:.2f} | "
-            f"{r.tokens_per_second:.1f} |",
+            f"| {name} | {label} | {r.gen_ppl:.2f} | {r.entropy:.2f} | {r.nfe:.1f} | "
+            f"{r.tokens_per_nfe:.2f} | {r.tokens_per_second:.1f} |",
             flush=True,
         )
 
