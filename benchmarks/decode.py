@@ -51,6 +51,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch", type=int, default=1, help="prompts decoded together")
+    ap.add_argument("--quality", type=int, default=0, help="also Gen PPL under SmolLM2 with N samples each")
     a = ap.parse_args()
     model, tok = load_model(a.model or bundled_model_path())
     prompts = (PROMPTS * a.batch)[: a.batch]
