@@ -91,3 +91,18 @@ def test_mix_scale_rows_get_their_own_block_size():
 def test_block_size_must_divide():
     with pytest.raises(ValueError, match="block_size 3 does not divide seq_len 8"):
         masks.check_block_size(8, 3)
+
+
+@pytest.mark.parametrize("layout", ["block_causal", "context_causal"])
+def test_split_attention_equals_full_mask(model, layout):
+    """Skipping the clean-to-noisy attention work changes nothing (it is all masked)."""
+    L = 8
+    ids = torch.randint(0, 48, (3, 2 * L))
+    pos = torch.cat([torch.arange(L), torch.arange(L)]).expand(3, 2 * L)
+    full = masks.vectorised(L, torch.tensor([2, 4, 8]), layout=layout)
+    with torch.no_grad():
+        a = model(ids, positions=pos, mask=full)
+        b = model(ids, positions=pos, mask=masks.split(full, L))
+    assert (a - b).abs().max().item() <= 1e-5
+    with pytest.raises(ValueError, match="cannot be split"):
+        masks.split(torch.ones(1, 1, 2 * L, 2 * L, dtype=torch.bool), L)

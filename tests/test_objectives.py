@@ -54,7 +54,7 @@ def test_bd3_aligned_hand_computed():
     assert out.diff.item() == pytest.approx(expected, rel=1e-6)
     fed, mask = m.fed
     assert fed.tolist() == [[MASK, 1, 2, MASK, 0, 1, 2, 3]]  # [xt ⊕ x0]
-    assert mask.shape == (1, 1, 8, 8)
+    assert mask.noisy.shape == (1, 1, 4, 8) and mask.clean.shape == (1, 1, 4, 4)  # split attention
 
 
 def test_bd3_shifted_reads_previous_output():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 from pathlib import Path
 
@@ -17,6 +18,9 @@ def export(run: str | Path, out: str | Path, dtype: str = "bfloat16") -> Path:
     model, tok = load_model(src)
     meta = read_trainer_meta(src)
     out = Path(out)
+    recipe = meta.get("recipe") or {}
+    if model.config.train_seq_len is None and recipe.get("data", {}).get("seq_len"):
+        model.config.train_seq_len = recipe["data"]["seq_len"]  # checkpoints from before the field
     card = {
         "parameters": model.num_parameters(),
         "tokens_seen": meta.get("tokens_seen"),
@@ -25,13 +29,15 @@ def export(run: str | Path, out: str | Path, dtype: str = "bfloat16") -> Path:
         "world_size": meta.get("world_size"),
         "metrics": meta.get("metrics"),
         "dtype": dtype,
-        "trained_on": f"{platform.machine()} CPU, torch {torch.__version__}",
+        "trained_on": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
         "recipe": meta.get("recipe"),
     }
     with atomic_dir(out) as d:
         save_model(d, model, tok, dtype=getattr(torch, dtype))
         (d / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
         (d / "README.md").write_text(_card_text(card, model.config))
+        for f in d.iterdir():
+            f.chmod(0o644)
     return out
 
 
@@ -50,7 +56,7 @@ block sizes {cfg.block_sizes}.
 Logits: {cfg.logits}. Weights stored as {card["dtype"]}.
 
 * tokens seen: {card.get("tokens_seen")} ({card.get("steps")} steps)
-* training time: {secs / 60:.1f} min of {card["trained_on"]} compute
+* training time: {secs / 60:.1f} min wall-clock of training steps ({card["trained_on"]})
 * validation NLL bound per token (nats; ELBO, full noise interval):
 
 | block size | NLL bound |

@@ -83,6 +83,10 @@ def vectorised(
     return (m_bd | m_obc | m_bc).unsqueeze(1)
 
 
-def key_padding(valid: Tensor) -> Tensor:
-    """[b, 1, 1, k] mask from a [b, k] bool tensor of real (non-padding) keys."""
-    return valid[:, None, None, :]
+def split(mask: Tensor, seq_len: int):
+    """The vectorised mask as a SplitMask, for attention that skips clean-to-noisy work."""
+    from .model import SplitMask
+
+    if mask[..., seq_len:, :seq_len].any():
+        raise ValueError("clean queries attend noisy keys: this mask cannot be split")
+    return SplitMask(noisy=mask[..., :seq_len, :], clean=mask[..., seq_len:, seq_len:])

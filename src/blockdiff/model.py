@@ -7,6 +7,8 @@ Parameter names follow Hugging Face `LlamaForCausalLM`, so Llama-family state di
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -77,6 +79,14 @@ class KVCache:
                 self.v[i] = self.v[i][:, :, index]
 
 
+@dataclass
+class SplitMask:
+    """A mask over [noisy ⊕ clean] in which clean queries see clean keys only (see masks.split)."""
+
+    noisy: Tensor  # [b, 1, q - L, k] rows of the noisy queries
+    clean: Tensor  # [b, 1, L, L] rows of the clean queries over the clean keys
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -100,9 +110,28 @@ class Attention(nn.Module):
             if write:
                 n = q if write is True else int(write)
                 cache.append(layer, kh[:, :, :n], vh[:, :, :n])
-        out = F.scaled_dot_product_attention(
-            qh, k_all, v_all, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv
-        )
+        gqa = self.n_heads != self.n_kv
+        if isinstance(mask, SplitMask):
+            # [xt ⊕ x0]: the clean half never attends to the noisy half, so its queries need
+            # only the clean keys: 3L² attention work instead of 4L², same result.
+            L = mask.clean.shape[-1]
+            out = torch.cat(
+                [
+                    F.scaled_dot_product_attention(
+                        qh[:, :, :-L], k_all, v_all, attn_mask=mask.noisy, enable_gqa=gqa
+                    ),
+                    F.scaled_dot_product_attention(
+                        qh[:, :, -L:],
+                        k_all[:, :, -L:],
+                        v_all[:, :, -L:],
+                        attn_mask=mask.clean,
+                        enable_gqa=gqa,
+                    ),
+                ],
+                dim=2,
+            )
+        else:
+            out = F.scaled_dot_product_attention(qh, k_all, v_all, attn_mask=mask, enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(b, q, -1))
 
 

@@ -74,7 +74,7 @@ def block_diffusion_loss(
         raw = model(xt, mask=None)
         pred = raw if not shifted else torch.cat([raw[:, :1], raw[:, :-1]], 1)
     else:
-        mask = masks.vectorised(L, block_sizes, layout=cfg.layout).to(x0.device)
+        mask = masks.split(masks.vectorised(L, block_sizes, layout=cfg.layout).to(x0.device), L)
         need_clean = shifted or ar_weight > 0  # otherwise the clean half's logits are never read
         raw = model(
             torch.cat([xt, x0], 1),
