@@ -52,8 +52,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch", type=int, default=1, help="prompts decoded together")
     ap.add_argument("--quality", type=int, default=0, help="also Gen PPL under SmolLM2 with N samples each")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     a = ap.parse_args()
-    model, tok = load_model(a.model or bundled_model_path())
+    model, tok = load_model(a.model or bundled_model_path(), dtype=getattr(torch, a.dtype))
     prompts = (PROMPTS * a.batch)[: a.batch]
     cfgs = configs(a.max_new_tokens)
     times: dict[str, list[float]] = {c[0]: [] for c in cfgs}
@@ -70,7 +71,7 @@ def main() -> None:
                 max_new_tokens=a.max_new_tokens,
                 stop_at_eos=False,
                 seed=0,
-                **kw,
+                **{"temperature": 0.0, **kw},  # greedy everywhere: equal work per step
             )
             times[label].append(time.perf_counter() - t)
             stats[label] = dict(
@@ -81,8 +82,8 @@ def main() -> None:
     ar, llada = tps["ar, exact KV cache"], tps["llada B=16, 2 tok/step, no cache"]
     print(f"command: python {' '.join(sys.argv)}")
     print(
-        f"model: {a.model or 'bundled demo'}, {model.num_parameters() / 1e6:.2f}M params, "
-        f"batch {a.batch}, {a.max_new_tokens} new tokens, median of {a.repeats}, torch threads "
+        f"model: {a.model or 'bundled demo'}, {model.num_parameters() / 1e6:.2f}M params, {a.dtype} weights, "
+        f"batch {a.batch}, {a.max_new_tokens} new tokens, greedy, median of {a.repeats}, torch threads "
         f"{torch.get_num_threads()}\n"
     )
     print("| sampler | NFEs | tokens/NFE | wall s | tokens/s | × ar (KV cache) | × llada B=16 no cache |")
@@ -93,6 +94,33 @@ def main() -> None:
         print(
             f"| {label} | {s['nfe']:.0f} | {tpn:.2f} | {wall[label]:.3f} | {tps[label]:.1f} | "
             f"{tps[label] / ar:.2f} | {tps[label] / llada:.2f} |"
+        )
+    if a.quality:
+        quality(model, tok, cfgs, a.quality, a.max_new_tokens)
+
+
+def quality(model, tok, cfgs, n: int, new_tokens: int) -> None:
+    """Gen PPL (SmolLM2-135M-Instruct as evaluator), entropy and NFEs on the same prompts: the
+    first 16 tokens of n evenly spaced validation passages; each sampler with its own defaults
+    (bd3/mdlm sample at temperature 1 with nucleus 0.9, the others are greedy)."""
+    from blockdiff.eval.genppl import corpus_prompts, evaluate, reference_row
+    from blockdiff.hub import load_reference
+
+    ref, ref_tok = load_reference("smollm2-135m-instruct")
+    prompts, real = corpus_prompts(tok, "shakespeare", n, 16, new_tokens)
+    real_ppl = reference_row(ref, ref_tok, prompts, real)
+    print(
+        f"\nGen PPL under SmolLM2-135M-Instruct, {n} samples of up to {new_tokens} tokens after 16-token "
+        f"validation prompts (stop at EOS); the real continuations score {real_ppl:.1f}\n"
+    )
+    print("| sampler | Gen PPL | entropy (nats) | degenerate | NFEs | tokens/NFE |")
+    print("|---|---|---|---|---|---|")
+    for label, sampler, kw in cfgs:
+        r = evaluate(model, tok, ref, ref_tok, prompts, sampler, new_tokens, **kw)
+        print(
+            f"| {label} | {r.gen_ppl:.1f} | {r.entropy:.2f} | {r.degenerate}/{r.samples} | {r.nfe:.0f} | "
+            f"{r.tokens_per_nfe:.2f} |",
+            flush=True,
         )
 
 

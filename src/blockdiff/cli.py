@@ -108,7 +108,7 @@ def cmd_eval_genppl(a: argparse.Namespace) -> int:
     from .eval.genppl import corpus_prompts, evaluate, reference_row
     from .hub import load_reference
 
-    model, tok = load_model(a.model or bundled_model_path())
+    model, tok = load_model(a.model or bundled_model_path(), dtype=getattr(torch, a.dtype))
     ref, ref_tok = load_reference(a.evaluator)
     prompts, real = corpus_prompts(tok, a.corpus, a.num_samples, a.prompt_tokens, a.max_new_tokens)
     kw = _sampler_kwargs(a)
@@ -175,25 +175,10 @@ def cmd_generate(a: argparse.Namespace) -> int:
     from .decoding import generate
     from .decoding.display import LiveCanvas
 
-    model, tok = load_model(a.model or bundled_model_path())
-    kwargs = {
-        k: getattr(a, k)
-        for k in (
-            "max_new_tokens",
-            "block_size",
-            "steps",
-            "threshold",
-            "temperature",
-            "top_p",
-            "top_k",
-            "seed",
-        )
-        if getattr(a, k) is not None
-    }
-    if a.no_cache:
-        kwargs["cache"] = "none"
-    elif a.cache:
-        kwargs["cache"] = a.cache
+    model, tok = load_model(a.model or bundled_model_path(), dtype=getattr(torch, a.dtype))
+    kwargs = _sampler_kwargs(a)
+    if a.max_new_tokens is not None:
+        kwargs["max_new_tokens"] = a.max_new_tokens
     live = None if a.json or not sys.stdout.isatty() or a.quiet else LiveCanvas(tok)
     out = generate(model, tok, [a.prompt], sampler=a.sampler, on_step=live, **kwargs)
     if live is not None:
@@ -227,6 +212,9 @@ def _decode_args(g: argparse.ArgumentParser) -> None:
     g.add_argument("--cache", choices=["none", "prefix", "dual", "exact"])
     g.add_argument("--no-cache", action="store_true", dest="no_cache")
     g.add_argument("--json", action="store_true")
+    g.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16"], help="weights for inference"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
