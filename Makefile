@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 PROMPT ?= ROMEO.
-SAMPLER ?= bd3
+SAMPLER ?= structural
 
 .PHONY: demo test lint setup setup-dev demo-model bench clean
 
