@@ -12,7 +12,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -20,18 +19,18 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import yaml
 from rich.console import Console
-from safetensors.torch import load_file, save_file
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from . import noise as noise_mod
 from . import recipe as recipe_mod
-from .checkpoint import CheckpointError, atomic_dir, load_model, resolve, save_model, write_text_atomic
+from .checkpoint import load_model, resolve
 from .config import ConfigError, ModelConfig
 from .data.corpus import load_corpus, pack
 from .model import BlockDiffLM
 from .objectives import block_diffusion_loss
 from .tokenizer import Tokenizer, byte_tokenizer, train_bpe
+from .trainer_state import Checkpointing
 
 console = Console(stderr=True)
 
@@ -92,7 +91,7 @@ def global_rows(step: int, batch: int, n: int, seed: int) -> torch.Tensor:
     return torch.tensor(out)
 
 
-class Trainer:
+class Trainer(Checkpointing):
     def __init__(self, r: recipe_mod.Recipe, out_dir: Path, resume: bool = False):
         self.r, self.out = r, Path(out_dir)
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -182,104 +181,6 @@ class Trainer:
         self.ema = {n: p.detach().clone() for n, p in self.model.named_parameters()} if r.train.ema else None
         self.ddp = torch.nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else self.model
 
-    # ---- state ---------------------------------------------------------------------------------
-    def _state_tensors(self) -> dict[str, torch.Tensor]:
-        t = {f"model.{n}": p.detach() for n, p in self.model.named_parameters()}
-        if self.ema:
-            t.update({f"ema.{n}": v for n, v in self.ema.items()})
-        for i, st in self.opt.state_dict()["state"].items():
-            for k, v in st.items():
-                t[f"opt.{i}.{k}"] = torch.as_tensor(v)
-        return {k: v.detach().cpu().contiguous() for k, v in t.items()}
-
-    def _load_state(self, ckpt: Path) -> None:
-        meta_f, ten_f = ckpt / "trainer_state.json", ckpt / "trainer_state.safetensors"
-        for f in (meta_f, ten_f):
-            if not f.exists():
-                raise CheckpointError(f"cannot resume: missing {f}")
-        meta = json.loads(meta_f.read_text())
-        saved = meta["recipe"]
-        now = self.r.to_dict()
-        diff = [
-            f"{s}.{k}"
-            for s in now
-            for k in set(now[s]) | set(saved.get(s, {}))
-            if now[s].get(k) != saved.get(s, {}).get(k) and (s, k) not in {("train", "steps")}
-        ]
-        if diff:
-            raise ConfigError(
-                f"cannot resume: recipe differs from the checkpoint's in {', '.join(sorted(diff))}"
-            )
-        try:
-            t = load_file(str(ten_f))
-        except Exception as e:
-            raise CheckpointError(f"corrupt trainer state {ten_f}: {e}") from None
-        with torch.no_grad():
-            for n, p in self.model.named_parameters():
-                p.copy_(t[f"model.{n}"])
-            if self.ema:
-                for n in self.ema:
-                    self.ema[n].copy_(t[f"ema.{n}"])
-        sd = self.opt.state_dict()
-        state: dict = {}
-        for k, v in t.items():
-            if k.startswith("opt."):
-                _, i, name = k.split(".", 2)
-                state.setdefault(int(i), {})[name] = v.to(self.device) if name != "step" else v
-        sd["state"] = state
-        self.opt.load_state_dict(sd)
-        self.start_step, self.tokens_seen = meta["step"], meta["tokens_seen"]
-        self.train_seconds, self.interval = meta["train_seconds"], tuple(meta["interval"])
-        console.print(f"resumed from {ckpt} at step {self.start_step}")
-
-    def _trim_metrics(self, step: int) -> None:
-        f = self.out / "metrics.jsonl"
-        if f.exists():
-            keep = [ln for ln in f.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
-            write_text_atomic(f, "".join(ln + "\n" for ln in keep))
-
-    @contextlib.contextmanager
-    def ema_weights(self):
-        """Swap the EMA weights in (for evaluation and export), then swap the raw ones back."""
-        if not self.ema:
-            yield
-            return
-        backup = {n: p.detach().clone() for n, p in self.model.named_parameters()}
-        with torch.no_grad():
-            for n, p in self.model.named_parameters():
-                p.copy_(self.ema[n])
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for n, p in self.model.named_parameters():
-                    p.copy_(backup[n])
-
-    def save(self, step: int, metrics: dict | None = None) -> Path | None:
-        if self.rank != 0:
-            return None
-        name = f"step-{step:07d}"
-        with atomic_dir(self.out / name) as d:
-            with self.ema_weights():
-                save_model(d, self.model, self.tok)
-            save_file(self._state_tensors(), str(d / "trainer_state.safetensors"))
-            meta = {
-                "step": step,
-                "tokens_seen": self.tokens_seen,
-                "train_seconds": self.train_seconds,
-                "interval": list(self.interval),
-                "world_size": self.world,
-                "metrics": metrics or {},
-                "recipe": self.r.to_dict(),
-            }
-            (d / "trainer_state.json").write_text(json.dumps(meta, indent=2) + "\n")
-            (d / "recipe.yaml").write_text(yaml.safe_dump(self.r.to_dict(), sort_keys=False))
-        write_text_atomic(self.out / "latest", name + "\n")
-        ckpts = sorted(p for p in self.out.glob("step-*") if p.is_dir())
-        for old in ckpts[: -self.r.train.keep]:
-            shutil.rmtree(old, ignore_errors=True)
-        return self.out / name
-
     # ---- steps ---------------------------------------------------------------------------------
     def batch(self, step: int, data: torch.Tensor, batch: int, seed: int, interval, sizes: list[int]):
         """Global batch for `step`, sliced to this process's rows."""
@@ -352,7 +253,7 @@ class Trainer:
                 signal.signal(s, h)
 
     def _run(self) -> Path | None:
-        r, t = self.r, self.r.train
+        r = self.r
         self.out.mkdir(parents=True, exist_ok=True)
         if self.rank == 0:
             # Drop records past the step we start from (all of them on a fresh start), so the log
@@ -367,6 +268,26 @@ class Trainer:
             )
         metrics_f = self.out / "metrics.jsonl"
         self.model.train()
+        with self._progress_bar() as bar:
+            return self._loop(metrics_f, bar)
+
+    def _progress_bar(self):
+        """A live bar (loss, tokens/s, time left) on a terminal; log lines alone otherwise."""
+        if self.rank != 0 or not console.is_terminal:
+            return contextlib.nullcontext(None)
+        return Progress(
+            TextColumn("train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+        )
+
+    def _loop(self, metrics_f: Path, bar: Progress | None) -> Path | None:
+        r, t = self.r, self.r.train
+        task = bar.add_task("train", total=t.steps, completed=self.start_step, info="") if bar else None
         step, t0, tok0 = self.start_step, time.time(), self.tokens_seen
         last = None
         while step < t.steps:
@@ -397,6 +318,9 @@ class Trainer:
                 losses /= self.world
             loss, diff, ar = losses.tolist()
             rec = {"step": step, "loss": loss, "diff": diff, "ar": ar, "lr": lr, "block_size": sizes[0]}
+            if bar is not None:
+                tps = (self.tokens_seen - tok0) / (time.time() - t0)
+                bar.update(task, completed=step, info=f"loss {loss:.4f} · {tps:.0f} tok/s · B={sizes[0]}")
             if step % t.log_every == 0 or step == t.steps:
                 el = time.time() - t0
                 rec.update(

@@ -1,0 +1,122 @@
+"""Training state on disk: atomic checkpoints with the model in HF layout plus trainer state
+(raw weights, EMA, AdamW moments as safetensors; step, tokens, timing, recipe as JSON), the
+`latest` pointer, bit-exact resume and the metrics log. Mixed into `train.Trainer`."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+from rich.console import Console
+from safetensors.torch import load_file, save_file
+
+from .checkpoint import CheckpointError, atomic_dir, save_model, write_text_atomic
+from .config import ConfigError
+
+console = Console(stderr=True)
+
+
+class Checkpointing:
+    """Needs: model, opt, ema, tok, r (recipe), out, rank, world, device, and the counters."""
+
+    # ---- state ---------------------------------------------------------------------------------
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        t = {f"model.{n}": p.detach() for n, p in self.model.named_parameters()}
+        if self.ema:
+            t.update({f"ema.{n}": v for n, v in self.ema.items()})
+        for i, st in self.opt.state_dict()["state"].items():
+            for k, v in st.items():
+                t[f"opt.{i}.{k}"] = torch.as_tensor(v)
+        return {k: v.detach().cpu().contiguous() for k, v in t.items()}
+
+    def _load_state(self, ckpt: Path) -> None:
+        meta_f, ten_f = ckpt / "trainer_state.json", ckpt / "trainer_state.safetensors"
+        for f in (meta_f, ten_f):
+            if not f.exists():
+                raise CheckpointError(f"cannot resume: missing {f}")
+        meta = json.loads(meta_f.read_text())
+        saved = meta["recipe"]
+        now = self.r.to_dict()
+        diff = [
+            f"{s}.{k}"
+            for s in now
+            for k in set(now[s]) | set(saved.get(s, {}))
+            if now[s].get(k) != saved.get(s, {}).get(k) and (s, k) not in {("train", "steps")}
+        ]
+        if diff:
+            raise ConfigError(
+                f"cannot resume: recipe differs from the checkpoint's in {', '.join(sorted(diff))}"
+            )
+        try:
+            t = load_file(str(ten_f))
+        except Exception as e:
+            raise CheckpointError(f"corrupt trainer state {ten_f}: {e}") from None
+        with torch.no_grad():
+            for n, p in self.model.named_parameters():
+                p.copy_(t[f"model.{n}"])
+            if self.ema:
+                for n in self.ema:
+                    self.ema[n].copy_(t[f"ema.{n}"])
+        sd = self.opt.state_dict()
+        state: dict = {}
+        for k, v in t.items():
+            if k.startswith("opt."):
+                _, i, name = k.split(".", 2)
+                state.setdefault(int(i), {})[name] = v.to(self.device) if name != "step" else v
+        sd["state"] = state
+        self.opt.load_state_dict(sd)
+        self.start_step, self.tokens_seen = meta["step"], meta["tokens_seen"]
+        self.train_seconds, self.interval = meta["train_seconds"], tuple(meta["interval"])
+        console.print(f"resumed from {ckpt} at step {self.start_step}")
+
+    def _trim_metrics(self, step: int) -> None:
+        f = self.out / "metrics.jsonl"
+        if f.exists():
+            keep = [ln for ln in f.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
+            write_text_atomic(f, "".join(ln + "\n" for ln in keep))
+
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """Swap the EMA weights in (for evaluation and export), then swap the raw ones back."""
+        if not self.ema:
+            yield
+            return
+        backup = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+        with torch.no_grad():
+            for n, p in self.model.named_parameters():
+                p.copy_(self.ema[n])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in self.model.named_parameters():
+                    p.copy_(backup[n])
+
+    def save(self, step: int, metrics: dict | None = None) -> Path | None:
+        if self.rank != 0:
+            return None
+        name = f"step-{step:07d}"
+        with atomic_dir(self.out / name) as d:
+            with self.ema_weights():
+                save_model(d, self.model, self.tok)
+            save_file(self._state_tensors(), str(d / "trainer_state.safetensors"))
+            meta = {
+                "step": step,
+                "tokens_seen": self.tokens_seen,
+                "train_seconds": self.train_seconds,
+                "interval": list(self.interval),
+                "world_size": self.world,
+                "metrics": metrics or {},
+                "recipe": self.r.to_dict(),
+            }
+            (d / "trainer_state.json").write_text(json.dumps(meta, indent=2) + "\n")
+            (d / "recipe.yaml").write_text(yaml.safe_dump(self.r.to_dict(), sort_keys=False))
+        write_text_atomic(self.out / "latest", name + "\n")
+        ckpts = sorted(p for p in self.out.glob("step-*") if p.is_dir())
+        for old in ckpts[: -self.r.train.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return self.out / name
