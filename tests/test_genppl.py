@@ -79,3 +79,17 @@ def test_score_excludes_prompt_and_gen_ppl_is_token_weighted(evaluator, tok, mak
     assert res.samples == 2 and res.nfe >= 1 and res.empty == 0
     nll, n = score(ref, ref_tok, ["Shall I", "The king"], res.texts, 1024, 512)
     assert res.gen_ppl == pytest.approx(math.exp(nll / n)) and res.scored_tokens == n
+
+
+@pytest.mark.slow
+def test_eval_genppl_cli_on_bundled_model(capsys):
+    """`blockdiff eval genppl` end to end: bundled model, SmolLM2 evaluator, real-text row."""
+    import json
+
+    from blockdiff import cli
+
+    args = ["eval", "genppl", "--sampler", "bd3", "--num-samples", "2", "--max-new-tokens", "16", "--json"]
+    assert cli.main(args) == 0
+    d = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert d["samples"] == 2 and d["gen_ppl"] > 1 and d["real_text_ppl"] > 1 and d["nfe"] >= 1
+    assert {"entropy", "tokens_per_second", "empty", "degenerate"} <= set(d)
