@@ -24,7 +24,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--block-size", type=int, default=4)
-    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--temperature", type=float, default=1.0)
     a = ap.parse_args()
     base, tok, _ = import_causal_lm(a.base)
     adapted, atok = load_model(a.adapted)
@@ -48,7 +48,7 @@ def main() -> None:
             adapted,
             atok,
             "fastdllm",
-            dict(block_size=a.block_size, cache="none"),
+            dict(block_size=a.block_size),
         ),
         (
             "adapted",
@@ -68,7 +68,7 @@ def main() -> None:
     print("| model | sampler | Gen PPL | entropy | NFEs | tokens/NFE | tokens/s |")
     print("|---|---|---|---|---|---|---|")
     for name, label, m, tk, sampler, kw in rows:
-        temp = {} if sampler in ("ar",) and t == 0 else {"temperature": t}
+        temp = {"temperature": t}
         r = evaluate(m, tk, ref, ref_tok, prompts, sampler, a.max_new_tokens, batch_size=1, **temp, **kw)
         print(
             f"| {name} | {label} | {r.gen_ppl:.2f} | {r.entropy:.2f} | {r.nfe:.1f} | "

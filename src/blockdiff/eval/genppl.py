@@ -97,8 +97,8 @@ def evaluate(
     sampler: str,
     max_new_tokens: int,
     batch_size: int = 8,
-    window: int = 1024,
-    stride: int = 512,
+    score_window: int = 1024,
+    score_stride: int = 512,
     seed: int = 0,
     **kw,
 ) -> GenPPL:
@@ -123,7 +123,8 @@ def evaluate(
         nfes += [r.nfe for r in out.rows]
         ntok += sum(r.tokens for r in out.rows)
     keep = [j for j, t in enumerate(texts) if t.strip()]
-    nll, n = score(ref_model, ref_tok, [prompts[j] for j in keep], [texts[j] for j in keep], window, stride)
+    kept_prompts, kept = [prompts[j] for j in keep], [texts[j] for j in keep]
+    nll, n = score(ref_model, ref_tok, kept_prompts, kept, score_window, score_stride)
     ents = [unigram_entropy(t) for t in toks]
     return GenPPL(
         gen_ppl=math.exp(nll / n) if n else float("nan"),
