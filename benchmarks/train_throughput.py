@@ -96,6 +96,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return a
 
 
+def model_config(a: argparse.Namespace, **diffusion) -> ModelConfig:
+    """The benchmarked shape from the command line; diffusion fields per configuration."""
+    return ModelConfig(
+        vocab_size=a.vocab,
+        hidden_size=a.hidden,
+        intermediate_size=a.intermediate,
+        num_hidden_layers=a.layers,
+        num_attention_heads=a.heads,
+        num_key_value_heads=a.kv_heads,
+        mask_token_id=a.vocab - 1,
+        **diffusion,
+    )
+
+
 # ---- one configuration --------------------------------------------------------------------------
 class Run:
     """A model, its optimizer and the fixed batch of one configuration."""
@@ -105,18 +119,8 @@ class Run:
         self.device = torch.device(a.device)
         L = a.seq_len
         self.sizes = [L if B == "L" else int(B) for B in s.sizes]
-        cfg = ModelConfig(
-            vocab_size=a.vocab,
-            hidden_size=a.hidden,
-            intermediate_size=a.intermediate,
-            num_hidden_layers=a.layers,
-            num_attention_heads=a.heads,
-            num_key_value_heads=a.kv_heads,
-            max_position_embeddings=L,
-            block_size=self.sizes[0],
-            block_sizes=self.sizes,
-            logits=s.logits,
-            mask_token_id=a.vocab - 1,
+        cfg = model_config(
+            a, max_position_embeddings=L, block_size=self.sizes[0], block_sizes=self.sizes, logits=s.logits
         )
         torch.manual_seed(a.seed)
         self.model = BlockDiffLM(cfg).to(self.device).train()
@@ -297,16 +301,7 @@ def main(argv: list[str] | None = None) -> None:
         probe(a)
         return
     settings = [s for s in SETTINGS if not a.only or s.name in a.only]
-    params = BlockDiffLM(
-        ModelConfig(
-            vocab_size=a.vocab,
-            hidden_size=a.hidden,
-            intermediate_size=a.intermediate,
-            num_hidden_layers=a.layers,
-            num_attention_heads=a.heads,
-            num_key_value_heads=a.kv_heads,
-        )
-    ).num_parameters()
+    params = BlockDiffLM(model_config(a)).num_parameters()
     print("$ " + shlex.join(getattr(sys, "orig_argv", [sys.executable, *sys.argv])))
     load = " / ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     print(

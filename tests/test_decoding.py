@@ -324,3 +324,15 @@ def test_dcd_block_expansion(make_model, tok):
     steps_with_commits = sum(1 for ev in c.trace if ev.get("committed"))
     assert grown.rows[0].nfe > steps_with_commits  # expansion forwards commit nothing
     assert plain.canvas.blk[0, c.G : c.G + 32].bincount().max() == 8
+
+
+def test_top_k_top_p_filters():
+    from blockdiff.decoding.policies import filter_logits
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    keep = lambda x: torch.isfinite(x)[0].tolist()  # noqa: E731
+    assert keep(filter_logits(logits, 2, None)) == [True, True, False, False]
+    assert keep(filter_logits(logits, None, 0.7)) == [True, True, False, False]  # 0.5 < 0.7 <= 0.8
+    assert keep(filter_logits(logits, None, 0.45)) == [True, False, False, False]
+    perm = torch.tensor([2, 0, 3, 1])  # order of the vocabulary does not matter
+    assert keep(filter_logits(logits[:, perm], None, 0.7)) == [False, True, False, True]

@@ -123,7 +123,7 @@ def load_model(
         model.float()
     try:
         tok = Tokenizer.load(p)
-    except (FileNotFoundError, ValueError, Exception) as e:
+    except Exception as e:  # tokenizers raises its own exception types
         raise CheckpointError(f"tokenizer in {p} cannot be loaded: {e}") from None
     return model.to(device).eval(), tok
 

@@ -97,7 +97,7 @@ def filter_logits(logits: Tensor, top_k: int | None, top_p: float | None) -> Ten
     if top_p is not None and top_p < 1.0:
         sorted_l, idx = logits.sort(-1, descending=True)
         cum = sorted_l.softmax(-1).cumsum(-1)
-        drop = cum - sorted_l.softmax(-1) > top_p  # keep the smallest set reaching top_p
+        drop = cum - sorted_l.softmax(-1) >= top_p  # keep the smallest set reaching top_p
         logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
     return logits
 
