@@ -131,6 +131,47 @@ def cmd_eval_genppl(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_task(a: argparse.Namespace) -> int:
+    from .eval.tasks import as_dict, check_task, evaluate_task
+
+    check_task(a.task)
+    model, tok = load_model(a.model or bundled_model_path(), dtype=getattr(torch, a.dtype))
+    kw = _sampler_kwargs(a)
+    seed = kw.pop("seed", 0)
+    res = evaluate_task(model, tok, a.task, a.sampler, a.n, a.max_new_tokens, a.batch_size, seed=seed, **kw)
+    row = as_dict(res)
+    if a.json:
+        print(json.dumps(row))
+    else:
+        for k, v in row.items():
+            if k != "examples":
+                print(f"{k:>15}: {v}")
+        for ex in res.examples:
+            print(
+                f"{'example':>15}: ...{ex['prompt'][-60:]!r} -> {ex['completion'][:120]!r} "
+                f"(score {ex['score']})"
+            )
+    return 0
+
+
+def cmd_eval_table(a: argparse.Namespace) -> int:
+    from .eval.table import run_table
+
+    out = run_table(a.recipe, a.out, a.set or [])
+    print((out / "table.md").read_text())
+    print(f"results: {out / 'results.json'}, plot: {out / 'plot.png'}")
+    return 0
+
+
+def cmd_data_task(a: argparse.Namespace) -> int:
+    from .eval.tasks import check_task, write_training_data
+
+    check_task(a.task)
+    out = write_training_data(a.task, a.n, a.out, a.seed)
+    print(f"{a.n} {a.task} prompt/answer pairs -> {out} (evaluation questions excluded)")
+    return 0
+
+
 def cmd_info(a: argparse.Namespace) -> int:
     p = resolve(a.path)
     model, tok = load_model(p)
@@ -286,6 +327,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gp.add_argument("--evaluator", default="smollm2-135m-instruct", help="known name, local path or HF id")
     gp.set_defaults(fn=cmd_eval_genppl)
+    tk = ev.add_parser("task", help="task accuracy with the task's own checker (reasoning-gym, HumanEval)")
+    tk.add_argument("task", help="countdown, mini_sudoku, sudoku, gsm_symbolic, basic_arithmetic, humaneval")
+    _decode_args(tk)
+    tk.add_argument("--n", type=int, default=50, help="evaluation items (a fixed held-out set)")
+    tk.add_argument("--max-new-tokens", type=int, dest="max_new_tokens", help="default: from the answers")
+    tk.add_argument("--batch-size", type=int, default=8, dest="batch_size")
+    tk.set_defaults(fn=cmd_eval_task)
+
+    tb = ev.add_parser("table", help="train models at one budget and compare them (the talk's table)")
+    tb.add_argument("recipe", help="a table recipe, e.g. recipes/table-shakespeare.yaml")
+    tb.add_argument("--out", help="default: runs/table-<recipe name>")
+    tb.add_argument("--set", action="append", metavar="KEY=VALUE", help="eval.KEY=V or SECTION.KEY=V (base)")
+    tb.set_defaults(fn=cmd_eval_table)
+
+    da = sub.add_parser("data", help="write training data").add_subparsers(dest="what", required=True)
+    dt = da.add_parser("task", help="prompt/answer pairs (JSONL) for a reasoning task; loss on answers only")
+    dt.add_argument("task")
+    dt.add_argument("--n", type=int, required=True)
+    dt.add_argument("--out", required=True)
+    dt.add_argument("--seed", type=int, default=0)
+    dt.set_defaults(fn=cmd_data_task)
     return p
 
 

@@ -8,6 +8,8 @@ AR, MDLM, BD3-LM, mix-scale and NBDiff are settings of `block_diffusion_loss`:
 * BD3-LM   = 1 < B < L, vectorised over [xt ⊕ x0] with the block-causal layout.
 * mix-scale= a block size per row, drawn from a set that includes L.
 * NBDiff   = context_causal layout, shifted logits, plus lambda * the AR loss of the clean half.
+* SFT      = any of the above with a `loss_mask` (e.g. the answer of a prompt/answer pair): only
+             those tokens are ever masked and predicted; the rest is always clean context.
 
 The diffusion term is sum over masked tokens of CE / t, divided by the number of predicted
 tokens: an upper bound on the NLL per token (exp of it bounds the perplexity) when t ranges over
@@ -42,16 +44,25 @@ def _ce(logits: Tensor, target: Tensor, mask_id: int) -> Tensor:
     return F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none").view(target.shape)
 
 
-def _ar_rows(logits_clean: Tensor, x0: Tensor, mask_id: int) -> Tensor:
-    """Per-row next-token loss: clean output i predicts x0[i+1]."""
-    return _ce(logits_clean[:, :-1], x0[:, 1:], mask_id).mean(1)
+def _ar_rows(logits_clean: Tensor, x0: Tensor, mask_id: int, keep: Tensor) -> Tensor:
+    """Per-row next-token loss over the tokens `keep` selects: clean output i predicts x0[i+1]."""
+    k = keep[:, 1:].float()
+    return (_ce(logits_clean[:, :-1], x0[:, 1:], mask_id) * k).sum(1) / k.sum(1).clamp(min=1)
 
 
 def block_diffusion_loss(
-    model: BlockDiffLM, x0: Tensor, block_sizes: Tensor, noise: Noise, ar_weight: float = 0.0
+    model: BlockDiffLM,
+    x0: Tensor,
+    block_sizes: Tensor,
+    noise: Noise,
+    ar_weight: float = 0.0,
+    loss_mask: Tensor | None = None,
 ) -> LossOut:
     cfg = getattr(model, "module", model).config  # DDP wraps the model
     b, L = x0.shape
+    keep = torch.ones_like(x0, dtype=torch.bool) if loss_mask is None else loss_mask.to(x0.device)
+    if loss_mask is not None:
+        noise = Noise(noise.t, noise.masked.to(x0.device) & keep)
     block_sizes = block_sizes.to(torch.long)
     for B in set(block_sizes.tolist()):
         masks.check_block_size(L, B)
@@ -61,9 +72,9 @@ def block_diffusion_loss(
     if shifted and bool((block_sizes == 1).all()):
         # Every token starts its own block: it is predicted from the clean causal prefix alone.
         logits = model(x0, mask=masks.block_causal(L, 1, b).to(x0.device))
-        rows = _ar_rows(logits, x0, cfg.mask_token_id)
+        rows = _ar_rows(logits, x0, cfg.mask_token_id, keep)
         ar = rows.mean()
-        return LossOut(ar, ar, ar, b * (L - 1), rows)
+        return LossOut(ar, ar, ar, int(keep[:, 1:].sum()), rows)
 
     xt = apply(x0, noise, cfg.mask_token_id)
     pos = torch.arange(L, device=x0.device)
@@ -95,12 +106,13 @@ def block_diffusion_loss(
         if ar_weight:
             if cfg.layout != "context_causal" or not shifted:
                 raise ValueError("the auxiliary AR loss needs layout 'context_causal' and shifted logits")
-            ar = _ar_rows(clean, x0, cfg.mask_token_id).mean()
+            ar = _ar_rows(clean, x0, cfg.mask_token_id, keep).mean()
     if shifted:
         weight = weight.clone()
         weight[:, 0] = 0.0  # nothing precedes token 0
     ce = _ce(pred, x0, cfg.mask_token_id)
-    per_row = L - 1 if shifted else L
+    counted = keep[:, 1:] if shifted else keep  # token 0 of a shifted model is never predicted
+    per_row = counted.sum(1).clamp(min=1)
     rows = (ce * weight).sum(1) / per_row
     diff = rows.mean()
-    return LossOut(diff + ar_weight * ar, diff, ar, b * per_row, rows)
+    return LossOut(diff + ar_weight * ar, diff, ar, int(counted.sum()), rows)

@@ -16,7 +16,6 @@ import signal
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from rich.console import Console
@@ -26,7 +25,7 @@ from . import noise as noise_mod
 from . import recipe as recipe_mod
 from .checkpoint import load_model, resolve
 from .config import ConfigError, ModelConfig
-from .data.corpus import load_corpus, pack
+from .data.corpus import load_corpus, pack, pack_pairs
 from .model import BlockDiffLM
 from .objectives import block_diffusion_loss
 from .tokenizer import Tokenizer, byte_tokenizer, train_bpe
@@ -43,8 +42,15 @@ def build_tokenizer(spec: recipe_mod.TokenizerSpec, train_texts: list[str]) -> T
     return Tokenizer.load(spec.kind)
 
 
-def encode_split(tok: Tokenizer, texts: list[str], seq_len: int) -> np.ndarray:
-    return pack([e.ids for e in tok.hf.encode_batch(texts, add_special_tokens=False)], seq_len, tok.eos_id)
+def encode(
+    tok: Tokenizer, texts: list[str], pairs: list | None, seq_len: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(token rows, loss mask or None): packed text, or one prompt/answer pair per row."""
+    if pairs is not None:
+        ids, mask = pack_pairs(tok, pairs, seq_len)
+        return torch.from_numpy(ids).long(), torch.from_numpy(mask)
+    ids = pack([e.ids for e in tok.hf.encode_batch(texts, add_special_tokens=False)], seq_len, tok.eos_id)
+    return torch.from_numpy(ids).long(), None
 
 
 def load_base(base: str) -> tuple[BlockDiffLM, Tokenizer]:
@@ -138,8 +144,8 @@ class Trainer(Checkpointing):
             base_model, self.tok = load_base(base)
         else:
             self.tok = build_tokenizer(r.tokenizer, corpus.train)
-        self.train_data = torch.from_numpy(encode_split(self.tok, corpus.train, r.data.seq_len)).long()
-        self.val_data = torch.from_numpy(encode_split(self.tok, corpus.val, r.data.seq_len)).long()
+        self.train_data, self.train_mask = encode(self.tok, corpus.train, corpus.train_pairs, r.data.seq_len)
+        self.val_data, self.val_mask = encode(self.tok, corpus.val, corpus.val_pairs, r.data.seq_len)
         sizes = r.block_sizes()
         if base:  # adapting a pretrained model: its architecture, our diffusion settings
             src = ModelConfig.load(ckpt / "config.json") if ckpt else base_model.config
@@ -182,16 +188,18 @@ class Trainer(Checkpointing):
         self.ddp = torch.nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else self.model
 
     # ---- steps ---------------------------------------------------------------------------------
-    def batch(self, step: int, data: torch.Tensor, batch: int, seed: int, interval, sizes: list[int]):
-        """Global batch for `step`, sliced to this process's rows."""
+    def batch(self, step: int, batch: int, seed: int, interval, sizes: list[int]):
+        """Global batch for `step`, sliced to this process's rows (with their loss mask, if any)."""
         gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        x0 = data[global_rows(step, batch, len(data), seed)]
+        rows = global_rows(step, batch, len(self.train_data), seed)
+        x0 = self.train_data[rows]
         w = torch.tensor(self.r.objective.weights or [1.0] * len(sizes), dtype=torch.float)
         bs = torch.tensor(sizes)[torch.multinomial(w, batch, replacement=True, generator=gen)]
         nz = noise_mod.draw(tuple(x0.shape), bs, gen, interval, self.r.objective.antithetic)
         per = batch // self.world
         sl = slice(self.rank * per, (self.rank + 1) * per)
-        return x0[sl].to(self.device), bs[sl], nz.rows(sl)
+        keep = None if self.train_mask is None else self.train_mask[rows][sl].to(self.device)
+        return x0[sl].to(self.device), bs[sl], nz.rows(sl), keep
 
     def autocast(self):
         on = self.r.train.precision == "bf16"
@@ -210,12 +218,12 @@ class Trainer(Checkpointing):
                     rows = torch.arange(i * r.train.batch_size, (i + 1) * r.train.batch_size) % len(
                         self.val_data
                     )
-                    x0 = self.val_data[rows].to(self.device)
+                    x0, keep = self.val_data[rows].to(self.device), self._val_mask(rows)
                     gen = torch.Generator().manual_seed(10_007 + i)
                     bs = torch.full((len(x0),), B)
                     nz = noise_mod.draw(tuple(x0.shape), bs, gen, (0.0, 1.0), True)
                     with self.autocast():
-                        tot += block_diffusion_loss(self.model, x0, bs, nz).diff.item()
+                        tot += block_diffusion_loss(self.model, x0, bs, nz, loss_mask=keep).diff.item()
                 out[f"val_nll_B{B}"] = tot / n
             if r.objective.adaptive_interval:
                 self.interval = self._choose_interval()
@@ -225,16 +233,20 @@ class Trainer(Checkpointing):
         self.model.train()
         return out
 
+    def _val_mask(self, rows: torch.Tensor) -> torch.Tensor | None:
+        return None if self.val_mask is None else self.val_mask[rows].to(self.device)
+
     def _choose_interval(self) -> tuple[float, float]:
         """BD3-LM's data-driven clipping: the [beta, omega] whose loss estimates vary least."""
-        x0 = self.val_data[: self.r.train.batch_size].to(self.device)
+        rows = torch.arange(min(self.r.train.batch_size, len(self.val_data)))
+        x0, keep = self.val_data[rows].to(self.device), self._val_mask(rows)
         bs = torch.full((len(x0),), self.r.block_sizes()[0])
         best, best_var = self.interval, float("inf")
         for cand in noise_mod.interval_candidates():
             gen = torch.Generator().manual_seed(4242)
             nz = noise_mod.draw(tuple(x0.shape), bs, gen, cand, True)
             with self.autocast():
-                var = block_diffusion_loss(self.model, x0, bs, nz).rows.var().item()
+                var = block_diffusion_loss(self.model, x0, bs, nz, loss_mask=keep).rows.var().item()
             if var < best_var:
                 best, best_var = cand, var
         return best
@@ -295,10 +307,10 @@ class Trainer(Checkpointing):
             for g in self.opt.param_groups:
                 g["lr"] = lr
             sizes = block_size_now(r, step)
-            x0, bs, nz = self.batch(step, self.train_data, t.batch_size, t.seed, self.interval, sizes)
+            x0, bs, nz, keep = self.batch(step, t.batch_size, t.seed, self.interval, sizes)
             tic = time.time()
             with self.autocast():
-                out = block_diffusion_loss(self.ddp, x0, bs, nz, r.objective.ar_weight)
+                out = block_diffusion_loss(self.ddp, x0, bs, nz, r.objective.ar_weight, keep)
             out.loss.backward()
             gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
             self.opt.step()

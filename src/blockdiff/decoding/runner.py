@@ -62,14 +62,18 @@ class Runner:
         c = self.c
         q = torch.arange(lo, hi)
         k = torch.cat([self.cache_idx, q])
-        out = self.model(
-            c.tokens[:, lo:hi].to(self.device),
-            positions=c.pos[:, lo:hi].to(self.device),
-            mask=self._mask(q, k),
-            cache=self.cache,
-            write_cache=write,
-            logits_slice=None if out_from is None else slice(out_from - lo, None),
-        ).float()
+        out = (
+            self.model(
+                c.tokens[:, lo:hi].to(self.device),
+                positions=c.pos[:, lo:hi].to(self.device),
+                mask=self._mask(q, k),
+                cache=self.cache,
+                write_cache=write,
+                logits_slice=None if out_from is None else slice(out_from - lo, None),
+            )
+            .float()
+            .cpu()
+        )  # policies work on the canvas, which lives on the CPU
         if write:
             self.cache_idx = torch.cat([self.cache_idx, q[:write]])
         return out

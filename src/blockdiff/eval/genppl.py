@@ -44,8 +44,8 @@ def continuation_nll(
     while pos < len(ids):
         end = min(len(ids), pos + stride)
         start = max(0, end - window)
-        x = torch.tensor([ids[start:end]])
-        logp = torch.log_softmax(model(x).logits[0].double(), -1)
+        x = torch.tensor([ids[start:end]], device=next(model.parameters()).device)
+        logp = torch.log_softmax(model(x).logits[0].double(), -1).cpu()
         for i in range(pos, end):
             total -= float(logp[i - 1 - start, ids[i]])
             count += 1

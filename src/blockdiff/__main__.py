@@ -1,0 +1,7 @@
+"""`python -m blockdiff` = the `blockdiff` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

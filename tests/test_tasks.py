@@ -1,0 +1,150 @@
+"""Supervised prompt/answer data (answer-only loss), task scorers wired to their own checkers, and
+the `eval table` / `eval task` / `data task` commands end to end."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from blockdiff.cli import main
+from blockdiff.config import ModelConfig
+from blockdiff.data.corpus import load_corpus, pack_pairs
+from blockdiff.eval import tasks
+from blockdiff.masks import block_causal
+from blockdiff.model import BlockDiffLM
+from blockdiff.noise import Noise
+from blockdiff.objectives import block_diffusion_loss
+
+pytest.importorskip("reasoning_gym")
+
+
+def _model(logits: str) -> BlockDiffLM:
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, logits=logits, mask_token_id=15,
+    )  # fmt: skip
+    return BlockDiffLM(cfg).eval()
+
+
+def test_answer_only_loss_mdlm_by_hand():
+    """Global block: prompt tokens stay clean even where the noise masks them, and only answer
+    tokens count, each weighted 1/t, averaged over the answer tokens of its row."""
+    m = _model("aligned")
+    x0 = torch.randint(0, 15, (2, 8))
+    keep = torch.zeros(2, 8, dtype=torch.bool)
+    keep[0, 3:], keep[1, 5:] = True, True
+    t = torch.tensor([[0.5] * 8, [0.25] * 8])
+    masked = torch.ones(2, 8, dtype=torch.bool)  # noise masks everything; the loss mask must win
+    masked[0, 6] = False
+    out = block_diffusion_loss(m, x0, torch.tensor([8, 8]), Noise(t, masked), loss_mask=keep)
+    xt = torch.where(masked & keep, torch.full_like(x0, 15), x0)
+    logits = m(xt).float()
+    logits[..., 15] = float("-inf")
+    ce = F.cross_entropy(logits.flatten(0, 1), x0.flatten(), reduction="none").view(2, 8)
+    rows = [(ce[r] * (masked & keep)[r] / t[r]).sum() / keep[r].sum() for r in range(2)]
+    assert out.tokens == int(keep.sum())
+    assert torch.allclose(out.loss, torch.stack(rows).mean(), atol=1e-5)
+
+
+def test_answer_only_loss_ar_by_hand():
+    m = _model("shifted")
+    x0 = torch.randint(0, 15, (2, 8))
+    keep = torch.zeros(2, 8, dtype=torch.bool)
+    keep[:, 4:] = True
+    nz = Noise(torch.full((2, 8), 0.5), torch.ones(2, 8, dtype=torch.bool))
+    out = block_diffusion_loss(m, x0, torch.tensor([1, 1]), nz, loss_mask=keep)
+    logits = m(x0, mask=block_causal(8, 1, 2)).float()  # B=1: causal next-token prediction
+    logits[..., 15] = float("-inf")
+    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), x0[:, 1:].flatten(), reduction="none").view(2, 7)
+    want = (ce[:, 3:]).mean(1).mean()  # targets 4..7
+    assert torch.allclose(out.loss, want, atol=1e-5)
+    assert out.tokens == 8
+
+
+def test_pack_pairs_layout_and_errors(tok, tmp_path):
+    ids, mask = pack_pairs(tok, [("ab", "cd"), ("x", "yz")], 8)
+    assert tok.decode(ids[0][:4].tolist()) == "abcd" and ids[0][4:].tolist() == [tok.eos_id] * 4
+    assert mask[0].tolist() == [False, False] + [True] * 6
+    assert mask[1].tolist() == [False] + [True] * 7
+    with pytest.raises(ValueError, match="more than seq_len 4"):
+        pack_pairs(tok, [("abc", "de")], 4)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "answer": "b"}\n{"prompt": "only"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2"):
+        load_corpus(bad)
+
+
+def test_reasoning_scorers_use_the_tasks_checkers():
+    for name in tasks.REASONING:
+        its = tasks.items(name, 2)
+        assert [tasks.score(name, it, it.answer) for it in its] == [1.0, 1.0], name
+        assert all(tasks.score(name, it, "no idea") < 1.0 for it in its), name
+    assert tasks.items("mini_sudoku", 3)[0].prompt == tasks.items("mini_sudoku", 3)[0].prompt  # fixed split
+    with pytest.raises(ValueError, match="did you mean 'countdown'"):
+        tasks.items("countdwn", 2)
+
+
+def test_training_data_excludes_evaluation_questions(tmp_path, capsys):
+    out = tmp_path / "ms.jsonl"
+    assert main(["data", "task", "mini_sudoku", "--n", "300", "--out", str(out)]) == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    held = {it.prompt for it in tasks.items("mini_sudoku", tasks.EVAL_POOL)}
+    assert len(rows) == 300 and len({r["prompt"] for r in rows}) == 300
+    assert not held & {r["prompt"] for r in rows}
+    assert main(["data", "task", "humaneval", "--n", "3", "--out", str(out)]) == 2
+
+
+def test_humaneval_scored_in_the_sandbox():
+    it = tasks.items("humaneval", 1)[0]
+    assert tasks.score("humaneval", it, it.answer) == 1.0
+    assert tasks.score("humaneval", it, "    return None\n") == 0.0
+
+
+def test_eval_task_cli_on_bundled_model(capsys):
+    assert main(["eval", "task", "basic_arithmetic", "--n", "2", "--sampler", "bd3", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["n"] == 2 and 0.0 <= row["accuracy"] <= 1.0 and row["nfe"] > 0
+    assert main(["eval", "task", "nope", "--n", "2"]) == 2
+
+
+@pytest.mark.slow
+def test_eval_table_trains_scores_and_resumes(tmp_path, capsys):
+    recipe = tmp_path / "t.yaml"
+    recipe.write_text(
+        """
+base:
+  model: {hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2,
+          num_key_value_heads: 2}
+  tokenizer: {kind: byte}
+  data: {seq_len: 192}
+  train: {steps: 3, batch_size: 4, eval_every: 3, save_every: 3, log_every: 1, warmup: 1}
+eval: {kind: task, task: basic_arithmetic, n: 3, train_size: 40, batch_size: 3}
+models:
+  AR:
+    model: {logits: shifted}
+    objective: {block_sizes: [1]}
+    samplers: [{sampler: ar}]
+  BD3 B=4:
+    objective: {block_sizes: [4]}
+    samplers: [{sampler: bd3, block_size: 4, steps: 2}]
+"""
+    )
+    out = tmp_path / "out"
+    assert main(["eval", "table", str(recipe), "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert [(r["model"], r["sampler"]) for r in res["rows"]] == [
+        ("AR", "ar"),
+        ("BD3 B=4", "bd3 block_size=4 steps=2"),
+    ]
+    assert all(math.isfinite(m["val_nll_bound"]) and m["cpu_s"] > 0 for m in res["models"].values())
+    assert (out / "plot.png").stat().st_size > 1000
+    assert "| BD3 B=4 | bd3 block_size=4 steps=2 |" in (out / "table.md").read_text()
+    lines = (out / "ar" / "metrics.jsonl").read_text()
+    assert main(["eval", "table", str(recipe), "--out", str(out)]) == 0  # resumes: nothing redone
+    assert (out / "ar" / "metrics.jsonl").read_text() == lines
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(recipe.read_text().replace("kind: task", "kind: tsk"))
+    assert main(["eval", "table", str(bad)]) == 2
