@@ -94,3 +94,26 @@ def test_adapt_bad_input_fails_before_training(ar_base, corpus_dir, tmp_path, ca
     assert cli.main(args) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_mask_row_needs_room():
+    """The mask token's id must be the next free row or an unused padded row; a tokenizer larger
+    than the embedding leaves no consistent id."""
+    import torch
+
+    from blockdiff.config import ConfigError, ModelConfig
+    from blockdiff.hub import add_mask_row
+    from blockdiff.model import BlockDiffLM
+
+    cfg = dict(vocab_size=10, hidden_size=8, intermediate_size=16, num_hidden_layers=1)
+    cfg.update(num_attention_heads=2, num_key_value_heads=2)
+    m = BlockDiffLM(ModelConfig(**cfg))
+    mean = m.model.embed_tokens.weight.detach().mean(0).clone()
+    add_mask_row(m, 10)  # grows by one row, tied head follows
+    assert m.config.vocab_size == 11 and m.lm_head.weight.shape[0] == 11
+    assert torch.allclose(m.model.embed_tokens.weight[10], mean)
+    padded = BlockDiffLM(ModelConfig(**cfg))
+    add_mask_row(padded, 7)  # an unused row of a padded vocabulary: no growth
+    assert padded.config.vocab_size == 10
+    with pytest.raises(ConfigError, match="no room for a mask token"):
+        add_mask_row(BlockDiffLM(ModelConfig(**cfg)), 12)

@@ -148,3 +148,17 @@ models:
     bad = tmp_path / "bad.yaml"
     bad.write_text(recipe.read_text().replace("kind: task", "kind: tsk"))
     assert main(["eval", "table", str(bad)]) == 2
+
+
+def test_table_recipe_errors_before_training():
+    from blockdiff.config import ConfigError
+    from blockdiff.eval.table import load_table_recipe
+
+    d = load_table_recipe("recipes/table-shakespeare.yaml", ["train.steps=7"])
+    assert d["base"]["train"]["steps"] == 7 and len(d["models"]) == 6
+    with pytest.raises(ConfigError, match="exceeds the models' data.seq_len 128"):
+        load_table_recipe("recipes/table-shakespeare.yaml", ["eval.max_new_tokens=500"])
+    with pytest.raises(ConfigError, match="unknown eval key"):
+        load_table_recipe("recipes/table-shakespeare.yaml", ["eval.num_sample=3"])
+    with pytest.raises(ConfigError, match="did you mean"):
+        load_table_recipe("recipes/table-shakespeare.yaml", ["train.step=3"])

@@ -85,9 +85,13 @@ def import_causal_lm(id_or_path: str) -> tuple[BlockDiffLM, Tokenizer, object]:
     backend = ref_tok.backend_tokenizer
     eos = ref_tok.eos_token
     pad = ref_tok.pad_token or eos
+    if eos is None:
+        raise ConfigError(f"{id_or_path}: its tokenizer has no EOS token; blockdiff needs one to end samples")
     if backend.token_to_id(MASK) is None:
         backend.add_special_tokens([MASK])
     mask_id = backend.token_to_id(MASK)
+    if mask_id is None:
+        raise ConfigError(f"{id_or_path}: its tokenizer does not accept a new special token {MASK}")
     add_mask_row(model, mask_id)
     model.config.mask_token_id = mask_id
     model.config.eos_token_id = backend.token_to_id(eos)
@@ -104,7 +108,13 @@ def add_mask_row(model: BlockDiffLM, mask_id: int) -> None:
     the id is past its end; the output row is irrelevant (the mask is never predicted)."""
     emb = model.model.embed_tokens
     V, d = emb.weight.shape
-    if mask_id >= V:
+    if mask_id > V:
+        raise ConfigError(
+            f"no room for a mask token: the tokenizer gives it id {mask_id}, but the model has "
+            f"{V} embedding rows, so ids {V}..{mask_id - 1} would have no embedding (the tokenizer "
+            "is larger than the model's vocabulary)"
+        )
+    if mask_id == V:
         new = torch.nn.Embedding(mask_id + 1, d, dtype=emb.weight.dtype)
         new.weight[:V] = emb.weight
         model.model.embed_tokens = new

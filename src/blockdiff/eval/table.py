@@ -73,10 +73,17 @@ def load_table_recipe(path: str | Path, sets: list[str] | None = None) -> dict:
         raise ConfigError(f"{path}: eval.kind must be genppl or task")
     from ..recipe import from_dict
 
+    ev = d["eval"]
     for name, m in d["models"].items():
         if not m.get("samplers"):
             raise ConfigError(f"{path}: model '{name}' lists no samplers")
-        from_dict(merge(d["base"], {k: v for k, v in m.items() if k != "samplers"}))  # validates early
+        r = from_dict(merge(d["base"], {k: v for k, v in m.items() if k != "samplers"}))  # validates early
+        span = int(ev.get("prompt_tokens", 16)) + int(ev.get("max_new_tokens", 128))
+        if ev.get("kind", "genppl") == "genppl" and span > r.data.seq_len:
+            raise ConfigError(
+                f"{path}: eval.prompt_tokens + eval.max_new_tokens = {span} exceeds the models' "
+                f"data.seq_len {r.data.seq_len} (their context)"
+            )
     return d
 
 
