@@ -31,7 +31,7 @@ def _model(logits: str) -> BlockDiffLM:
 
 def test_answer_only_loss_mdlm_by_hand():
     """Global block: prompt tokens stay clean even where the noise masks them, and only answer
-    tokens count, each weighted 1/t, averaged over the answer tokens of its row."""
+    tokens count, each weighted 1/t, averaged over all answer tokens of the batch."""
     m = _model("aligned")
     x0 = torch.randint(0, 15, (2, 8))
     keep = torch.zeros(2, 8, dtype=torch.bool)
@@ -44,9 +44,31 @@ def test_answer_only_loss_mdlm_by_hand():
     logits = m(xt).float()
     logits[..., 15] = float("-inf")
     ce = F.cross_entropy(logits.flatten(0, 1), x0.flatten(), reduction="none").view(2, 8)
-    rows = [(ce[r] * (masked & keep)[r] / t[r]).sum() / keep[r].sum() for r in range(2)]
     assert out.tokens == int(keep.sum())
-    assert torch.allclose(out.loss, torch.stack(rows).mean(), atol=1e-5)
+    assert torch.allclose(out.loss, (ce * (masked & keep) / t).sum() / keep.sum(), atol=1e-5)
+    assert torch.allclose(out.rows[1], (ce[1] * (masked & keep)[1] / t[1]).sum() / 3, atol=1e-5)
+
+
+def test_answer_only_loss_ignores_noise_on_the_prompt_bd3_nbdiff():
+    """Vectorised BD3 path, shifted logits, context-causal layout, AR term: noise drawn on prompt
+    tokens changes nothing (they are never masked), noise on answer tokens does; an all-ones
+    mask is the unmasked objective."""
+    m = _model("shifted")
+    m.config.layout = "context_causal"
+    x0 = torch.randint(0, 15, (2, 8))
+    keep = torch.zeros(2, 8, dtype=torch.bool)
+    keep[:, 3:] = True
+    t, bs = torch.full((2, 8), 0.5), torch.tensor([4, 4])
+    a = torch.rand(2, 8) < 0.5
+    b = a.clone()
+    b[:, :3] = ~b[:, :3]  # differs only on the prompt
+    c = a.clone()
+    c[:, 5] = ~c[:, 5]  # differs on an answer token
+    loss = [block_diffusion_loss(m, x0, bs, Noise(t, z), 0.5, keep).loss for z in (a, b, c)]
+    assert torch.equal(loss[0], loss[1]) and not torch.equal(loss[0], loss[2])
+    ones = torch.ones(2, 8, dtype=torch.bool)
+    full = block_diffusion_loss(m, x0, bs, Noise(t, a), 0.5, ones)
+    assert torch.allclose(full.loss, block_diffusion_loss(m, x0, bs, Noise(t, a), 0.5).loss)
 
 
 def test_answer_only_loss_ar_by_hand():
@@ -59,7 +81,7 @@ def test_answer_only_loss_ar_by_hand():
     logits = m(x0, mask=block_causal(8, 1, 2)).float()  # B=1: causal next-token prediction
     logits[..., 15] = float("-inf")
     ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), x0[:, 1:].flatten(), reduction="none").view(2, 7)
-    want = (ce[:, 3:]).mean(1).mean()  # targets 4..7
+    want = ce[:, 3:].mean()  # targets 4..7
     assert torch.allclose(out.loss, want, atol=1e-5)
     assert out.tokens == 8
 
@@ -89,9 +111,13 @@ def test_reasoning_scorers_use_the_tasks_checkers():
 
 def test_training_data_excludes_evaluation_questions(tmp_path, capsys):
     out = tmp_path / "ms.jsonl"
-    assert main(["data", "task", "mini_sudoku", "--n", "300", "--out", str(out)]) == 0
+    # seeds chosen so the generator's items overlap the evaluation pool: the filter must act
+    seed = str(tasks.EVAL_SEED - 100)
+    assert main(["data", "task", "mini_sudoku", "--n", "300", "--out", str(out), "--seed", seed]) == 0
     rows = [json.loads(x) for x in out.read_text().splitlines()]
-    held = {it.prompt for it in tasks.items("mini_sudoku", tasks.EVAL_POOL)}
+    pool = [it.prompt for it in tasks.items("mini_sudoku", tasks.EVAL_POOL)]
+    assert [it.prompt for it in tasks.items("mini_sudoku", 5)] == pool[:5]  # any --n is inside the pool
+    held = set(pool)
     assert len(rows) == 300 and len({r["prompt"] for r in rows}) == 300
     assert not held & {r["prompt"] for r in rows}
     assert main(["data", "task", "humaneval", "--n", "3", "--out", str(out)]) == 2
@@ -142,9 +168,13 @@ models:
     assert all(math.isfinite(m["val_nll_bound"]) and m["cpu_s"] > 0 for m in res["models"].values())
     assert (out / "plot.png").stat().st_size > 1000
     assert "| BD3 B=4 | bd3 block_size=4 steps=2 |" in (out / "table.md").read_text()
-    lines = (out / "ar" / "metrics.jsonl").read_text()
+    lines, before = (out / "ar" / "metrics.jsonl").read_text(), (out / "results.json").read_text()
     assert main(["eval", "table", str(recipe), "--out", str(out)]) == 0  # resumes: nothing redone
     assert (out / "ar" / "metrics.jsonl").read_text() == lines
+    assert (out / "results.json").read_text() == before
+    # a changed recipe is not silently mixed with old results
+    assert main(["eval", "table", str(recipe), "--out", str(out), "--set", "train.steps=4"]) == 2
+    assert main(["eval", "table", str(recipe), "--out", str(out), "--set", "eval.n=2"]) == 2
     bad = tmp_path / "bad.yaml"
     bad.write_text(recipe.read_text().replace("kind: task", "kind: tsk"))
     assert main(["eval", "table", str(bad)]) == 2

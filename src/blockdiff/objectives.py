@@ -44,10 +44,12 @@ def _ce(logits: Tensor, target: Tensor, mask_id: int) -> Tensor:
     return F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none").view(target.shape)
 
 
-def _ar_rows(logits_clean: Tensor, x0: Tensor, mask_id: int, keep: Tensor) -> Tensor:
-    """Per-row next-token loss over the tokens `keep` selects: clean output i predicts x0[i+1]."""
+def _ar_loss(logits_clean: Tensor, x0: Tensor, mask_id: int, keep: Tensor) -> tuple[Tensor, Tensor]:
+    """(mean per token, per-row mean) of the next-token loss over the targets `keep` selects:
+    clean output i predicts x0[i+1]."""
     k = keep[:, 1:].float()
-    return (_ce(logits_clean[:, :-1], x0[:, 1:], mask_id) * k).sum(1) / k.sum(1).clamp(min=1)
+    ce = _ce(logits_clean[:, :-1], x0[:, 1:], mask_id) * k
+    return ce.sum() / k.sum().clamp(min=1), ce.sum(1) / k.sum(1).clamp(min=1)
 
 
 def block_diffusion_loss(
@@ -72,8 +74,7 @@ def block_diffusion_loss(
     if shifted and bool((block_sizes == 1).all()):
         # Every token starts its own block: it is predicted from the clean causal prefix alone.
         logits = model(x0, mask=masks.block_causal(L, 1, b).to(x0.device))
-        rows = _ar_rows(logits, x0, cfg.mask_token_id, keep)
-        ar = rows.mean()
+        ar, rows = _ar_loss(logits, x0, cfg.mask_token_id, keep)
         return LossOut(ar, ar, ar, int(keep[:, 1:].sum()), rows)
 
     xt = apply(x0, noise, cfg.mask_token_id)
@@ -106,13 +107,13 @@ def block_diffusion_loss(
         if ar_weight:
             if cfg.layout != "context_causal" or not shifted:
                 raise ValueError("the auxiliary AR loss needs layout 'context_causal' and shifted logits")
-            ar = _ar_rows(clean, x0, cfg.mask_token_id, keep).mean()
+            ar = _ar_loss(clean, x0, cfg.mask_token_id, keep)[0]
     if shifted:
         weight = weight.clone()
         weight[:, 0] = 0.0  # nothing precedes token 0
     ce = _ce(pred, x0, cfg.mask_token_id)
     counted = keep[:, 1:] if shifted else keep  # token 0 of a shifted model is never predicted
-    per_row = counted.sum(1).clamp(min=1)
-    rows = (ce * weight).sum(1) / per_row
-    diff = rows.mean()
+    per_token = ce * weight
+    rows = per_token.sum(1) / counted.sum(1).clamp(min=1)
+    diff = per_token.sum() / counted.sum().clamp(min=1)  # = rows.mean() when rows count alike
     return LossOut(diff + ar_weight * ar, diff, ar, int(counted.sum()), rows)

@@ -88,6 +88,24 @@ def score(
     return nll, n
 
 
+def decode_all(
+    model, tok, prompts: list[str], sampler: str, max_new_tokens: int, batch_size: int, seed: int, **kw
+) -> tuple[list[str], list[list[int]], list, float]:
+    """(texts, token ids, per-row stats, decoding seconds) for prompts decoded in batches; row i
+    has its own random stream (seed * 1_000_003 + i), so batch size never changes a sample."""
+    from ..decoding import generate
+
+    texts, toks, rows, secs = [], [], [], 0.0
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i : i + batch_size]
+        t = time.perf_counter()
+        seeds = [seed * 1_000_003 + i + j for j in range(len(chunk))]
+        out = generate(model, tok, chunk, sampler=sampler, max_new_tokens=max_new_tokens, seed=seeds, **kw)
+        secs += time.perf_counter() - t
+        texts, toks, rows = texts + out.texts, toks + out.tokens, rows + out.rows
+    return texts, toks, rows, secs
+
+
 def evaluate(
     model,
     tok,
@@ -102,26 +120,8 @@ def evaluate(
     seed: int = 0,
     **kw,
 ) -> GenPPL:
-    from ..decoding import generate
-
-    texts, toks, nfes, secs, ntok = [], [], [], 0.0, 0
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i : i + batch_size]
-        t = time.perf_counter()
-        out = generate(
-            model,
-            tok,
-            chunk,
-            sampler=sampler,
-            max_new_tokens=max_new_tokens,
-            seed=[seed * 1_000_003 + i + j for j in range(len(chunk))],
-            **kw,
-        )
-        secs += time.perf_counter() - t
-        texts += out.texts
-        toks += out.tokens
-        nfes += [r.nfe for r in out.rows]
-        ntok += sum(r.tokens for r in out.rows)
+    texts, toks, rows, secs = decode_all(model, tok, prompts, sampler, max_new_tokens, batch_size, seed, **kw)
+    nfes, ntok = [r.nfe for r in rows], sum(r.tokens for r in rows)
     keep = [j for j, t in enumerate(texts) if t.strip()]
     kept_prompts, kept = [prompts[j] for j in keep], [texts[j] for j in keep]
     nll, n = score(ref_model, ref_tok, kept_prompts, kept, score_window, score_stride)

@@ -71,6 +71,12 @@ def load_table_recipe(path: str | Path, sets: list[str] | None = None) -> dict:
         raise ConfigError(f"{path}: unknown eval key(s) {sorted(bad)}; known: {sorted(EVAL_KEYS)}")
     if d["eval"].get("kind", "genppl") not in ("genppl", "task"):
         raise ConfigError(f"{path}: eval.kind must be genppl or task")
+    if d["eval"].get("kind") == "task":
+        from .tasks import check_task
+
+        if "task" not in d["eval"]:
+            raise ConfigError(f"{path}: eval.kind task needs eval.task (e.g. mini_sudoku)")
+        check_task(d["eval"]["task"])
     from ..recipe import from_dict
 
     ev = d["eval"]
@@ -93,6 +99,14 @@ def train_one(recipe: dict, out: Path) -> dict:
     from ..train import Trainer
 
     r = from_dict(recipe)
+    stamp = out / "table_recipe.json"
+    if stamp.exists() and json.loads(stamp.read_text()) != recipe:
+        raise ConfigError(
+            f"{out} was trained from a different recipe than the table's now; "
+            "choose another --out or remove that run"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps(recipe, indent=1))
     log = out / "table_time.json"
     spent = json.loads(log.read_text()) if log.exists() else {"cpu_s": 0.0, "wall_s": 0.0}
     latest = out / "latest"
@@ -121,12 +135,17 @@ def run_table(path: str | Path, out: str | Path | None = None, sets: list[str] |
     if ev.get("kind") == "task":
         from .tasks import write_training_data
 
-        data = out / f"{ev['task']}-train.jsonl"
+        data = out / f"{ev['task']}-train-{int(ev.get('train_size', 10000))}.jsonl"
         if not data.exists():
             write_training_data(ev["task"], int(ev.get("train_size", 10000)), data, seed=0)
         base = merge(base, {"data": {"corpus": str(data)}})
     res_file = out / "results.json"
     results = json.loads(res_file.read_text()) if res_file.exists() else {"rows": [], "models": {}}
+    if results.setdefault("eval", ev) != ev:
+        raise ConfigError(
+            f"{res_file} holds results of other eval settings ({results['eval']}); "
+            "choose another --out or remove it"
+        )
     done = {(r["model"], r["sampler"]) for r in results["rows"]}
     evaluator = None
     for name, m in d["models"].items():

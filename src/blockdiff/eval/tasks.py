@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -92,13 +91,15 @@ def training_pairs(name: str, n: int, seed: int = 0) -> list[dict]:
         raise ValueError("humaneval is an evaluation set only (164 problems): no training data")
     held_out = {it.prompt for it in items(name, EVAL_POOL)}
     out, got, size = [], set(), n
-    while len(out) < n:
+    for _ in range(20):  # reasoning-gym seeds item i with seed + i: each round takes fresh seeds
         for it in _generate(name, size, seed):
             if it.prompt not in held_out and it.prompt not in got and len(out) < n:
                 got.add(it.prompt)
                 out.append({"prompt": it.prompt, "answer": it.answer})
-        seed, size = seed + 7919, max(16, n - len(out))
-    return out
+        if len(out) == n:
+            return out
+        seed, size = seed + size, max(16, 2 * (n - len(out)))
+    raise ValueError(f"{name}: found only {len(out)} distinct training questions outside the evaluation set")
 
 
 def write_training_data(name: str, n: int, out: str | Path, seed: int = 0) -> Path:
@@ -110,11 +111,17 @@ def write_training_data(name: str, n: int, out: str | Path, seed: int = 0) -> Pa
     return out
 
 
-def canvas_length(tok, its: list[Item]) -> int:
+def canvas_length(tok, its: list[Item], context: int) -> int:
     """New tokens to decode: the longest reference answer plus EOS, rounded up to 16 (the same
-    canvas for every model and sampler)."""
-    longest = max(len(tok.encode(it.answer)) for it in its) + 1
-    return -(-longest // 16) * 16
+    canvas for every model and sampler), trimmed to what the model's context leaves."""
+    need = max(len(tok.encode(it.answer)) for it in its) + 1
+    room = context - max(len(tok.encode(it.prompt)) for it in its)
+    if room < need:
+        raise ValueError(
+            f"the longest prompt leaves {room} of the model's {context} positions, fewer than the "
+            f"{need} tokens of the longest answer + EOS; train with a longer data.seq_len"
+        )
+    return min(-(-need // 16) * 16, room)
 
 
 def evaluate_task(
@@ -128,36 +135,29 @@ def evaluate_task(
     seed: int = 0,
     **kw,
 ) -> TaskResult:
-    from ..decoding import generate
+    from .genppl import decode_all
 
     its = items(name, n)
-    new = max_new_tokens or canvas_length(tok, its)
-    scores, nfes, ntok, secs, empty, examples = [], [], 0, 0.0, 0, []
-    for i in range(0, len(its), batch_size):
-        chunk = its[i : i + batch_size]
-        t = time.perf_counter()
-        seeds = [seed * 1_000_003 + i + j for j in range(len(chunk))]
-        out = generate(model, tok, [it.prompt for it in chunk], sampler, new, seed=seeds, **kw)
-        secs += time.perf_counter() - t
-        for it, text, row in zip(chunk, out.texts, out.rows, strict=True):
-            s = score(name, it, text) if text.strip() else 0.0
-            empty += not text.strip()
-            scores.append(s)
-            nfes.append(row.nfe)
-            ntok += row.tokens
-            if len(examples) < 3:
-                examples.append({"prompt": it.prompt[-200:], "completion": text, "score": s})
+    new = max_new_tokens or canvas_length(tok, its, model.config.max_position_embeddings)
+    texts, _, rows, secs = decode_all(
+        model, tok, [it.prompt for it in its], sampler, new, batch_size, seed, **kw
+    )
+    scores = [score(name, it, text) if text.strip() else 0.0 for it, text in zip(its, texts, strict=True)]
+    nfe = sum(r.nfe for r in rows)
     return TaskResult(
         task=name,
         sampler=sampler,
         n=len(its),
         accuracy=sum(s == 1.0 for s in scores) / len(scores),
         mean_score=sum(scores) / len(scores),
-        empty=empty,
-        nfe=sum(nfes) / len(nfes),
-        tokens_per_nfe=ntok / max(1, sum(nfes)),
+        empty=sum(not t.strip() for t in texts),
+        nfe=nfe / len(rows),
+        tokens_per_nfe=sum(r.tokens for r in rows) / max(1, nfe),
         seconds=secs,
-        examples=examples,
+        examples=[
+            {"prompt": it.prompt[-200:], "completion": t, "score": s}
+            for it, t, s in list(zip(its, texts, scores, strict=True))[:3]
+        ],
     )
 
 
