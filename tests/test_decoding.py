@@ -143,7 +143,9 @@ def test_nothing_committed_after_eos(make_model, tok):
     late = [col for ev in c.trace if ev["step"] > eos_step for (_, col, _) in ev.get("committed", [])]
     assert all(col < e for col in late)
     assert max(commit_cols) <= c.G + 15
-    assert not c.valid[0, e + 1 :].any()
+    rest = c.valid[0, e + 1 :]
+    assert rest.any() and (c.tokens[0, e + 1 :][rest] == c.eos_id).all()  # EOS-filled, still visible
+    assert not c.masked[0, e + 1 :].any()
 
 
 def test_llada_nfe_and_schedule(make_model, tok):

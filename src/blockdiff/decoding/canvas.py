@@ -148,10 +148,12 @@ class Canvas:
         for r, c in zip(rows[eos].tolist(), cols[eos].tolist(), strict=True):
             if c < self.eos_at[r] and c >= self.G:
                 self.eos_at[r] = c
-                after = torch.arange(self.T) > c
+                after = (torch.arange(self.T) > c) & self.valid[r]
+                # The rest of the canvas becomes EOS and stays visible: the canvas a model trained
+                # with EOS padding expects (dropping it from attention shrinks the sequence, which
+                # a global-attention model reads as "the text ends here" and answers with EOS).
                 self.masked[r, after] = False
-                self.tokens[r, after & self.valid[r]] = self.pad_id
-                self.valid[r, after] = False
+                self.tokens[r, after] = self.eos_id
         now = time.perf_counter() - self.started
         newly = self.done() & torch.isnan(self.finished_at)
         self.finished_at[newly] = now

@@ -111,17 +111,19 @@ def write_training_data(name: str, n: int, out: str | Path, seed: int = 0) -> Pa
     return out
 
 
-def canvas_length(tok, its: list[Item], context: int) -> int:
-    """New tokens to decode: the longest reference answer plus EOS, rounded up to 16 (the same
-    canvas for every model and sampler), trimmed to what the model's context leaves."""
+def canvas_length(tok, its: list[Item], context: int, trained_rows: int | None) -> int:
+    """New tokens to decode, the same for every sampler. A global-block (MDLM-style) model trained
+    on rows of `trained_rows` tokens gets a canvas that ends where its rows ended: it attends to
+    the whole canvas and reads its length as a cue (one trained on 160-token rows fills a shorter
+    canvas with EOS). Otherwise: the longest reference answer plus EOS, rounded up to 16."""
     need = max(len(tok.encode(it.answer)) for it in its) + 1
-    room = context - max(len(tok.encode(it.prompt)) for it in its)
+    room = min(context, trained_rows or context) - max(len(tok.encode(it.prompt)) for it in its)
     if room < need:
         raise ValueError(
             f"the longest prompt leaves {room} of the model's {context} positions, fewer than the "
             f"{need} tokens of the longest answer + EOS; train with a longer data.seq_len"
         )
-    return min(-(-need // 16) * 16, room)
+    return room if trained_rows else min(-(-need // 16) * 16, room)
 
 
 def evaluate_task(
@@ -138,7 +140,9 @@ def evaluate_task(
     from .genppl import decode_all
 
     its = items(name, n)
-    new = max_new_tokens or canvas_length(tok, its, model.config.max_position_embeddings)
+    cfg = model.config
+    rows = cfg.train_seq_len if cfg.train_seq_len and cfg.block_size >= cfg.train_seq_len else None
+    new = max_new_tokens or canvas_length(tok, its, cfg.max_position_embeddings, rows)
     texts, _, rows, secs = decode_all(
         model, tok, [it.prompt for it in its], sampler, new, batch_size, seed, **kw
     )
