@@ -106,3 +106,32 @@ def test_split_attention_equals_full_mask(model, layout):
     assert (a - b).abs().max().item() <= 1e-5
     with pytest.raises(ValueError, match="cannot be split"):
         masks.split(torch.ones(1, 1, 2 * L, 2 * L, dtype=torch.bool), L)
+
+
+def test_grid_offsets_move_block_boundaries():
+    """Blocks cut at offset + k*B (SFT rows: at the answer start, where decoding starts its
+    blocks); positions before the origin form earlier (negative) blocks, the first one partial."""
+    import torch
+
+    from blockdiff.masks import block_causal, vectorised
+    from blockdiff.noise import draw, grid_offsets
+
+    L, B, off = 12, 4, torch.tensor([0, 3])
+    m = block_causal(L, B, offsets=off)[:, 0]
+    for r, o in enumerate(off.tolist()):
+        blk = [(i - o) // B for i in range(L)]
+        want = torch.tensor([[blk[i] >= blk[j] for j in range(L)] for i in range(L)])
+        assert torch.equal(m[r], want)
+    v = vectorised(L, B, offsets=off)[:, 0]
+    assert torch.equal(v[1, L:, L:], m[1]) and torch.equal(v[0], vectorised(L, B, batch=1)[0, 0])
+    nz = draw((2, L), torch.tensor([B, B]), torch.Generator().manual_seed(0), offsets=off)
+    t = nz.t[1].tolist()  # row 1: blocks [0,3), [3,7), [7,11), [11,12)
+    assert len({t[0], t[1], t[2]}) == 1 and len(set(t[3:7])) == 1 and len(set(t[7:11])) == 1
+    assert len({t[0], t[3], t[7], t[11]}) == 4
+    same = draw((2, L), torch.tensor([B, B]), torch.Generator().manual_seed(0))
+    assert torch.equal(
+        same.t, draw((2, L), torch.tensor([B, B]), torch.Generator().manual_seed(0), offsets=None).t
+    )
+    keep = torch.zeros(3, L, dtype=torch.bool)
+    keep[0, 5:], keep[1, 2:], keep[2, 7:] = True, True, True
+    assert grid_offsets(keep, torch.tensor([4, 1, L])).tolist() == [5, 2, 0]  # B=L: one block

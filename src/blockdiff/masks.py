@@ -9,6 +9,9 @@ fed to PyTorch SDPA as they are.
   themselves and earlier clean blocks; the clean half is block-causal (or plain causal in the
   NBDiff `context_causal` layout).
 * Per-sequence block sizes (mix-scale) are a batch of these, one block size per row.
+* Per-sequence grid origins (`offsets`): blocks start at `offset + k*B` (SFT rows: at the
+  answer, as decoding anchors its blocks at the generation start); positions before the origin
+  fall into negative block ids, exactly as the decoding canvas numbers its prompt blocks.
 """
 
 from __future__ import annotations
@@ -36,19 +39,28 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def block_ids(positions: Tensor, block_size: int | Tensor) -> Tensor:
-    """Block index of each absolute position; `block_size` broadcasts over leading dims."""
+def block_ids(positions: Tensor, block_size: int | Tensor, offsets: Tensor | None = None) -> Tensor:
+    """Block index of each absolute position; `block_size` and `offsets` (grid origins)
+    broadcast over leading dims."""
     bs = torch.as_tensor(block_size, device=positions.device)
+    off = torch.as_tensor(0 if offsets is None else offsets, device=positions.device)
     while bs.ndim < positions.ndim:
         bs = bs.unsqueeze(-1)
-    return torch.div(positions, bs, rounding_mode="floor")
+    while off.ndim < positions.ndim:
+        off = off.unsqueeze(-1)
+    return torch.div(positions - off, bs, rounding_mode="floor")
 
 
-def block_causal(seq_len: int, block_size: int | Tensor | list[int], batch: int | None = None) -> Tensor:
+def block_causal(
+    seq_len: int,
+    block_size: int | Tensor | list[int],
+    batch: int | None = None,
+    offsets: Tensor | None = None,
+) -> Tensor:
     """[b, 1, L, L] mask: token i sees j iff block(i) >= block(j)."""
     sizes = _as_sizes(block_size, batch)
     pos = torch.arange(seq_len)
-    blk = block_ids(pos.expand(len(sizes), seq_len), sizes)  # [b, L]
+    blk = block_ids(pos.expand(len(sizes), seq_len), sizes, offsets)  # [b, L]
     return (blk[:, :, None] >= blk[:, None, :]).unsqueeze(1)
 
 
@@ -57,6 +69,7 @@ def vectorised(
     block_size: int | Tensor | list[int],
     batch: int | None = None,
     layout: str = "block_causal",
+    offsets: Tensor | None = None,
 ) -> Tensor:
     """[b, 1, 2L, 2L] mask for the input [xt ⊕ x0]; both halves carry positions 0..L-1.
 
@@ -68,7 +81,7 @@ def vectorised(
     idx = torch.arange(2 * seq_len)
     clean = idx >= seq_len
     pos = idx % seq_len
-    blk = block_ids(pos.expand(len(sizes), 2 * seq_len), sizes)  # [b, 2L]
+    blk = block_ids(pos.expand(len(sizes), 2 * seq_len), sizes, offsets)  # [b, 2L]
     bq, bk = blk[:, :, None], blk[:, None, :]
     fq, fk = clean[None, :, None], clean[None, None, :]
     m_bd = (bq == bk) & (fq == fk)

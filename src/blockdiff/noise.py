@@ -22,9 +22,10 @@ MIN_T = 1e-3  # the epsilon of the schedule: t never goes below it (the 1/t weig
 class Noise:
     t: Tensor  # [b, L] masking level of each token's block
     masked: Tensor  # [b, L] bool
+    offsets: Tensor | None = None  # [b] origin of each row's block grid (None: position 0)
 
     def rows(self, sl: slice) -> Noise:
-        return Noise(self.t[sl], self.masked[sl])
+        return Noise(self.t[sl], self.masked[sl], None if self.offsets is None else self.offsets[sl])
 
 
 def sample_levels(n: int, gen: torch.Generator, interval: tuple[float, float], antithetic: bool) -> Tensor:
@@ -44,16 +45,31 @@ def draw(
     gen: torch.Generator,
     interval: tuple[float, float] = (1e-3, 1.0),
     antithetic: bool = True,
+    offsets: Tensor | None = None,
 ) -> Noise:
-    """One t per (row, block), every token of a block masked independently with probability t."""
+    """One t per (row, block), every token of a block masked independently with probability t.
+    `offsets`: per-row origin of the block grid (blocks cut at offset + k*B)."""
+    from .masks import block_ids
+
     b, L = shape
-    nblocks = L // block_sizes  # [b]
-    offsets = torch.cumsum(nblocks, 0) - nblocks
-    blk = torch.arange(L)[None, :] // block_sizes[:, None] + offsets[:, None]  # global block index
+    local = block_ids(torch.arange(L).expand(b, L), block_sizes, offsets)
+    local = local - local[:, :1]  # 0-based block index inside each row
+    nblocks = local[:, -1] + 1  # [b]
+    first = torch.cumsum(nblocks, 0) - nblocks
     levels = sample_levels(int(nblocks.sum()), gen, interval, antithetic)
-    t = levels[blk]
+    t = levels[local + first[:, None]]  # by global block index
     masked = torch.rand((b, L), generator=gen) < t
-    return Noise(t, masked)
+    return Noise(t, masked, offsets)
+
+
+def grid_offsets(loss_mask: Tensor | None, block_sizes: Tensor) -> Tensor | None:
+    """Block-grid origins for supervised rows: the first loss (answer) token, where the decoding
+    canvas starts its blocks; rows whose block is the whole sequence keep one block."""
+    if loss_mask is None:
+        return None
+    L = loss_mask.shape[1]
+    first = loss_mask.float().argmax(1).cpu()
+    return torch.where(block_sizes.cpu() < L, first, torch.zeros_like(first))
 
 
 def apply(x0: Tensor, noise: Noise, mask_id: int) -> Tensor:

@@ -86,7 +86,8 @@ def block_diffusion_loss(
         raw = model(xt, mask=None)
         pred = raw if not shifted else torch.cat([raw[:, :1], raw[:, :-1]], 1)
     else:
-        mask = masks.split(masks.vectorised(L, block_sizes, layout=cfg.layout).to(x0.device), L)
+        vec = masks.vectorised(L, block_sizes, layout=cfg.layout, offsets=noise.offsets)
+        mask = masks.split(vec.to(x0.device), L)
         need_clean = shifted or ar_weight > 0  # otherwise the clean half's logits are never read
         raw = model(
             torch.cat([xt, x0], 1),
@@ -98,7 +99,8 @@ def block_diffusion_loss(
         if shifted:
             # Token i comes from output i-1: inside the block from the noisy half, at a block
             # start from the clean half (the last clean token before the block).
-            starts = (pos % block_sizes[:, None].to(x0.device)) == 0  # [b, L]
+            off = 0 if noise.offsets is None else noise.offsets[:, None].to(x0.device)
+            starts = ((pos - off) % block_sizes[:, None].to(x0.device)) == 0  # [b, L]
             prev_noisy = torch.cat([noisy[:, :1], noisy[:, :-1]], 1)
             prev_clean = torch.cat([clean[:, :1], clean[:, :-1]], 1)
             pred = torch.where(starts[..., None], prev_clean, prev_noisy)

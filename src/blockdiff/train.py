@@ -195,10 +195,12 @@ class Trainer(Checkpointing):
         x0 = self.train_data[rows]
         w = torch.tensor(self.r.objective.weights or [1.0] * len(sizes), dtype=torch.float)
         bs = torch.tensor(sizes)[torch.multinomial(w, batch, replacement=True, generator=gen)]
-        nz = noise_mod.draw(tuple(x0.shape), bs, gen, interval, self.r.objective.antithetic)
+        keep = None if self.train_mask is None else self.train_mask[rows]
+        offs = noise_mod.grid_offsets(keep, bs)
+        nz = noise_mod.draw(tuple(x0.shape), bs, gen, interval, self.r.objective.antithetic, offs)
         per = batch // self.world
         sl = slice(self.rank * per, (self.rank + 1) * per)
-        keep = None if self.train_mask is None else self.train_mask[rows][sl].to(self.device)
+        keep = None if keep is None else keep[sl].to(self.device)
         return x0[sl].to(self.device), bs[sl], nz.rows(sl), keep
 
     def autocast(self):
@@ -221,7 +223,8 @@ class Trainer(Checkpointing):
                     x0, keep = self.val_data[rows].to(self.device), self._val_mask(rows)
                     gen = torch.Generator().manual_seed(10_007 + i)
                     bs = torch.full((len(x0),), B)
-                    nz = noise_mod.draw(tuple(x0.shape), bs, gen, (0.0, 1.0), True)
+                    offs = noise_mod.grid_offsets(keep, bs)
+                    nz = noise_mod.draw(tuple(x0.shape), bs, gen, (0.0, 1.0), True, offs)
                     with self.autocast():
                         tot += block_diffusion_loss(self.model, x0, bs, nz, loss_mask=keep).diff.item()
                 out[f"val_nll_B{B}"] = tot / n
@@ -244,7 +247,7 @@ class Trainer(Checkpointing):
         best, best_var = self.interval, float("inf")
         for cand in noise_mod.interval_candidates():
             gen = torch.Generator().manual_seed(4242)
-            nz = noise_mod.draw(tuple(x0.shape), bs, gen, cand, True)
+            nz = noise_mod.draw(tuple(x0.shape), bs, gen, cand, True, noise_mod.grid_offsets(keep, bs))
             with self.autocast():
                 var = block_diffusion_loss(self.model, x0, bs, nz, loss_mask=keep).rows.var().item()
             if var < best_var:
