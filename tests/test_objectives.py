@@ -172,8 +172,8 @@ def test_global_block_vectorised_equals_mdlm_path():
     assert mixed.rows[0].item() == pytest.approx(alone.rows[0].item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("origin", [0, 3])
-def test_vectorised_bd3_equals_block_by_block(origin):
+@pytest.mark.parametrize("origin,with_mask", [(0, False), (3, False), (3, True)])
+def test_vectorised_bd3_equals_block_by_block(origin, with_mask):
     """The [xt ⊕ x0] layout is an implementation of the definition: for each block, the model
     reads the clean prefix and the noisy block (block-causal), and scores the block's masked
     tokens with weight 1/t. Also with a shifted grid origin (supervised rows)."""
@@ -192,7 +192,8 @@ def test_vectorised_bd3_equals_block_by_block(origin):
     x0 = torch.randint(0, 15, (b, L))
     bs, off = torch.full((b,), B), torch.full((b,), origin)
     nz = noise.draw((b, L), bs, torch.Generator().manual_seed(1), offsets=off if origin else None)
-    got = block_diffusion_loss(m, x0, bs, nz).loss
+    keep = torch.ones(b, L, dtype=torch.bool) if with_mask else None  # a loss mask keeps the grid
+    got = block_diffusion_loss(m, x0, bs, nz, loss_mask=keep).loss
     xt = apply(x0, nz, 15)
     cuts = sorted({0, L, *range(origin % B, L, B)})
     total = torch.zeros(())

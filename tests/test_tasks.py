@@ -192,3 +192,25 @@ def test_table_recipe_errors_before_training():
         load_table_recipe("recipes/table-shakespeare.yaml", ["eval.num_sample=3"])
     with pytest.raises(ConfigError, match="did you mean"):
         load_table_recipe("recipes/table-shakespeare.yaml", ["train.step=3"])
+
+
+def test_canvas_length_rules(tok):
+    its = [tasks.Item("ab", "xyz", {}), tasks.Item("abcd", "x", {})]
+    assert tasks.canvas_length(tok, its, 64, None) == 16  # longest answer + EOS, rounded up to 16
+    assert tasks.canvas_length(tok, its, 18, None) == 14  # trimmed to what the context leaves
+    assert tasks.canvas_length(tok, its, 64, 40) == 36  # global-block model: ends where rows ended
+    with pytest.raises(ValueError, match="longer data.seq_len"):
+        tasks.canvas_length(tok, its, 7, None)
+
+
+def test_block_expansion_stops_at_eos():
+    from blockdiff.decoding.canvas import Canvas
+
+    c = Canvas.build([[5, 6]], 8, mask_id=1, eos_id=0, pad_id=2)
+    c.set_grid(4)
+    assert c.expand_block(0, 0, 4, 4)  # room to grow before any EOS
+    c = Canvas.build([[5, 6]], 8, mask_id=1, eos_id=0, pad_id=2)
+    c.set_grid(4)
+    c.commit(torch.tensor([0]), torch.tensor([3]), torch.tensor([0]), torch.tensor([1.0]))  # EOS in block 0
+    assert (c.tokens[0, 4:] == 0).all()
+    assert not c.expand_block(0, 0, 4, 4)  # the EOS fill after it is not room to grow into

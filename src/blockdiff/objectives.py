@@ -64,7 +64,7 @@ def block_diffusion_loss(
     b, L = x0.shape
     keep = torch.ones_like(x0, dtype=torch.bool) if loss_mask is None else loss_mask.to(x0.device)
     if loss_mask is not None:
-        noise = Noise(noise.t, noise.masked.to(x0.device) & keep)
+        noise = Noise(noise.t, noise.masked.to(x0.device) & keep, noise.offsets)
     block_sizes = block_sizes.to(torch.long)
     for B in set(block_sizes.tolist()):
         masks.check_block_size(L, B)

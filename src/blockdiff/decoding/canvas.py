@@ -109,7 +109,7 @@ class Canvas:
         """Grow row r's block k by `by` columns (DCD block expansion); later blocks shift right."""
         cols = (self.blk[r] == k).nonzero().flatten()
         end = int(cols[-1]) + 1
-        valid_end = int(self.valid[r].nonzero().flatten()[-1]) + 1
+        valid_end = min(int(self.valid[r].nonzero().flatten()[-1]) + 1, int(self.eos_at[r]) + 1)
         if end >= valid_end:
             return False
         new_end = min(end + by, self.T)

@@ -138,10 +138,11 @@ def run_table(path: str | Path, out: str | Path | None = None, sets: list[str] |
         data = out / f"{ev['task']}-train-{int(ev.get('train_size', 10000))}.jsonl"
         if not data.exists():
             write_training_data(ev["task"], int(ev.get("train_size", 10000)), data, seed=0)
-        base = merge(base, {"data": {"corpus": str(data)}})
+        base = merge(base, {"data": {"corpus": str(data.resolve())}})
     res_file = out / "results.json"
     results = json.loads(res_file.read_text()) if res_file.exists() else {"rows": [], "models": {}}
-    if results.setdefault("eval", ev) != ev:
+    same = {k: v for k, v in ev.items() if k != "batch_size"}  # batch size never changes a sample
+    if {k: v for k, v in results.setdefault("eval", ev).items() if k != "batch_size"} != same:
         raise ConfigError(
             f"{res_file} holds results of other eval settings ({results['eval']}); "
             "choose another --out or remove it"

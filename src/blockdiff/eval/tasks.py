@@ -140,8 +140,10 @@ def evaluate_task(
     from .genppl import decode_all
 
     its = items(name, n)
+    from ..decoding.samplers import _global
+
     cfg = model.config
-    rows = cfg.train_seq_len if cfg.train_seq_len and cfg.block_size >= cfg.train_seq_len else None
+    rows = cfg.train_seq_len if cfg.train_seq_len and _global(model) else None
     new = max_new_tokens or canvas_length(tok, its, cfg.max_position_embeddings, rows)
     texts, _, rows, secs = decode_all(
         model, tok, [it.prompt for it in its], sampler, new, batch_size, seed, **kw
