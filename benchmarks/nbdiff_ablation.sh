@@ -15,7 +15,9 @@ OUT=${OUT:-gpu-out}                 # logs, metrics and the comparison table
 RUNS=${RUNS:-runs/nbdiff-ablation}  # checkpoints
 mkdir -p "$OUT"
 STATE=/tmp/blockdiff-gpu            # outside the checkout: survives between calls on a warm machine
-export BLOCKDIFF_CACHE=${BLOCKDIFF_CACHE:-$STATE/cache} PYTHONUNBUFFERED=1
+# the lent machine reads the inputs .dev/ brought; elsewhere the usual cache
+[ -d .dev ] && DEFAULT_CACHE=$STATE/cache || DEFAULT_CACHE=$HOME/.cache/blockdiff
+export BLOCKDIFF_CACHE=${BLOCKDIFF_CACHE:-$DEFAULT_CACHE} PYTHONUNBUFFERED=1
 GGUF=$BLOCKDIFF_CACHE/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 
 RECIPE=${RECIPE:-recipes/nbdiff-smollm2-gpu.yaml}
@@ -49,7 +51,10 @@ check)
   ;;
 adapt)
   setup
-  [ -f .dev/b/gguf.part2 ] && cat "$STATE/gguf.part1" .dev/b/gguf.part2 > "$GGUF"
+  if [ -f .dev/b/gguf.part2 ]; then
+    [ -f "$STATE/gguf.part1" ] || { echo "no $STATE/gguf.part1: run 'check' on this machine first" >&2; exit 1; }
+    cat "$STATE/gguf.part1" .dev/b/gguf.part2 > "$GGUF"
+  fi
   steps=${STEPS:-$(cat "$STATE/steps" 2>/dev/null || echo 500)}
   steps=$(( steps / 4 * 4 ))
   log=$OUT/adapt.log
@@ -58,7 +63,7 @@ adapt)
   run() {  # name, extra --set arguments
     local name=$1; shift
     local t0=$SECONDS sets=()
-    for kv in model.base=runs/smollm2 train.steps="$steps" train.eval_every=$((steps / 4)) ${EXTRA_SETS:-} "$@"; do
+    for kv in model.base=runs/smollm2 train.steps="$steps" train.eval_every=$(( steps >= 4 ? steps / 4 : 1 )) ${EXTRA_SETS:-} "$@"; do
       sets+=(--set "$kv")
     done
     "$PY" -m blockdiff train "$RECIPE" --out "$RUNS/$name" "${sets[@]}" 2>&1 | tee -a "$log"
