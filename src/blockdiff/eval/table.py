@@ -170,7 +170,8 @@ def run_table(path: str | Path, out: str | Path | None = None, sets: list[str] |
             results["rows"].append({"model": name, "sampler": key[1], **rec})
             res_file.write_text(json.dumps(results, indent=1))
             print(f"{name} | {key[1]} | " + ", ".join(f"{k} {v}" for k, v in rec.items()), flush=True)
-    (out / "table.md").write_text(markdown(d, results, path))
+    cmd = " ".join([f"blockdiff eval table {path}", *(f"--set {x}" for x in sets or [])])
+    (out / "table.md").write_text(markdown(d, results, cmd))
     plot(d, results, out / "plot.png")
     return out
 
@@ -223,11 +224,11 @@ def _task_row(model, tok, ev: dict, sampler: str, kw: dict) -> dict:
     }
 
 
-def markdown(d: dict, results: dict, path) -> str:
+def markdown(d: dict, results: dict, command: str) -> str:
     task = d["eval"].get("kind") == "task"
     cols = ["accuracy", "mean_score"] if task else ["gen_ppl", "entropy"]
     head = ["model", "sampler", *cols, "NFEs", "tokens/NFE", "val NLL bound", "train CPU min"]
-    lines = [f"command: blockdiff eval table {path}", ""]
+    lines = [f"command: {command}", ""]
     if "real_text_ppl" in results:
         lines += [
             f"real text (validation continuations) under the evaluator: {results['real_text_ppl']:.2f}",
