@@ -214,3 +214,36 @@ def test_block_expansion_stops_at_eos():
     c.commit(torch.tensor([0]), torch.tensor([3]), torch.tensor([0]), torch.tensor([1.0]))  # EOS in block 0
     assert (c.tokens[0, 4:] == 0).all()
     assert not c.expand_block(0, 0, 4, 4)  # the EOS fill after it is not room to grow into
+
+
+@pytest.mark.slow
+def test_eval_table_genppl_kind(tmp_path, corpus_dir):
+    """The table's main mode: two models, Gen PPL under SmolLM2 with NFEs, the real-text row."""
+    recipe = tmp_path / "g.yaml"
+    recipe.write_text(
+        f"""
+base:
+  model: {{hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2,
+          num_key_value_heads: 2}}
+  tokenizer: {{kind: byte}}
+  data: {{corpus: {corpus_dir}, seq_len: 32}}
+  train: {{steps: 2, batch_size: 4, eval_every: 2, save_every: 2, warmup: 1}}
+eval: {{kind: genppl, num_samples: 2, prompt_tokens: 8, max_new_tokens: 8, batch_size: 2}}
+models:
+  AR:
+    model: {{logits: shifted}}
+    objective: {{block_sizes: [1]}}
+    samplers: [{{sampler: ar}}]
+  BD3 B=4:
+    objective: {{block_sizes: [4]}}
+    samplers: [{{sampler: bd3, block_size: 4, steps: 2}}, {{sampler: bd3, block_size: 4, steps: 4}}]
+"""
+    )
+    out = tmp_path / "out"
+    assert main(["eval", "table", str(recipe), "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert math.isfinite(res["real_text_ppl"]) and res["real_text_ppl"] > 1
+    nfe = {r["sampler"]: r["nfe"] for r in res["rows"]}
+    assert nfe["bd3 block_size=4 steps=2"] < nfe["bd3 block_size=4 steps=4"] <= 8
+    assert all(math.isfinite(r["gen_ppl"]) and r["gen_ppl"] > 1 for r in res["rows"])
+    assert "real text" in (out / "table.md").read_text() and (out / "plot.png").exists()

@@ -28,7 +28,7 @@ def _seq_len(model: BlockDiffLM) -> int:
     return model.config.train_seq_len or model.config.max_position_embeddings
 
 
-def _global(model: BlockDiffLM) -> bool:
+def has_global_block(model: BlockDiffLM) -> bool:
     """Was the model trained with the global block (full attention)?"""
     return any(b >= _seq_len(model) for b in _trained_sizes(model))
 
@@ -51,7 +51,7 @@ def _commit(threshold, factor, steps_per_window):
 def _full_attention_cache(model, cache, notes, block):
     """Full-attention samplers on a model never trained with the global block fall back to
     block-causal attention with the exact cache (said in `notes`, never silent)."""
-    if _global(model):
+    if has_global_block(model):
         return None, cache
     notes.append(f"model has no global block: using block-causal attention (B={block}) with the exact cache")
     return block, "none" if cache == "none" else "exact"
@@ -206,7 +206,7 @@ def plan_dcd(
     `refresh_every` committed tokens, the delayed region recomputed meanwhile."""
     common = dict(temperature=temperature, top_k=top_k, top_p=top_p, **kw)
     commit = _commit(threshold, None, None)
-    if block_size is not None or not _global(model):
+    if block_size is not None or not has_global_block(model):
         B = block_size or max(_default_block(model), 16 if 16 in _trained_sizes(model) else 0)
         W = window or min(8, B)
         inner = BlockWindow(B)

@@ -112,9 +112,9 @@ def train_one(recipe: dict, out: Path) -> dict:
     latest = out / "latest"
     if latest.exists() and latest.read_text().strip() == f"step-{r.train.steps:07d}":
         return spent
-    c0, w0 = time.process_time(), time.time()
     import torch
 
+    c0, w0 = time.process_time(), time.time()
     with torch.enable_grad():  # the CLI runs eval commands without autograd
         Trainer(r, out, resume=latest.exists()).run()
     spent = {"cpu_s": spent["cpu_s"] + time.process_time() - c0, "wall_s": spent["wall_s"] + time.time() - w0}
