@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 
 from blockdiff.checkpoint import load_model
-from blockdiff.cli import bundled_model_path
 from blockdiff.config import ModelConfig
 from blockdiff.decoding import generate
 from blockdiff.model import BlockDiffLM
+from blockdiff.models import bundled_path
 from blockdiff.noise import draw
 from blockdiff.objectives import block_diffusion_loss
 
@@ -42,8 +42,8 @@ def check(name: str, ok: bool, detail: str = "") -> None:
 
 
 def decoding_checks() -> None:
-    cpu, tok = load_model(bundled_model_path())
-    gpu = load_model(bundled_model_path(), device=DEV)[0]
+    cpu, tok = load_model(bundled_path("shakespeare-5m"))
+    gpu = load_model(bundled_path("shakespeare-5m"), device=DEV)[0]
     ids = torch.tensor([tok.encode(PROMPTS[0])])
     diff = (cpu(ids) - gpu(ids.to(DEV)).cpu()).abs().max().item()
     check("logits CUDA fp32 = CPU fp32", diff < 1e-3, f"max abs diff {diff:.2e}")
@@ -70,7 +70,7 @@ def decoding_checks() -> None:
             for p, s in zip(PROMPTS, [1, 2, 3], strict=True)
         ]
         check(f"{sampler}: batched = unbatched on CUDA", batched == alone)
-    bf = load_model(bundled_model_path(), dtype=torch.bfloat16, device=DEV)[0]
+    bf = load_model(bundled_path("shakespeare-5m"), dtype=torch.bfloat16, device=DEV)[0]
     out = generate(bf, tok, PROMPTS, "bd3", max_new_tokens=32, block_size=4, steps=2)
     check("bf16 CUDA decoding runs", all(len(t) > 0 for t in out.texts), repr(out.texts[0][:40]))
 

@@ -17,8 +17,8 @@ import time
 import torch
 
 from blockdiff.checkpoint import load_model
-from blockdiff.cli import bundled_model_path
 from blockdiff.decoding import generate
+from blockdiff.models import bundled_path
 
 PROMPTS = ["ROMEO.\nBut soft, what light", "KING.\nWhat news", "HAMLET.\nTo be, or not to be"]
 
@@ -54,7 +54,7 @@ def main() -> None:
     ap.add_argument("--quality", type=int, default=0, help="also Gen PPL under SmolLM2 with N samples each")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     a = ap.parse_args()
-    model, tok = load_model(a.model or bundled_model_path(), dtype=getattr(torch, a.dtype))
+    model, tok = load_model(a.model or bundled_path("shakespeare-5m"), dtype=getattr(torch, a.dtype))
     prompts = (PROMPTS * a.batch)[: a.batch]
     cfgs = configs(a.max_new_tokens)
     times: dict[str, list[float]] = {c[0]: [] for c in cfgs}

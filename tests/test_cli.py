@@ -8,6 +8,7 @@ import pytest
 
 from blockdiff import cli
 from blockdiff.decoding import SAMPLERS
+from blockdiff.models import bundled_path
 
 
 def run_cli(capsys, *args):
@@ -79,7 +80,7 @@ def test_bundled_model_end_to_end():
     d = json.loads(r.stdout)
     assert d["tokens"] >= 1 and d["nfe"] >= 1 and isinstance(d["text"], str)
     info = subprocess.run(
-        [sys.executable, "-m", "blockdiff.cli", "info", str(cli.bundled_model_path()), "--json"],
+        [sys.executable, "-m", "blockdiff.cli", "info", str(bundled_path("shakespeare-5m")), "--json"],
         capture_output=True,
         text=True,
         timeout=300,

@@ -93,6 +93,13 @@ def test_pack_pairs_layout_and_errors(tok, tmp_path):
     assert mask[1].tolist() == [False] + [True] * 7
     with pytest.raises(ValueError, match="more than seq_len 4"):
         pack_pairs(tok, [("abc", "de")], 4)
+    # an answer cut at a length limit: no EOS, right-aligned, loss on the answer only
+    ids, mask = pack_pairs(tok, [("ab", "cde", False)], 8)
+    assert ids[0][:3].tolist() == [tok.eos_id] * 3 and tok.decode(ids[0][3:].tolist()) == "abcde"
+    assert mask[0].tolist() == [False] * 5 + [True] * 3
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text('{"prompt": "a", "answer": "b", "complete": false}\n{"prompt": "c", "answer": "d"}\n')
+    assert load_corpus(cut, 0.5).train_pairs == [("a", "b", False)]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "answer": "b"}\n{"prompt": "only"}\n')
     with pytest.raises(ValueError, match="bad.jsonl:2"):

@@ -5,17 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from importlib import resources
 from pathlib import Path
 
 import torch
 
 from .checkpoint import CheckpointError, load_model, read_trainer_meta, resolve
 from .config import ConfigError
-
-
-def bundled_model_path() -> Path:
-    return Path(str(resources.files("blockdiff") / "assets" / "demo"))
 
 
 def cmd_train(a: argparse.Namespace) -> int:
@@ -50,7 +45,7 @@ def growth_schedule(spec: str, target: int, until: float = 0.5) -> list | None:
 
 def cmd_adapt(a: argparse.Namespace) -> int:
     """NBDiff: context-causal layout, shifted logits, AR-loss regulariser, gradual block growth."""
-    from . import recipe
+    from . import delta, recipe
     from .train import Trainer
 
     rec = {
@@ -61,6 +56,7 @@ def cmd_adapt(a: argparse.Namespace) -> int:
             "ar_weight": a.ar_loss_weight,
             "growth": growth_schedule(a.growth, a.target_block_size),
         },
+        **({"delta": vars(delta.parse(a.delta))} if a.delta else {}),
         "train": {
             "steps": a.steps,
             "batch_size": a.batch_size,
@@ -95,7 +91,7 @@ def cmd_import(a: argparse.Namespace) -> int:
 
 
 def _sampler_kwargs(a: argparse.Namespace) -> dict:
-    names = ("block_size", "steps", "threshold", "temperature", "top_p", "top_k", "seed")
+    names = ("block_size", "steps", "threshold", "temperature", "top_p", "top_k", "seed", "draft")
     kw = {k: getattr(a, k) for k in names if getattr(a, k, None) is not None}
     if getattr(a, "no_cache", False):
         kw["cache"] = "none"
@@ -108,7 +104,7 @@ def cmd_eval_genppl(a: argparse.Namespace) -> int:
     from .eval.genppl import corpus_prompts, evaluate, reference_row
     from .hub import load_reference
 
-    model, tok = load_model(a.model or bundled_model_path(), dtype=getattr(torch, a.dtype))
+    model, tok = load_model(a.model, dtype=getattr(torch, a.dtype))
     ref, ref_tok = load_reference(a.evaluator)
     prompts, real = corpus_prompts(tok, a.corpus, a.num_samples, a.prompt_tokens, a.max_new_tokens)
     kw = _sampler_kwargs(a)
@@ -135,7 +131,7 @@ def cmd_eval_task(a: argparse.Namespace) -> int:
     from .eval.tasks import as_dict, check_task, evaluate_task
 
     check_task(a.task)
-    model, tok = load_model(a.model or bundled_model_path(), dtype=getattr(torch, a.dtype))
+    model, tok = load_model(a.model, dtype=getattr(torch, a.dtype))
     kw = _sampler_kwargs(a)
     seed = kw.pop("seed", 0)
     res = evaluate_task(model, tok, a.task, a.sampler, a.n, a.max_new_tokens, a.batch_size, seed=seed, **kw)
@@ -169,6 +165,14 @@ def cmd_data_task(a: argparse.Namespace) -> int:
     check_task(a.task)
     out = write_training_data(a.task, a.n, a.out, a.seed)
     print(f"{a.n} {a.task} prompt/answer pairs -> {out} (evaluation questions excluded)")
+    return 0
+
+
+def cmd_data_distill(a: argparse.Namespace) -> int:
+    from .data.distill import distill
+
+    out = distill(a.model, a.out, a.n, a.max_new_tokens, a.batch_size, a.seq_len)
+    print(f"self-distilled pairs -> {out}")
     return 0
 
 
@@ -216,12 +220,13 @@ def cmd_generate(a: argparse.Namespace) -> int:
     from .decoding import generate
     from .decoding.display import LiveCanvas
 
-    model, tok = load_model(a.model or bundled_model_path(), dtype=getattr(torch, a.dtype))
+    model, tok = load_model(a.model, dtype=getattr(torch, a.dtype))
     kwargs = _sampler_kwargs(a)
     if a.max_new_tokens is not None:
         kwargs["max_new_tokens"] = a.max_new_tokens
     live = None if a.json or not sys.stdout.isatty() or a.quiet else LiveCanvas(tok)
-    out = generate(model, tok, [a.prompt], sampler=a.sampler, on_step=live, **kwargs)
+    prompt = a.prompt if a.raw or not tok.chat_template else tok.chat(a.prompt)
+    out = generate(model, tok, [prompt], sampler=a.sampler, on_step=live, **kwargs)
     if live is not None:
         live.close()
     row = out.rows[0]
@@ -241,7 +246,10 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
 
 def _decode_args(g: argparse.ArgumentParser) -> None:
-    g.add_argument("--model", help="checkpoint or run dir (default: the bundled demo model)")
+    g.add_argument(
+        "--model",
+        help="model name (smollm2-nbdiff, shakespeare-5m, smollm2-135m-instruct) or checkpoint/run dir",
+    )
     g.add_argument("--sampler", default="bd3")
     g.add_argument("--block-size", type=int, dest="block_size")
     g.add_argument("--steps", type=int)
@@ -250,6 +258,7 @@ def _decode_args(g: argparse.ArgumentParser) -> None:
     g.add_argument("--top-p", type=float, dest="top_p")
     g.add_argument("--top-k", type=int, dest="top_k")
     g.add_argument("--seed", type=int)
+    g.add_argument("--draft", type=int, help="spec: tokens drafted per forward (default 3)")
     g.add_argument("--cache", choices=["none", "prefix", "dual", "exact"])
     g.add_argument("--no-cache", action="store_true", dest="no_cache")
     g.add_argument("--json", action="store_true")
@@ -292,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     ad.add_argument("--target-block-size", type=int, default=4, dest="target_block_size")
     ad.add_argument("--ar-loss-weight", type=float, default=0.5, dest="ar_loss_weight")
     ad.add_argument("--growth", default="linear", help="none | linear | 'progress:block,...'")
+    ad.add_argument("--delta", help="lora:RANK trains a low-rank delta over the frozen base")
     ad.add_argument("--mix-scale", action="store_true", dest="mix_scale", help="also train the global block")
     ad.add_argument("--seq-len", type=int, default=128, dest="seq_len")
     ad.add_argument("--steps", type=int, default=200)
@@ -314,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, dest="max_new_tokens")
     _decode_args(g)
     g.add_argument("--quiet", action="store_true", help="no live canvas")
+    g.add_argument("--raw", action="store_true", help="do not wrap the prompt in the model's chat template")
     g.set_defaults(fn=cmd_generate)
     ev = sub.add_parser("eval", help="evaluate a model").add_subparsers(dest="what", required=True)
     gp = ev.add_parser("genppl", help="generative perplexity under a reference model, with NFEs and entropy")
@@ -348,6 +359,14 @@ def build_parser() -> argparse.ArgumentParser:
     dt.add_argument("--out", required=True)
     dt.add_argument("--seed", type=int, default=0)
     dt.set_defaults(fn=cmd_data_task)
+    dd = da.add_parser("distill", help="a chat model's own answers to an offline prompt set (SFT JSONL)")
+    dd.add_argument("--model", default="smollm2-135m-instruct")
+    dd.add_argument("--n", type=int, default=100000, help="at most this many prompts (train split)")
+    dd.add_argument("--out", required=True)
+    dd.add_argument("--max-new-tokens", type=int, default=160, dest="max_new_tokens")
+    dd.add_argument("--batch-size", type=int, default=16, dest="batch_size")
+    dd.add_argument("--seq-len", type=int, default=256, dest="seq_len", help="drop pairs longer than this")
+    dd.set_defaults(fn=cmd_data_distill)
     return p
 
 

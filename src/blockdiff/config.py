@@ -50,6 +50,7 @@ class ModelConfig:
     logits: str = "aligned"  # aligned: output i predicts token i; shifted: output i-1 predicts token i
     layout: str = "block_causal"  # clean context block-causal (BD3-LM) or causal (NBDiff)
     train_seq_len: int | None = None  # sequence length trained on: block size == it is the global block
+    ar_weight: float | None = None  # lambda of the AR loss it was trained with (None: not recorded)
     mask_token_id: int | None = None
     eos_token_id: int | None = None
     bos_token_id: int | None = None
@@ -94,7 +95,7 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        diff_keys = ["block_size", "block_sizes", "logits", "layout", "train_seq_len"]
+        diff_keys = ["block_size", "block_sizes", "logits", "layout", "train_seq_len", "ar_weight"]
         out = {k: v for k, v in d.items() if k not in diff_keys}
         out.update(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu")
         out["blockdiff"] = {k: d[k] for k in diff_keys}

@@ -101,6 +101,20 @@ def import_causal_lm(id_or_path: str) -> tuple[BlockDiffLM, Tokenizer, object]:
     return model, tok, ref_tok
 
 
+def imported_base(name: str) -> Path:
+    """A known external model imported once into the cache as a blockdiff checkpoint (float32,
+    so a delta trained over it and the checksum it records see exactly the same weights)."""
+    from .checkpoint import atomic_dir, save_model
+
+    out = cache_dir() / "models" / name
+    if (out / "model.safetensors").exists():
+        return out
+    model, tok, _ = import_causal_lm(name)
+    with atomic_dir(out) as d:
+        save_model(d, model, tok, dtype=torch.float32)
+    return out
+
+
 @torch.no_grad()
 def add_mask_row(model: BlockDiffLM, mask_id: int) -> None:
     """Give the mask token an embedding: the mean of the existing rows (a neutral input that

@@ -47,29 +47,77 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class KVCache:
-    """Keys/values (after RoPE) of tokens already processed, per layer: [b, kv_heads, T, head_dim].
+    """Keys/values (after RoPE) of tokens already processed, per layer, in preallocated buffers
+    [b, kv_heads, capacity, head_dim] written in place (capacity doubles when full).
 
-    Only tokens whose keys can never change belong here: the committed prefix of a block-causal
-    model. What to store is the decoder's decision (`write=True` on a forward); the model only
-    appends.
+    Each row has its own length: `truncate` rolls rows back (rejected speculative drafts), and
+    later writes overwrite what was dropped. Attention reads the first `span` slots; which of
+    them a row may see is `visible()` (slots below its length), combined into the caller's
+    mask. What to store is the decoder's decision (`write_cache` on a forward).
     """
 
     def __init__(self, n_layers: int):
         self.k: list[Tensor | None] = [None] * n_layers
         self.v: list[Tensor | None] = [None] * n_layers
+        self.span = 0  # slots attention reads (the longest row)
+        self.lengths: Tensor | None = None  # [b] slots each row holds
+        self._pending: Tensor | None = None  # per-row end of this forward's writes
 
     def __len__(self) -> int:
-        return 0 if self.k[0] is None else self.k[0].shape[2]
+        return self.span
 
     def get(self, layer: int) -> tuple[Tensor | None, Tensor | None]:
-        return self.k[layer], self.v[layer]
+        if self.k[layer] is None or self.span == 0:
+            return None, None
+        return self.k[layer][:, :, : self.span], self.v[layer][:, :, : self.span]
 
-    def append(self, layer: int, k: Tensor, v: Tensor) -> None:
-        if self.k[layer] is None:
-            self.k[layer], self.v[layer] = k, v
-        else:
-            self.k[layer] = torch.cat([self.k[layer], k], dim=2)
-            self.v[layer] = torch.cat([self.v[layer], v], dim=2)
+    def _ensure(self, layer: int, like: Tensor, need: int) -> None:
+        buf = self.k[layer]
+        if buf is not None and buf.shape[2] >= need:
+            return
+        cap = max(need, 2 * (0 if buf is None else buf.shape[2]), 64)
+        b, h, _, d = like.shape
+        for store in (self.k, self.v):
+            new = like.new_zeros((b, h, cap, d))
+            if store[layer] is not None:
+                new[:, :, : store[layer].shape[2]] = store[layer]
+            store[layer] = new
+
+    def write(self, layer: int, k: Tensor, v: Tensor, slots: Tensor | None = None) -> None:
+        """Store k/v [b, h, n, d]: after each row's length (default) or at `slots` [b, n]."""
+        b, n = k.shape[0], k.shape[2]
+        if self.lengths is None:
+            self.lengths = torch.zeros(b, dtype=torch.long, device=k.device)
+        if slots is None:
+            slots = self.lengths[:, None] + torch.arange(n, device=k.device)
+        self._ensure(layer, k, int(slots.max()) + 1)
+        idx = slots[:, None, :, None].expand(b, k.shape[1], n, k.shape[3])
+        self.k[layer].scatter_(2, idx, k.to(self.k[layer].dtype))
+        self.v[layer].scatter_(2, idx, v.to(self.v[layer].dtype))
+        self._pending = slots.max(1).values + 1
+
+    def advance(self) -> None:
+        """After a forward's writes in every layer: rows now end after what was written."""
+        if self._pending is not None:
+            self.lengths = torch.maximum(self.lengths, self._pending)
+            self.span = int(self.lengths.max())
+            self._pending = None
+
+    def truncate(self, lengths: Tensor | int) -> None:
+        """Roll rows back to these lengths (never forward); dropped slots get overwritten later."""
+        if self.lengths is None:
+            return
+        new = torch.as_tensor(lengths, device=self.lengths.device).expand_as(self.lengths)
+        if bool((new > self.lengths).any()):
+            raise ValueError("truncate cannot lengthen a row")
+        self.lengths = new.clone()
+        self.span = int(self.lengths.max()) if len(self.lengths) else 0
+
+    def visible(self) -> Tensor | None:
+        """[b, span] True where a row's slot holds a live key (None: all slots of all rows)."""
+        if self.lengths is None or bool((self.lengths == self.span).all()):
+            return None
+        return torch.arange(self.span, device=self.lengths.device)[None] < self.lengths[:, None]
 
     def keep(self, index: Tensor) -> None:
         """Keep only these cached positions (e.g. drop the block of a dual cache)."""
@@ -77,6 +125,9 @@ class KVCache:
             if self.k[i] is not None:
                 self.k[i] = self.k[i][:, :, index]
                 self.v[i] = self.v[i][:, :, index]
+        self.span = len(index)
+        if self.lengths is not None:
+            self.lengths = torch.full_like(self.lengths, len(index))
 
 
 @dataclass
@@ -107,9 +158,12 @@ class Attention(nn.Module):
             pk, pv = cache.get(layer)
             if pk is not None:
                 k_all, v_all = torch.cat([pk, kh], 2), torch.cat([pv, vh], 2)
-            if write:
+            if isinstance(write, Tensor):  # explicit per-row slots [b, n] for the first n fed
+                n = write.shape[1]
+                cache.write(layer, kh[:, :, :n], vh[:, :, :n], write)
+            elif write:
                 n = q if write is True else int(write)
-                cache.append(layer, kh[:, :, :n], vh[:, :, :n])
+                cache.write(layer, kh[:, :, :n], vh[:, :, :n])
         gqa = self.n_heads != self.n_kv
         if isinstance(mask, SplitMask):
             # [xt ⊕ x0]: the clean half never attends to the noisy half, so its queries need
@@ -204,14 +258,16 @@ class BlockDiffLM(nn.Module):
         positions: Tensor | None = None,
         mask: Tensor | None = None,
         cache: KVCache | None = None,
-        write_cache: bool | int = False,
-        logits_slice: slice | None = None,
+        write_cache: bool | int | Tensor = False,
+        logits_slice: slice | Tensor | None = None,
     ) -> Tensor:
         """Raw output logits [b, q, V] (see `token_logits` for which token each row predicts).
 
         input_ids [b, q]; positions [b, q] absolute positions (default: after the cache);
         mask [b|1, 1, q, len(cache)+q] boolean, True = may attend (None = full attention);
-        write_cache appends this forward's keys/values to `cache` (an int: only the first n).
+        write_cache appends this forward's keys/values to `cache` (an int: only the first n; a
+        [b, n] tensor: the first n at these per-row slots). logits_slice: a slice, or per-row
+        indices [b, m], of the outputs to return.
         """
         b, q = input_ids.shape
         if positions is None:
@@ -221,9 +277,15 @@ class BlockDiffLM(nn.Module):
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, mask, cache, i, write_cache)
+        if cache is not None:
+            cache.advance()
+        if logits_slice is not None:  # the LM head (and final norm) only where logits are read
+            x = (
+                x[:, logits_slice]
+                if isinstance(logits_slice, slice)
+                else x.gather(1, logits_slice[..., None].expand(-1, -1, x.shape[-1]))
+            )
         x = self.model.norm(x)
-        if logits_slice is not None:
-            x = x[:, logits_slice]
         return self.lm_head(x)
 
 

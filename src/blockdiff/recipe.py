@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from .config import ConfigError, ModelConfig, check_keys
+from .delta import DeltaSpec
 
 
 @dataclass
@@ -71,6 +72,7 @@ SECTIONS = {
     "data": DataSpec,
     "objective": ObjectiveSpec,
     "train": TrainSpec,
+    "delta": DeltaSpec,  # a low-rank delta over a frozen base (model.base) instead of full fine-tuning
 }
 
 
@@ -81,12 +83,19 @@ class Recipe:
     data: DataSpec
     objective: ObjectiveSpec
     train: TrainSpec
+    delta: DeltaSpec = field(default_factory=DeltaSpec)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "model": copy.deepcopy(self.model),
             **{k: asdict(getattr(self, k)) for k in ("tokenizer", "data", "objective", "train")},
         }
+        if self.delta.rank:  # recipes without a delta read (and resume) as before the section existed
+            out["delta"] = asdict(self.delta)
+        return out
+
+    def delta_dict(self) -> dict:
+        return self.delta.as_dict()
 
     def block_sizes(self) -> list[int]:
         L = self.data.seq_len
@@ -121,7 +130,7 @@ def from_dict(d: dict) -> Recipe:
                 f"model.{arch[0]} comes from model.base and cannot be set; settable: logits, layout"
             )
     out = {"model": d["model"]}
-    for name in ("tokenizer", "data", "objective", "train"):
+    for name in ("tokenizer", "data", "objective", "train", "delta"):
         cls = SECTIONS[name]
         check_keys(d[name], [f.name for f in fields(cls)], name)
         out[name] = cls(**{k: _scalar(name, cls, k, v) for k, v in d[name].items()})
@@ -165,6 +174,9 @@ def validate(r: Recipe) -> None:
         raise ConfigError(f"train.precision must be fp32 or bf16, got '{r.train.precision}'")
     if r.train.batch_size < 1 or r.train.steps < 1:
         raise ConfigError("train.batch_size and train.steps must be >= 1")
+    r.delta.validate()
+    if r.delta.rank and not r.model.get("base"):
+        raise ConfigError("delta.rank > 0 needs model.base: a delta is trained over a pretrained model")
     for _, B in r.objective.growth or []:
         if L % int(B):
             raise ConfigError(f"growth block_size {B} does not divide seq_len {L}")

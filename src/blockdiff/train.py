@@ -21,9 +21,10 @@ import torch.distributed as dist
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from . import delta as delta_mod
 from . import noise as noise_mod
 from . import recipe as recipe_mod
-from .checkpoint import load_model, resolve
+from .checkpoint import load_base_model
 from .config import ConfigError, ModelConfig
 from .data.corpus import load_corpus, pack, pack_pairs
 from .model import BlockDiffLM
@@ -51,20 +52,6 @@ def encode(
         return torch.from_numpy(ids).long(), torch.from_numpy(mask)
     ids = pack([e.ids for e in tok.hf.encode_batch(texts, add_special_tokens=False)], seq_len, tok.eos_id)
     return torch.from_numpy(ids).long(), None
-
-
-def load_base(base: str) -> tuple[BlockDiffLM, Tokenizer]:
-    """A pretrained starting point: a blockdiff checkpoint, or an external causal LM (imported
-    with a mask token added)."""
-    p = Path(base)
-    if p.is_dir() and ((p / "config.json").exists() or (p / "latest").exists()):
-        ckpt = resolve(p)
-        if "blockdiff" in json.loads((ckpt / "config.json").read_text()):
-            return load_model(ckpt)
-    from .hub import import_causal_lm
-
-    model, tok, _ = import_causal_lm(base)
-    return model, tok
 
 
 def lr_at(step: int, t: recipe_mod.TrainSpec) -> float:
@@ -140,20 +127,34 @@ class Trainer(Checkpointing):
         base_model = None
         if ckpt:
             self.tok = Tokenizer.load(ckpt)
-        elif base:
-            base_model, self.tok = load_base(base)
-        else:
+        elif not base:
             self.tok = build_tokenizer(r.tokenizer, corpus.train)
+        if base and (ckpt is None or r.delta.rank):
+            base_model, tok = load_base_model(base)
+            self.tok = self.tok if ckpt else tok
         self.train_data, self.train_mask = encode(self.tok, corpus.train, corpus.train_pairs, r.data.seq_len)
         self.val_data, self.val_mask = encode(self.tok, corpus.val, corpus.val_pairs, r.data.seq_len)
         sizes = r.block_sizes()
         if base:  # adapting a pretrained model: its architecture, our diffusion settings
             src = ModelConfig.load(ckpt / "config.json") if ckpt else base_model.config
             self.cfg = dataclasses.replace(
-                src, block_size=sizes[0], block_sizes=sizes, train_seq_len=r.data.seq_len, **mcfg
+                src,
+                block_size=sizes[0],
+                block_sizes=sizes,
+                train_seq_len=r.data.seq_len,
+                ar_weight=r.objective.ar_weight,
+                **mcfg,
             )
             self.model = base_model if base_model is not None else BlockDiffLM(self.cfg)
             self.model.config = self.cfg
+            self.delta_info = None
+            if r.delta.rank:  # the base stays frozen, bit for bit; only the delta trains
+                self.delta_info = {
+                    **r.delta_dict(),
+                    "base": str(base),
+                    "base_sha256": delta_mod.base_checksum(self.model),
+                }
+                delta_mod.attach(self.model, r.delta)
             self.model.to(self.device)
             self._setup_optimizer()
             return
@@ -165,17 +166,20 @@ class Trainer(Checkpointing):
             block_size=sizes[0],
             block_sizes=sizes,
             train_seq_len=r.data.seq_len,
+            ar_weight=r.objective.ar_weight,
             max_position_embeddings=max(r.data.seq_len, mcfg.get("max_position_embeddings", 0)),
         )
         torch.manual_seed(r.train.seed)
+        self.delta_info = None
         self.cfg = ModelConfig.from_user(mcfg)
         self.model = BlockDiffLM(self.cfg).to(self.device)
         self._setup_optimizer()
 
     def _setup_optimizer(self) -> None:
         r = self.r
-        decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2]
-        no_decay = [p for n, p in self.model.named_parameters() if p.ndim < 2]
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        decay = [p for p in trainable if p.ndim >= 2]
+        no_decay = [p for p in trainable if p.ndim < 2]
         self.opt = torch.optim.AdamW(
             [
                 {"params": decay, "weight_decay": r.train.weight_decay},
@@ -184,8 +188,12 @@ class Trainer(Checkpointing):
             lr=r.train.lr,
             betas=tuple(r.train.betas),
         )
-        self.ema = {n: p.detach().clone() for n, p in self.model.named_parameters()} if r.train.ema else None
+        self.ema = {n: p.detach().clone() for n, p in self.trainable()} if r.train.ema else None
         self.ddp = torch.nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else self.model
+
+    def trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """What the optimizer updates and the trainer state stores: all weights, or the delta."""
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
 
     # ---- steps ---------------------------------------------------------------------------------
     def batch(self, step: int, batch: int, seed: int, interval, sizes: list[int]):
@@ -315,13 +323,13 @@ class Trainer(Checkpointing):
             with self.autocast():
                 out = block_diffusion_loss(self.ddp, x0, bs, nz, r.objective.ar_weight, keep)
             out.loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+            gnorm = torch.nn.utils.clip_grad_norm_([p for _, p in self.trainable()], t.grad_clip)
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
             if self.ema:
                 d = min(t.ema, (1 + step) / (10 + step))
                 with torch.no_grad():
-                    for n, p in self.model.named_parameters():
+                    for n, p in self.trainable():
                         self.ema[n].mul_(d).add_(p.detach(), alpha=1 - d)
             self.train_seconds += time.time() - tic
             step += 1

@@ -14,7 +14,7 @@ import yaml
 from rich.console import Console
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import CheckpointError, atomic_dir, save_model, write_text_atomic
+from .checkpoint import CheckpointError, atomic_dir, save_delta, save_model, write_text_atomic
 from .config import ConfigError
 
 console = Console(stderr=True)
@@ -25,7 +25,7 @@ class Checkpointing:
 
     # ---- state ---------------------------------------------------------------------------------
     def _state_tensors(self) -> dict[str, torch.Tensor]:
-        t = {f"model.{n}": p.detach() for n, p in self.model.named_parameters()}
+        t = {f"model.{n}": p.detach() for n, p in self.trainable()}
         if self.ema:
             t.update({f"ema.{n}": v for n, v in self.ema.items()})
         for i, st in self.opt.state_dict()["state"].items():
@@ -56,7 +56,7 @@ class Checkpointing:
         except Exception as e:
             raise CheckpointError(f"corrupt trainer state {ten_f}: {e}") from None
         with torch.no_grad():
-            for n, p in self.model.named_parameters():
+            for n, p in self.trainable():
                 p.copy_(t[f"model.{n}"])
             if self.ema:
                 for n in self.ema:
@@ -85,15 +85,15 @@ class Checkpointing:
         if not self.ema:
             yield
             return
-        backup = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+        backup = {n: p.detach().clone() for n, p in self.trainable()}
         with torch.no_grad():
-            for n, p in self.model.named_parameters():
+            for n, p in self.trainable():
                 p.copy_(self.ema[n])
         try:
             yield
         finally:
             with torch.no_grad():
-                for n, p in self.model.named_parameters():
+                for n, p in self.trainable():
                     p.copy_(backup[n])
 
     def save(self, step: int, metrics: dict | None = None) -> Path | None:
@@ -102,7 +102,10 @@ class Checkpointing:
         name = f"step-{step:07d}"
         with atomic_dir(self.out / name) as d:
             with self.ema_weights():
-                save_model(d, self.model, self.tok)
+                if self.delta_info:  # the delta alone: the base is named by its checksum
+                    save_delta(d, self.model, self.tok, self.delta_info)
+                else:
+                    save_model(d, self.model, self.tok)
             save_file(self._state_tensors(), str(d / "trainer_state.safetensors"))
             meta = {
                 "step": step,

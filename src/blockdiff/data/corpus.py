@@ -37,7 +37,8 @@ def read_pairs(path: Path) -> list[tuple[str, str]]:
             continue
         try:
             d = json.loads(line)
-            pairs.append((d["prompt"], d["answer"]))
+            pair = (d["prompt"], d["answer"])
+            pairs.append(pair if d.get("complete", True) else (*pair, False))
         except (json.JSONDecodeError, KeyError, TypeError):
             raise ValueError(f"{path}:{n}: expected a JSON object with 'prompt' and 'answer'") from None
     if not pairs:
@@ -85,7 +86,7 @@ def load_corpus(spec: str | Path, val_fraction: float = 0.05) -> Corpus:
         pairs = read_pairs(Path(spec))
         cut = len(pairs) - max(1, int(len(pairs) * val_fraction)) if len(pairs) > 1 else 1
         tr, va = pairs[:cut], pairs[cut:] or pairs[-1:]
-        return Corpus(Path(spec).name, [p + a for p, a in tr], [p + a for p, a in va], tr, va)
+        return Corpus(Path(spec).name, [p[0] + p[1] for p in tr], [p[0] + p[1] for p in va], tr, va)
     name, docs = _read_docs(spec)
     docs = [d for d in docs if d.strip()]
     if not docs:
@@ -121,17 +122,25 @@ def pack(token_docs: list[list[int]], seq_len: int, eos_id: int) -> np.ndarray:
 def pack_pairs(tok, pairs: list[tuple[str, str]], seq_len: int) -> tuple[np.ndarray, np.ndarray]:
     """One pair per row: prompt, answer, EOS, then EOS padding. The loss mask covers everything
     after the prompt, so a model learns to end its answer (for diffusion: to fill the rest with
-    EOS); prompt and answer are tokenised apart, as they are at inference."""
+    EOS); prompt and answer are tokenised apart, as they are at inference.
+
+    A pair marked incomplete (a third element False: the answer was cut at a length limit) gets
+    no EOS and is right-aligned, EOS padding before the prompt, so the model never sees its
+    answer end: it learns to continue, not to stop."""
     ids = np.full((len(pairs), seq_len), tok.eos_id, dtype=np.int32)
     mask = np.zeros((len(pairs), seq_len), dtype=bool)
     too_long = 0
-    for i, (p, a) in enumerate(pairs):
-        pi, ai = tok.encode(p), tok.encode(a) + [tok.eos_id]
+    for i, (p, a, *rest) in enumerate(pairs):
+        complete = rest[0] if rest else True
+        pi, ai = tok.encode(p), tok.encode(a) + ([tok.eos_id] if complete else [])
         if len(pi) + len(ai) > seq_len:
             too_long = max(too_long, len(pi) + len(ai))
             continue
-        ids[i, : len(pi) + len(ai)] = pi + ai
-        mask[i, len(pi) :] = True
+        start = 0 if complete else seq_len - len(pi) - len(ai)
+        ids[i, start : start + len(pi) + len(ai)] = pi + ai
+        mask[i, start + len(pi) : start + len(pi) + len(ai)] = True
+        if complete:
+            mask[i, len(pi) :] = True
     if too_long:
         raise ValueError(f"a prompt/answer pair has {too_long} tokens, more than seq_len {seq_len}")
     return ids, mask

@@ -32,6 +32,7 @@ from .policies import (
 )
 from .runner import Runner
 from .samplers import ALIASES, PLANS, SAMPLERS
+from .speculative import SpecStep
 
 
 @dataclass
@@ -55,37 +56,51 @@ def _accepted(sampler: str, draft: str) -> set[str]:
 
 
 def _decode(model, c: Canvas, plan: Plan, gens, on_step) -> None:
-    block_causal = plan.attn_block is not None
-    runner = Runner(model, c, block_causal, plan.cache)
-    window, every = plan.window, plan.refresh and plan.refresh.startswith("every:")
-    region, step_in_region, masks_at_start = None, 0, None
-    committed_since_refresh = 0
-    extra = torch.zeros(c.batch, dtype=torch.long)  # DCD expansion so far in the current block
-    while True:
+    """The loop: one step policy call = one forward (NFE) and what it commits."""
+    runner = Runner(model, c, plan.attn_block is not None, plan.cache)
+    stepper = SpecStep(c, runner, plan, gens) if plan.spec is not None else DenoiseStep(c, runner, plan, gens)
+    while stepper.step():
+        if on_step is not None:
+            on_step(c)
+
+
+class DenoiseStep:
+    """A step of masked denoising: window -> logits -> sample -> commit (-> DCD expansion)."""
+
+    def __init__(self, c: Canvas, runner: Runner, plan: Plan, gens):
+        self.c, self.runner, self.plan, self.gens = c, runner, plan, gens
+        self.block_causal = plan.attn_block is not None
+        self.every = plan.refresh and plan.refresh.startswith("every:")
+        self.region, self.step_in_region, self.masks_at_start = None, 0, None
+        self.committed_since_refresh = 0
+        self.extra = torch.zeros(c.batch, dtype=torch.long)  # DCD expansion so far in the block
+
+    def step(self) -> bool:
+        c, plan, runner, window = self.c, self.plan, self.runner, self.plan.window
         active = ~c.done()
         new_region = window.region(c, active) if active.any() else None
         if new_region is None:
-            return
-        if region is None or new_region[0] != region[0]:
-            step_in_region, extra[:] = 0, 0
-            masks_at_start = (
+            return False
+        if self.region is None or new_region[0] != self.region[0]:
+            self.step_in_region, self.extra[:] = 0, 0
+            self.masks_at_start = (
                 window.candidates(c, new_region) if isinstance(window, BlockWindow) else c.masked
             ).sum(1)
             if plan.refresh == "block" and plan.cache in ("prefix", "dual"):
                 runner.refresh(new_region[1], new_region[2])
-        region = new_region
+        self.region = region = new_region
         _, lo, hi = region
         if (
-            every
+            self.every
             and runner.fresh is None
-            and (len(runner.cache_idx) == 0 or committed_since_refresh >= int(plan.refresh[6:]))
+            and (len(runner.cache_idx) == 0 or self.committed_since_refresh >= int(plan.refresh[6:]))
         ):
             runner.refresh(lo, hi)
-            committed_since_refresh = 0
+            self.committed_since_refresh = 0
         cand = window.candidates(c, region) & active[:, None]
         cols_any = cand.any(0).nonzero().flatten()
         q_lo, q_hi = int(cols_any[0]), int(cols_any[-1]) + 1
-        logits = runner.logits(q_lo, q_hi, frontier=lo if block_causal else 0, end=hi)
+        logits = runner.logits(q_lo, q_hi, frontier=lo if self.block_causal else 0, end=hi)
         c.step += 1
         rows_w, cols_w, toks_w, conf_w = [], [], [], []
         for r in range(c.batch):
@@ -94,11 +109,11 @@ def _decode(model, c: Canvas, plan: Plan, gens, on_step) -> None:
                 continue
             c.nfe[r] += 1
             row_logits = logits[r, cols - q_lo]
-            tok, conf = sample(row_logits, plan.temperature, plan.top_k, plan.top_p, gens[r], plan.score)
-            keep = plan.commit.select(conf, step_in_region, int(masks_at_start[r]))
+            tok, conf = sample(row_logits, plan.temperature, plan.top_k, plan.top_p, self.gens[r], plan.score)
+            keep = plan.commit.select(conf, self.step_in_region, int(self.masks_at_start[r]))
             if plan.score != "prob":  # snapshot confidence is always the token's probability
                 conf = row_logits.double().softmax(-1).gather(-1, tok[:, None])[:, 0]
-            if plan.expand is not None and _expand(c, plan, r, region[0], cols, conf[keep], extra):
+            if plan.expand is not None and _expand(c, plan, r, region[0], cols, conf[keep], self.extra):
                 continue
             rows_w.append(torch.full((len(keep),), r))
             cols_w.append(cols[keep])
@@ -107,10 +122,9 @@ def _decode(model, c: Canvas, plan: Plan, gens, on_step) -> None:
         if rows_w:
             rows, cols, toks = torch.cat(rows_w), torch.cat(cols_w), torch.cat(toks_w)
             c.commit(rows, cols, toks, torch.cat(conf_w))
-            committed_since_refresh += len(rows)
-        step_in_region += 1
-        if on_step is not None:
-            on_step(c)
+            self.committed_since_refresh += len(rows)
+        self.step_in_region += 1
+        return True
 
 
 def _expand(c: Canvas, plan: Plan, r: int, k: int, cols, kept_conf, extra) -> bool:

@@ -227,3 +227,4 @@ class Plan:
     revise_by: str = "snapshot"
     stop_at_eos: bool = True
     expand: Expand | None = None  # DCD block expansion (block-causal only)
+    spec: object | None = None  # speculative.Speculate: draft with mask blocks, verify with the AR path

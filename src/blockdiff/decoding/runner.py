@@ -47,16 +47,25 @@ class Runner:
         self.region: tuple[int, int] | None = None  # dual cache: the block its keys exclude
         self.fresh: Tensor | None = None  # output of a refresh, not yet used
 
-    def _mask(self, q: Tensor, k: Tensor) -> Tensor:
-        """Each row by its own block grid `canvas.blk`: a query sees keys of its block and earlier."""
+    def _mask(self, q: Tensor, k: Tensor, clean_before: int = 0) -> Tensor:
+        """Each row by its own block grid `canvas.blk`: a query sees keys of its block and earlier.
+
+        Context-causal models (NBDiff) were trained with a plain causal clean context: columns
+        before `clean_before` (final, in completed blocks) then attend causally, as in training."""
         c = self.c
         allowed = c.valid[:, k][:, None, :].expand(c.batch, len(q), len(k))
         if self.block_causal:
-            allowed = allowed & (c.blk[:, k][:, None, :] <= c.blk[:, q][:, :, None])
+            seen = c.blk[:, k][:, None, :] <= c.blk[:, q][:, :, None]
+            if self.cfg.layout == "context_causal":
+                clean_q = (q < clean_before)[None, :, None]
+                seen = torch.where(clean_q, (k[None, :] <= q[:, None])[None], seen)
+            allowed = allowed & seen
         allowed = allowed | (q[:, None] == k[None, :])[None]  # padding queries see themselves
         return allowed[:, None].to(self.device)
 
-    def _forward(self, lo: int, hi: int, write: int, out_from: int | None = None) -> Tensor:
+    def _forward(
+        self, lo: int, hi: int, write: int, out_from: int | None = None, clean_before: int = 0
+    ) -> Tensor:
         """Feed canvas columns [lo, hi), write the first `write` of them into the cache; output
         logits for columns [out_from, hi) only (the LM head is costly with large vocabularies)."""
         c = self.c
@@ -66,7 +75,7 @@ class Runner:
             self.model(
                 c.tokens[:, lo:hi].to(self.device),
                 positions=c.pos[:, lo:hi].to(self.device),
-                mask=self._mask(q, k),
+                mask=self._mask(q, k, clean_before),
                 cache=self.cache,
                 write_cache=write,
                 logits_slice=None if out_from is None else slice(out_from - lo, None),
@@ -119,7 +128,7 @@ class Runner:
                 (f_lo, f_hi), write = self.region, 0
             shifted = self.cfg.shifted
             o_lo = max(f_lo, min(lo - 1, f_lo + write - 1 if write else lo) if shifted else lo)
-            out = self._forward(f_lo, f_hi, write, o_lo)
+            out = self._forward(f_lo, f_hi, write, o_lo, frontier)
             if write and shifted:
                 self.boundary = {f_lo + write - 1: out[:, f_lo + write - 1 - o_lo]}
             f_lo = o_lo  # `out` starts at column o_lo
@@ -132,3 +141,64 @@ class Runner:
             else:
                 raise RuntimeError(f"no output for column {lo - 1} (shifted logits): cache bookkeeping bug")
         return token_logits(out[:, lo - f_lo : hi - f_lo], self.cfg, prev)
+
+    def speculate(self, n: Tensor, clean: Tensor, attach: list[int], B: int) -> tuple[Tensor, Tensor]:
+        """One forward for self-speculative decoding (context-causal, shifted models).
+
+        Feeds, per row r, `clean` [b, C] as causal tokens at columns n[r]..n[r]+C-1 (their keys
+        go into the cache at those slots), and after each clean index j in `attach` a block of
+        B mask tokens at the next B positions, which sees the cache, clean tokens 0..j and its
+        own block (the training layout of a noisy block over a clean prefix). Rows see only their
+        own cache slots below n[r]. Returns (AR logits [b, C, V]: index i predicts column
+        n+i+1; draft logits [b, len(attach), B-1, V]: block j's position i predicts column
+        n+j+2+i).
+        """
+        c, dev = self.c, self.device
+        b, C = clean.shape
+        nb = len(attach)
+        if self.cache.lengths is not None and len(self.cache):
+            self.cache.truncate(torch.minimum(self.cache.lengths, n.to(self.cache.lengths.device)))
+        span = len(self.cache)
+        # fed layout: clean 0..C-1, then block t (after clean attach[t]) at C + t*B + i
+        j = torch.tensor(attach)
+        owner = torch.cat([torch.arange(C), C + torch.arange(nb).repeat_interleave(B)])  # block id
+        after = torch.cat([torch.arange(C), j.repeat_interleave(B)])  # last clean index seen
+        is_clean = torch.arange(C + nb * B) < C
+        fed_mask = torch.where(
+            is_clean[:, None],
+            is_clean[None, :] & (torch.arange(C + nb * B)[None, :] <= torch.arange(C + nb * B)[:, None]),
+            (is_clean[None, :] & (torch.arange(C + nb * B)[None, :] <= after[:, None]))
+            | (owner[None, :] == owner[:, None]),
+        )
+        base = n[:, None] + c.pos[:, :1]  # each row's position of column n (pos = column - padding)
+        offs = torch.cat([torch.arange(C), (j[:, None] + 1 + torch.arange(B)[None]).flatten()])
+        pos = base + offs[None]
+        cols = n[:, None] + torch.arange(C)[None]
+        clean_valid = c.valid.gather(1, cols.clamp(max=c.T - 1)) | (cols >= c.T)
+        key_valid = torch.cat([clean_valid, torch.ones(b, nb * B, dtype=torch.bool)], 1)
+        m = fed_mask[None] & key_valid[:, None, :]
+        m = m | torch.eye(C + nb * B, dtype=torch.bool)[None]  # padding queries see themselves
+        if span:
+            slot = torch.arange(span)
+            valid = torch.ones(b, span, dtype=torch.bool)
+            valid[:, : min(span, c.T)] = c.valid[:, : min(span, c.T)]
+            old = (slot[None] < n[:, None]) & valid
+            m = torch.cat([old[:, None, :].expand(b, C + nb * B, span), m], 2)
+        tokens = torch.cat([clean, torch.full((b, nb * B), c.mask_id, dtype=torch.long)], 1)
+        want = torch.cat(
+            [torch.arange(C), (C + torch.arange(nb)[:, None] * B + torch.arange(B - 1)).flatten()]
+        )
+        out = (
+            self.model(
+                tokens.to(dev),
+                positions=pos.to(dev),
+                mask=m[:, None].to(dev),
+                cache=self.cache,
+                write_cache=cols.to(dev),
+                logits_slice=want.expand(b, -1).to(dev),
+            )
+            .float()
+            .cpu()
+        )
+        out[..., c.mask_id] = float("-inf")
+        return out[:, :C], out[:, C:].view(b, nb, B - 1, -1)

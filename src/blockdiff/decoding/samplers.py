@@ -18,6 +18,7 @@ from .policies import (
     Threshold,
     TopK,
 )
+from .speculative import Speculate
 
 
 def _trained_sizes(model: BlockDiffLM) -> list[int]:
@@ -234,6 +235,34 @@ def plan_structural(
     return p
 
 
+def plan_spec(model, max_new_tokens, notes, draft=3, temperature=0.0, top_k=None, top_p=None, **kw) -> Plan:
+    """Self-speculative: mask blocks draft `draft` tokens, the AR path verifies (see speculative.py)."""
+    cfg = model.config
+    why = None
+    if not cfg.shifted:
+        why = "it has aligned logits (no clean causal next-token head)"
+    elif cfg.layout != "context_causal":
+        why = f"its layout is {cfg.layout}, not context_causal (the clean context is not causal)"
+    elif max(_trained_sizes(model)) < 2:
+        why = "it was never trained with a mask block larger than 1 (it cannot draft)"
+    elif cfg.ar_weight == 0:
+        why = "it was trained without the AR loss (ar_weight 0), so its AR path is not a model"
+    if why:
+        raise ValueError(f"spec needs an NBDiff model (an AR path and a block drafter): {why}")
+    if not isinstance(draft, int) or draft < 1:
+        raise ValueError(f"spec: draft must be an integer >= 1, got {draft!r}")
+    if draft + 1 > cfg.max_position_embeddings:
+        raise ValueError(f"spec: draft {draft} does not fit the context of {cfg.max_position_embeddings}")
+    if draft + 1 not in _trained_sizes(model):
+        notes.append(
+            f"spec: draft blocks of {draft + 1} tokens; the model was trained with {_trained_sizes(model)}"
+        )
+    return Plan(
+        BlockWindow(1), TopK(1), 1, "exact", temperature=temperature, top_k=top_k, top_p=top_p,
+        spec=Speculate(draft), **kw,
+    )  # fmt: skip
+
+
 PLANS: dict[str, Callable[..., Plan]] = {
     "ar": plan_ar,
     "bd3": plan_bd3,
@@ -242,6 +271,7 @@ PLANS: dict[str, Callable[..., Plan]] = {
     "fastdllm": plan_fastdllm,
     "dcd": plan_dcd,
     "structural": plan_structural,
+    "spec": plan_spec,
 }
 SAMPLERS = tuple(PLANS)
 ALIASES = {"gen_length": "max_new_tokens", "block_length": "block_size", "alg": "order"}

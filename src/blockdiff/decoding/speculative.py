@@ -1,0 +1,142 @@
+"""Self-speculative block decoding: the diffusion path drafts, the AR path verifies, one forward.
+
+An NBDiff model (context-causal layout, shifted logits, trained with an AR loss) holds two
+predictors in one network: each clean causal token's output is an AR next-token distribution p,
+and a block of B mask tokens after a clean prefix drafts the tokens after the next one (q). Each
+forward feeds the pending token `a` and the k = B - 1 drafts of the previous forward as clean
+tokens, and behind clean index m (for every m = 0..k) one mask block: whatever prefix of the
+drafts is accepted, the next drafts were made for exactly that prefix (TiDAR's layout).
+
+Verification: greedy — accept the longest prefix of drafts equal to the AR argmax, then the AR
+token at the first mismatch (or the bonus token after k accepted): every forward commits >= 1
+token and the output is greedy AR's, token for token. Sampling — accept draft d with
+probability min(1, p(d)/q(d)), else sample from the normalised residual (p - q)+: the output
+distribution is the AR model's (Leviathan et al. 2023). Rejected drafts' keys are rolled back in
+the cache (each row to its own length) and overwritten by the next forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .canvas import Canvas
+from .policies import filter_logits
+from .runner import Runner
+
+
+@dataclass
+class Speculate:
+    draft: int = 3  # drafts per forward (k); the mask blocks have k + 1 tokens
+
+
+def distribution(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None) -> Tensor:
+    """The sampling distribution (float64) that temperature, top-k and top-p define."""
+    return filter_logits(logits.double() / temperature, top_k, top_p).softmax(-1)
+
+
+def accept(u: float, p: float, q: float) -> bool:
+    """Speculative sampling: keep a draft with probability min(1, p/q) (u ~ U[0, 1))."""
+    return u * q < p
+
+
+class SpecStep:
+    """One forward of self-speculative decoding per call; the canvas holds every committed token."""
+
+    def __init__(self, c: Canvas, runner: Runner, plan, gens: list[torch.Generator]):
+        if c.masked[:, : c.G].any():
+            raise ValueError("spec decodes left to right and does not fill blanks in the prompt")
+        self.c, self.run, self.plan, self.gens = c, runner, plan, gens
+        self.k = plan.spec.draft
+        self.B = self.k + 1
+        self.n: Tensor | None = None  # [b] column of the pending token (committed, not yet fed)
+        self.drafts: Tensor | None = None  # [b, k]
+        self.q: Tensor | None = None  # [b, k, V] draft distributions (sampling only)
+
+    def _pick(self, logits: Tensor, r: int) -> tuple[Tensor, Tensor | None]:
+        """Tokens [..] from logits [.., V] (argmax, or a sample), and the distribution sampled."""
+        p = self.plan
+        if p.temperature == 0:
+            return logits.argmax(-1), None
+        d = distribution(logits, p.temperature, p.top_k, p.top_p)
+        flat = d.reshape(-1, d.shape[-1])
+        tok = torch.multinomial(flat, 1, generator=self.gens[r])[:, 0].view(d.shape[:-1])
+        return tok, d
+
+    def _commit(self, r: int, cols: Tensor, toks: Tensor, conf: Tensor) -> None:
+        c = self.c
+        ok = cols < c.T
+        cols, toks, conf = cols[ok], toks[ok], conf[ok]
+        ok = c.masked[r, cols]
+        if ok.any():
+            c.commit(torch.full((int(ok.sum()),), r), cols[ok], toks[ok], conf[ok])
+
+    def step(self) -> bool:
+        c, b = self.c, self.c.batch
+        active = ~c.done()
+        if not active.any():
+            return False
+        if self.n is None:  # prefill: the prompt, and one mask block after its last token
+            ar, dr = self.run.speculate(
+                torch.zeros(b, dtype=torch.long), c.tokens[:, : c.G], [c.G - 1], self.B
+            )
+            ar, start = ar[:, -1:], torch.full((b,), c.G - 1)
+        else:
+            a = c.tokens.gather(1, self.n.clamp(max=c.T - 1)[:, None])
+            clean = torch.cat([a, self.drafts], 1)
+            ar, dr = self.run.speculate(self.n, clean, list(range(self.k + 1)), self.B)
+            start = self.n
+        c.step += 1
+        n_new = start.clone()
+        drafts = torch.zeros(b, self.k, dtype=torch.long)
+        qs = []
+        for r in range(b):
+            if not active[r]:
+                qs.append(None)
+                continue
+            c.nfe[r] += 1
+            m, tok, conf = self._verify(r, ar[r])
+            cols = start[r] + 1 + torch.arange(m + 1)
+            self._commit(r, cols, tok, conf)
+            n_new[r] = start[r] + m + 1
+            drafts[r], q = self._pick(dr[r, m, : self.k], r)
+            qs.append(q)
+        self.n, self.drafts = n_new, drafts
+        self.q = qs
+        return True
+
+    def _verify(self, r: int, ar: Tensor) -> tuple[int, Tensor, Tensor]:
+        """(drafts accepted m, the m + 1 tokens to commit, their AR probabilities)."""
+        p = self.plan
+        if self.n is None:  # nothing drafted yet: the AR token alone
+            tok, _ = self._pick(ar[0], r)
+            return 0, tok[None], ar[0].double().softmax(-1)[tok][None]
+        probs = ar.double().softmax(-1)
+        toks: list[int] = []
+        for i in range(self.k):
+            d = int(self.drafts[r, i])
+            if p.temperature == 0:
+                ok = d == int(ar[i].argmax())
+            else:
+                pd = distribution(ar[i], p.temperature, p.top_k, p.top_p)
+                qd = self.q[r][i]
+                u = float(torch.rand((), generator=self.gens[r], dtype=torch.float64))
+                ok = accept(u, float(pd[d]), float(qd[d]))
+                if not ok:
+                    res = (pd - qd).clamp(min=0)
+                    res = res if float(res.sum()) > 0 else pd
+                    t = int(torch.multinomial(res / res.sum(), 1, generator=self.gens[r]))
+                    toks.append(t)
+                    break
+            if not ok:
+                toks.append(int(ar[i].argmax()))
+                break
+            toks.append(d)
+        else:  # all k accepted: the bonus token from the AR output after the last draft
+            tok, _ = self._pick(ar[self.k], r)
+            toks.append(int(tok))
+        t = torch.tensor(toks)
+        m = len(toks) - 1
+        return m, t, probs[torch.arange(m + 1), t]

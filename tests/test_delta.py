@@ -1,0 +1,113 @@
+"""Low-rank deltas: merged = unmerged forward, the base stays bit for bit, a delta refuses a wrong
+base, and delta training saves, resumes and loads through the same Trainer."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from blockdiff import cli, delta
+from blockdiff.checkpoint import CheckpointError, load_model
+from blockdiff.config import ConfigError
+from blockdiff.model import BlockDiffLM
+
+
+def _perturbed(model: BlockDiffLM, spec: delta.DeltaSpec, seed: int = 0) -> BlockDiffLM:
+    delta.attach(model, spec)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return model
+
+
+@pytest.fixture(scope="module")
+def ar_base(make_model, tok):
+    make_model(tok, logits="shifted", block_sizes=(1,))
+    from tests.conftest import _MODELS
+
+    return _MODELS[("shifted", (1,))]
+
+
+def test_merged_equals_unmerged_forward(ar_base):
+    base, _ = ar_base
+    m = BlockDiffLM(base.config)
+    m.load_state_dict(base.state_dict())
+    assert m.config.mask_token_id is not None
+    _perturbed(m, delta.DeltaSpec(rank=4))
+    x = torch.randint(0, 256, (2, 20))
+    x[0, 5] = m.config.mask_token_id  # the mask token's trained row must be used too
+    with torch.no_grad():
+        unmerged = m(x)
+        delta.merge(m)
+        merged = m(x)
+    assert not delta.attached(m)
+    assert (unmerged - merged).abs().max().item() <= 1e-5
+    # and the delta did change the function (the test would pass vacuously otherwise)
+    assert (merged - base(x)).abs().max().item() > 1e-3
+
+
+def test_attach_freezes_base_and_starts_at_base(ar_base):
+    base, _ = ar_base
+    m = BlockDiffLM(base.config)
+    m.load_state_dict(base.state_dict())
+    before = delta.base_checksum(m)
+    delta.attach(m, delta.DeltaSpec(rank=2, targets=["q_proj", "down_proj"]))
+    names = [n for n, p in m.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n or n.endswith("embed_tokens.rows") for n in names)
+    assert sum("q_proj" in n for n in names) == 2 * m.config.num_hidden_layers
+    assert not any("k_proj" in n for n in names)
+    x = torch.randint(0, 256, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(m(x), base(x))  # B = 0: the delta starts as the identity
+    delta.merge(m)
+    assert delta.base_checksum(m) == before
+
+
+def test_bad_specs():
+    with pytest.raises(ConfigError, match="lora:RANK"):
+        delta.parse("lora")
+    with pytest.raises(ConfigError, match=">= 1"):
+        delta.parse("lora:0")
+    with pytest.raises(ConfigError, match="subset"):
+        delta.DeltaSpec(rank=2, targets=["nope"]).validate()
+
+
+@pytest.mark.slow
+def test_delta_adapt_save_resume_load(ar_base, corpus_dir, tmp_path, capsys):
+    _, base_dir = ar_base
+    out = tmp_path / "lora"
+    args = [
+        "adapt", "--base", str(base_dir), "--data", str(corpus_dir), "--target-block-size", "4",
+        "--seq-len", "32", "--steps", "6", "--batch-size", "4", "--lr", "1e-2", "--precision", "fp32",
+        "--delta", "lora:4", "--set", "train.save_every=3",
+    ]  # fmt: skip
+    assert cli.main([*args, "--out", str(out), "--set", "train.steps=6"]) == 0, capsys.readouterr().err
+    full = {k: v.clone() for k, v in load_file(str(out / "step-0000006" / "delta.safetensors")).items()}
+    # as if killed after step 3: resuming must reproduce steps 4..6 bit for bit
+    shutil.rmtree(out / "step-0000006")
+    (out / "latest").write_text("step-0000003\n")
+    ckpt = out / "step-0000003"
+    files = sorted(p.name for p in ckpt.iterdir())
+    assert "delta.safetensors" in files and "model.safetensors" not in files
+    state = load_file(str(ckpt / "trainer_state.safetensors"))
+    assert all("lora_" in k or "embed_tokens.rows" in k for k in state if k.startswith("model."))
+    info = json.loads((ckpt / "config.json").read_text())["delta"]
+    assert info["rank"] == 4 and info["base"] == str(base_dir) and len(info["base_sha256"]) == 64
+    assert cli.main([*args, "--out", str(out), "--set", "train.steps=6", "--resume"]) == 0
+    a = load_file(str(out / "step-0000006" / "delta.safetensors"))
+    assert a.keys() == full.keys() and all(torch.equal(a[k], full[k]) for k in a)
+    assert any(v.abs().max() > 0 for k, v in a.items() if k.endswith("lora_B"))  # it trained
+    model, tok = load_model(out)
+    assert model.config.layout == "context_causal" and model.config.block_sizes == [4]
+    assert not delta.attached(model)
+    # a delta over a different base is refused, naming the checksums
+    info["base_sha256"] = "0" * 64
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["delta"] = info
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="different base"):
+        load_model(ckpt)

@@ -1,0 +1,136 @@
+"""Self-speculative decoding: greedy = greedy AR token for token, batched = unbatched, the cache
+after rejections = recomputation, sampled output distributed as AR's (and a wrong acceptance
+rule caught), >= 1 token per forward, clear errors for models without an AR path."""
+
+import pytest
+import torch
+
+from blockdiff.config import ModelConfig
+from blockdiff.decoding import generate, speculative
+from blockdiff.decoding.canvas import Canvas
+from blockdiff.decoding.engine import _decode
+from blockdiff.decoding.runner import Runner
+from blockdiff.decoding.samplers import PLANS
+from blockdiff.model import BlockDiffLM
+from blockdiff.train import Trainer
+from tests.conftest import tiny_recipe
+
+PROMPTS = ["Shall I compare", "To be, or not", "The king is", "O", "Rough winds do shake the dar"]
+
+
+@pytest.fixture(scope="module")
+def nbdiff(corpus_dir, tmp_path_factory):
+    """A tiny NBDiff model: shifted logits, context-causal layout, AR loss, blocks of 4."""
+    r = tiny_recipe(corpus_dir, "shifted", (4,), steps=120)
+    r.model["layout"] = "context_causal"
+    r.objective.ar_weight = 0.5
+    out = tmp_path_factory.mktemp("nbdiff")
+    torch.manual_seed(0)
+    Trainer(r, out).run()
+    from blockdiff.checkpoint import load_model
+
+    return load_model(out)
+
+
+@pytest.mark.parametrize("draft", [1, 2, 3, 5])
+def test_greedy_spec_equals_greedy_ar(nbdiff, draft):
+    model, tok = nbdiff
+    ar = generate(model, tok, PROMPTS, sampler="ar", max_new_tokens=24, stop_at_eos=False)
+    sp = generate(model, tok, PROMPTS, sampler="spec", max_new_tokens=24, draft=draft, stop_at_eos=False)
+    assert sp.tokens == ar.tokens
+    for i, p in enumerate(PROMPTS[:2]):  # batched = unbatched
+        one = generate(model, tok, [p], sampler="spec", max_new_tokens=24, draft=draft, stop_at_eos=False)
+        assert one.tokens[0] == sp.tokens[i]
+    assert all(r.nfe <= r.tokens for r in sp.rows)  # at least one token per forward
+    if draft == 3:
+        assert sum(r.nfe for r in sp.rows) < sum(r.nfe for r in ar.rows)  # it does speculate
+
+
+def test_greedy_spec_with_eos_matches_ar(nbdiff):
+    model, tok = nbdiff
+    ar = generate(model, tok, PROMPTS, sampler="ar", max_new_tokens=32)
+    sp = generate(model, tok, PROMPTS, sampler="spec", max_new_tokens=32)
+    assert sp.texts == ar.texts
+
+
+def test_cache_after_rejections_equals_recomputation(nbdiff, monkeypatch):
+    model, tok = nbdiff
+    seen = {"steps": 0, "rejections": 0}
+    orig = Runner.speculate
+
+    def checked(self, n, clean, attach, B):
+        ar, dr = orig(self, n, clean, attach, B)
+        if len(attach) > 1:  # a verifying forward: AR logits at the pending token, from scratch
+            for r in range(self.c.batch):
+                pad = int(-self.c.pos[r, 0])
+                ids = self.c.tokens[r, pad : int(n[r]) + 1][None]
+                want = model(ids, mask=torch.ones(1, 1, ids.shape[1], ids.shape[1]).tril().bool())[0, -1]
+                want[self.c.mask_id] = float("-inf")
+                assert torch.allclose(ar[r, 0], want, atol=1e-4)
+            seen["steps"] += 1
+        return ar, dr
+
+    monkeypatch.setattr(Runner, "speculate", checked)
+    out = generate(model, tok, PROMPTS[:3], sampler="spec", max_new_tokens=30, stop_at_eos=False)
+    assert seen["steps"] > 3
+    assert any(r.tokens < 4 * r.nfe for r in out.rows)  # some drafts were rejected on the way
+
+
+def _tiny_vocab_model():
+    torch.manual_seed(3)
+    cfg = ModelConfig(
+        vocab_size=6, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, logits="shifted", layout="context_causal", block_size=4, block_sizes=[4],
+        ar_weight=0.5, mask_token_id=5, eos_token_id=4, pad_token_id=4, tie_word_embeddings=False,
+    )  # fmt: skip
+    model = BlockDiffLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(30.0 if p.ndim == 2 else 1.0)  # peaky, context-dependent distributions
+    return model
+
+
+def _first_two(model, sampler, n, seed0):
+    c = Canvas.build([[1, 2, 3]] * n, 2, 5, 4, 4, 1)
+    c.set_grid(1)
+    c.stop_at_eos = False
+    plan = PLANS[sampler](model, 2, [], temperature=1.0)
+    gens = [torch.Generator().manual_seed(seed0 + r) for r in range(n)]
+    with torch.no_grad():
+        _decode(model, c, plan, gens, None)
+    pairs = c.tokens[:, c.G] * 6 + c.tokens[:, c.G + 1]
+    return torch.bincount(pairs, minlength=36).double()
+
+
+def _chi2(a, b):
+    keep = (a + b) > 0
+    return float((((a - b) ** 2) / (a + b))[keep].sum()), int(keep.sum()) - 1
+
+
+def test_sampled_spec_is_distributed_as_ar(monkeypatch):
+    model = _tiny_vocab_model()
+    n = 4000
+    ar = _first_two(model, "ar", n, 0)
+    sp = _first_two(model, "spec", n, 10**6)
+    stat, df = _chi2(ar, sp)
+    assert df >= 8  # the test has power: many joint outcomes occur
+    assert stat < df + 4 * (2 * df) ** 0.5, (stat, df)  # ~ 4 sigma of a chi-square with df
+    monkeypatch.setattr(speculative, "accept", lambda u, p, q: True)  # the wrong rule: always accept
+    bad = _first_two(model, "spec", n, 10**6)
+    stat_bad, df = _chi2(ar, bad)
+    assert stat_bad > df + 4 * (2 * df) ** 0.5, (stat_bad, df)
+
+
+def test_spec_refuses_models_without_an_ar_path(make_model, tok, nbdiff):
+    aligned = make_model(tok, "aligned", (4, 8, "L"))
+    with pytest.raises(ValueError, match="aligned logits"):
+        generate(aligned, tok, "To be", sampler="spec", max_new_tokens=8)
+    ar_only = make_model(tok, "shifted", (1,))
+    with pytest.raises(ValueError, match="layout|never trained"):
+        generate(ar_only, tok, "To be", sampler="spec", max_new_tokens=8)
+    model, _ = nbdiff
+    for bad in (0, -2):
+        with pytest.raises(ValueError, match="draft must be"):
+            generate(model, tok, "To be", sampler="spec", max_new_tokens=8, draft=bad)
+    with pytest.raises(ValueError, match="blanks"):
+        generate(model, tok, "To <|mask|> be", sampler="spec", max_new_tokens=8)
