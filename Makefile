@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 PROMPT ?= ROMEO.
 SAMPLER ?= structural
 
-.PHONY: demo test lint setup setup-dev demo-model bench clean
+.PHONY: demo test lint setup setup-dev demo-model bench llama-cpp clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ demo-model: setup
 bench: setup
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/decode.py
+
+# llama.cpp as a speed baseline (benchmarks/speed.py): built from source by pip (several minutes).
+llama-cpp: setup
+	$(BIN)/pip install -q llama-cpp-python==0.3.36
 
 clean:
 	rm -rf $(VENV) runs

@@ -312,6 +312,47 @@ def test_bad_input(make_model, tok):
         generate(m, tok, "x", sampler="bd3", cache="prefix", max_new_tokens=8)
 
 
+@pytest.mark.parametrize(
+    "sampler, kw, message",
+    [
+        ("bd3", {"score": "prob"}, "sets its own scoring, so it does not take score; choose it with order"),
+        ("mdlm", {"score": "prob"}, "sets its own scoring"),
+        ("llada", {"score": "margin"}, "choose it with remasking"),
+        ("structural", {"revise_by": "snapshop"}, "revise_by 'snapshop' is not one of snapshot, random"),
+        (
+            "bd3",
+            {"order": "randm"},
+            "order 'randm' is not one of random, confidence (did you mean 'random'?)",
+        ),
+        ("bd3", {"alg": "confidenc"}, "order 'confidenc' is not one of"),
+        ("bd3", {"remasking": "random"}, "does not take remasking"),
+        ("llada", {"remasking": "lowest"}, "remasking 'lowest' is not one of low_confidence, random"),
+        ("fastdllm", {"cache": "duel"}, "cache 'duel' is not one of"),
+        ("fastdllm", {"block_size": 0}, "block_size must be an integer >= 1"),
+        ("bd3", {"block_size": -4}, "block_size must be an integer >= 1"),
+        ("bd3", {"steps": -1}, "steps must be an integer >= 1"),
+        ("bd3", {"steps": 0}, "steps must be an integer >= 1"),
+        ("bd3", {"top_k": -1}, "top_k must be an integer >= 1"),
+        ("bd3", {"temperature": -1}, "temperature must be in [0.0, 100.0]"),
+        ("bd3", {"top_p": 1.5}, "top_p must be in (0.0, 1.0]"),
+        ("bd3", {"block_size": 4, "block_length": 4}, "given twice"),
+        ("dcd", {"windw": 4}, "does not take windw (did you mean 'window'?)"),
+    ],
+)
+def test_bad_option_values_are_errors(make_model, tok, sampler, kw, message):
+    """A wrong option value is a clear error, never a different algorithm or a silent drop."""
+    m = make_model(tok)
+    with pytest.raises(ValueError) as e:
+        generate(m, tok, "x", sampler=sampler, max_new_tokens=8, **kw)
+    assert message in str(e.value)
+
+
+def test_score_is_taken_where_it_means_something(make_model, tok):
+    m = make_model(tok)
+    for sampler in ("ar", "fastdllm", "dcd"):
+        generate(m, tok, "x", sampler=sampler, max_new_tokens=8, score="margin")
+
+
 def test_dcd_block_expansion(make_model, tok):
     """A low-confidence window cut by the block edge grows the block (by 4, at most +16) instead
     of committing; the wasted forwards are counted as NFEs."""

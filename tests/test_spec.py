@@ -36,10 +36,10 @@ def nbdiff(corpus_dir, tmp_path_factory):
 def test_greedy_spec_equals_greedy_ar(nbdiff, draft):
     model, tok = nbdiff
     ar = generate(model, tok, PROMPTS, sampler="ar", max_new_tokens=24, stop_at_eos=False)
-    sp = generate(model, tok, PROMPTS, sampler="spec", max_new_tokens=24, draft=draft, stop_at_eos=False)
+    sp = generate(model, tok, PROMPTS, sampler="spec", max_new_tokens=24, draft_len=draft, stop_at_eos=False)
     assert sp.tokens == ar.tokens
     for i, p in enumerate(PROMPTS[:2]):  # batched = unbatched
-        one = generate(model, tok, [p], sampler="spec", max_new_tokens=24, draft=draft, stop_at_eos=False)
+        one = generate(model, tok, [p], sampler="spec", max_new_tokens=24, draft_len=draft, stop_at_eos=False)
         assert one.tokens[0] == sp.tokens[i]
     assert all(r.nfe <= r.tokens for r in sp.rows)  # at least one token per forward
     if draft == 3:
@@ -130,7 +130,7 @@ def test_spec_refuses_models_without_an_ar_path(make_model, tok, nbdiff):
         generate(ar_only, tok, "To be", sampler="spec", max_new_tokens=8)
     model, _ = nbdiff
     for bad in (0, -2):
-        with pytest.raises(ValueError, match="draft must be"):
-            generate(model, tok, "To be", sampler="spec", max_new_tokens=8, draft=bad)
+        with pytest.raises(ValueError, match="draft_len must be"):
+            generate(model, tok, "To be", sampler="spec", max_new_tokens=8, draft_len=bad)
     with pytest.raises(ValueError, match="blanks"):
         generate(model, tok, "To <|mask|> be", sampler="spec", max_new_tokens=8)

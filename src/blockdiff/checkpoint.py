@@ -7,6 +7,7 @@ A run directory holds step-NNNNNNN/ checkpoints and a `latest` file naming the n
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -40,30 +41,97 @@ def resolve(path: str | Path) -> Path:
 
 
 def atomic_dir(final: Path):
-    """Context manager: write into a temp dir beside `final`, rename into place on success."""
+    """Context manager: write into a temp dir beside `final`, rename into place on success.
+
+    Files become 0644 and dirs 0755 before the rename (mkdtemp makes 0700, and other writers
+    may leave 0600), so a checkpoint is readable by whoever serves or copies it. An OSError
+    (permission denied, disk full) becomes a CheckpointError naming `final`; the temp dir goes."""
+
+    def fail(e: Exception) -> CheckpointError:
+        reason = getattr(e, "strerror", None) or str(e)
+        return CheckpointError(f"cannot write {final}: {reason}")
 
     class _Atomic:
         def __enter__(self):
-            final.parent.mkdir(parents=True, exist_ok=True)
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp", dir=final.parent))
-            self.tmp.chmod(0o755)
+            try:
+                final.parent.mkdir(parents=True, exist_ok=True)
+                self.tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp", dir=final.parent))
+                self.tmp.chmod(0o755)
+            except OSError as e:
+                raise fail(e) from e
             return self.tmp
 
         def __exit__(self, exc_type, exc, tb):
             if exc_type is not None:
                 shutil.rmtree(self.tmp, ignore_errors=True)
+                if isinstance(exc, (OSError, SafetensorError)):
+                    raise fail(exc) from exc
                 return False
-            if final.exists():
-                old = final.with_name(f".{final.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                final.rename(old)
-                self.tmp.rename(final)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                self.tmp.rename(final)
+            try:
+                for f in self.tmp.rglob("*"):
+                    f.chmod(0o755 if f.is_dir() else 0o644)
+                if final.exists():
+                    old = final.with_name(f".{final.name}.old")
+                    shutil.rmtree(old, ignore_errors=True)
+                    final.rename(old)
+                    try:
+                        self.tmp.rename(final)
+                    except OSError:
+                        old.rename(final)  # put the previous contents back
+                        raise
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    self.tmp.rename(final)
+            except OSError as e:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                raise fail(e) from e
             return False
 
     return _Atomic()
+
+
+MANIFEST = "manifest.json"
+
+
+def _sha256(file: Path) -> str:
+    h = hashlib.sha256()
+    with file.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    """Record every file's size and sha256, so a later reader can tell a checkpoint damaged after
+    the write (truncated copy, bad disk, a file deleted by hand) from an intact one."""
+    files = sorted(f for f in directory.rglob("*") if f.is_file() and f.name != MANIFEST)
+    entries = {
+        f.relative_to(directory).as_posix(): {"size": f.stat().st_size, "sha256": _sha256(f)} for f in files
+    }
+    (directory / MANIFEST).write_text(json.dumps({"files": entries}, indent=2) + "\n")
+
+
+def verify(ckpt_dir: str | Path) -> str | None:
+    """None if the checkpoint matches its manifest.json, else a one-line reason. A dir without a
+    manifest (written before manifests existed) counts as intact."""
+    d = Path(ckpt_dir)
+    m = d / MANIFEST
+    if not m.exists():
+        return None
+    try:
+        files = {n: (int(e["size"]), str(e["sha256"])) for n, e in json.loads(m.read_text())["files"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"{MANIFEST} is unreadable: {e!r}"
+    for name, (want, _) in files.items():  # sizes first: cheap, and catch truncation without hashing
+        f = d / name
+        if not f.is_file():
+            return f"{name}: missing"
+        if (size := f.stat().st_size) != want:
+            return f"{name}: size {size} != {want}"
+    for name, (_, digest) in files.items():
+        if _sha256(d / name) != digest:
+            return f"{name}: sha256 mismatch"
+    return None
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -91,7 +91,7 @@ def cmd_import(a: argparse.Namespace) -> int:
 
 
 def _sampler_kwargs(a: argparse.Namespace) -> dict:
-    names = ("block_size", "steps", "threshold", "temperature", "top_p", "top_k", "seed", "draft")
+    names = ("block_size", "steps", "threshold", "temperature", "top_p", "top_k", "seed", "draft_len")
     kw = {k: getattr(a, k) for k in names if getattr(a, k, None) is not None}
     if getattr(a, "no_cache", False):
         kw["cache"] = "none"
@@ -211,7 +211,7 @@ def cmd_info(a: argparse.Namespace) -> int:
 def cmd_export(a: argparse.Namespace) -> int:
     from .export import export
 
-    export(a.run, a.out, dtype=a.dtype)
+    export(a.run, a.out, dtype=a.dtype, force=a.force)
     print(f"exported {resolve(a.run)} -> {a.out}")
     return 0
 
@@ -225,16 +225,21 @@ def cmd_generate(a: argparse.Namespace) -> int:
     if a.max_new_tokens is not None:
         kwargs["max_new_tokens"] = a.max_new_tokens
     live = None if a.json or not sys.stdout.isatty() or a.quiet else LiveCanvas(tok)
-    prompt = a.prompt if a.raw or not tok.chat_template else tok.chat(a.prompt)
+    infill = tok.names["mask_token"] in a.prompt
+    chat = bool(tok.chat_template) and not a.raw and not infill
+    prompt = tok.chat(a.prompt) if chat else a.prompt
     out = generate(model, tok, [prompt], sampler=a.sampler, on_step=live, **kwargs)
     if live is not None:
         live.close()
     row = out.rows[0]
     if a.json:
-        print(json.dumps({"text": out.texts[0], "prompt": a.prompt, "sampler": a.sampler, **row.as_dict()}))
+        d = {"text": out.texts[0], "prompt": a.prompt, "chat_template": chat, "sampler": a.sampler}
+        print(json.dumps({**d, **row.as_dict(), "notes": out.notes}))
     else:
         if live is None:  # the live view already shows the final canvas
-            print(a.prompt + out.texts[0])
+            print(
+                out.texts[0] if infill else f"{a.prompt}\n{out.texts[0]}" if chat else a.prompt + out.texts[0]
+            )
         for note in out.notes:
             print(f"note: {note}", file=sys.stderr)
         print(
@@ -258,7 +263,7 @@ def _decode_args(g: argparse.ArgumentParser) -> None:
     g.add_argument("--top-p", type=float, dest="top_p")
     g.add_argument("--top-k", type=int, dest="top_k")
     g.add_argument("--seed", type=int)
-    g.add_argument("--draft", type=int, help="spec: tokens drafted per forward (default 3)")
+    g.add_argument("--draft-len", type=int, dest="draft_len", help="spec: tokens drafted per forward (3)")
     g.add_argument("--cache", choices=["none", "prefix", "dual", "exact"])
     g.add_argument("--no-cache", action="store_true", dest="no_cache")
     g.add_argument("--json", action="store_true")
@@ -291,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run")
     e.add_argument("out")
     e.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
+    e.add_argument("--force", action="store_true", help="replace OUT if it already exists")
     e.set_defaults(fn=cmd_export)
 
     ad = sub.add_parser("adapt", help="turn a pretrained AR model into a block-diffusion model (NBDiff)")

@@ -10,14 +10,21 @@ from pathlib import Path
 import torch
 import yaml
 
-from .checkpoint import atomic_dir, load_model, read_trainer_meta, resolve, save_model
+from .checkpoint import CheckpointError, atomic_dir, load_model, read_trainer_meta, resolve, save_model
 
 
-def export(run: str | Path, out: str | Path, dtype: str = "bfloat16") -> Path:
+def export(run: str | Path, out: str | Path, dtype: str = "bfloat16", force: bool = False) -> Path:
+    """Write config, weights, tokenizer and a model card only: never trainer or optimizer state.
+    An existing `out` is replaced only with `force`, and never when it holds the run itself."""
     src = resolve(run)
+    out = Path(out)
+    if out.exists():
+        if not force:
+            raise CheckpointError(f"export target {out} already exists; pass --force to replace it")
+        if out.resolve() in (src.resolve(), *src.resolve().parents):
+            raise CheckpointError(f"export target {out} holds the checkpoint being exported ({src})")
     model, tok = load_model(src)
     meta = read_trainer_meta(src)
-    out = Path(out)
     recipe = meta.get("recipe") or {}
     if model.config.train_seq_len is None and recipe.get("data", {}).get("seq_len"):
         model.config.train_seq_len = recipe["data"]["seq_len"]  # checkpoints from before the field
@@ -36,8 +43,6 @@ def export(run: str | Path, out: str | Path, dtype: str = "bfloat16") -> Path:
         save_model(d, model, tok, dtype=getattr(torch, dtype))
         (d / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
         (d / "README.md").write_text(_card_text(card, model.config))
-        for f in d.iterdir():
-            f.chmod(0o644)
     return out
 
 

@@ -96,6 +96,20 @@ class KVCache:
         self.v[layer].scatter_(2, idx, v.to(self.v[layer].dtype))
         self._pending = slots.max(1).values + 1
 
+    def extend(self, layer: int, k: Tensor, v: Tensor, keep: int) -> tuple[Tensor, Tensor]:
+        """Put all fed k/v [b, h, q, d] after the cached slots and return the keys attention reads
+        (cache then fed: no concatenation); only the first `keep` stay after this forward."""
+        b, q = k.shape[0], k.shape[2]
+        if self.lengths is None:
+            self.lengths = torch.zeros(b, dtype=torch.long, device=k.device)
+        end = self.span + q
+        self._ensure(layer, k, end)
+        self.k[layer][:, :, self.span : end] = k
+        self.v[layer][:, :, self.span : end] = v
+        if keep:
+            self._pending = torch.full_like(self.lengths, self.span + keep)
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
     def advance(self) -> None:
         """After a forward's writes in every layer: rows now end after what was written."""
         if self._pending is not None:
@@ -154,16 +168,14 @@ class Attention(nn.Module):
         vh = self.v_proj(x).view(b, q, self.n_kv, self.hd).transpose(1, 2)
         qh, kh = apply_rope(qh, cos, sin), apply_rope(kh, cos, sin)
         k_all, v_all = kh, vh
-        if cache is not None:
+        if isinstance(write, Tensor):  # explicit per-row slots [b, n] for the first n fed
             pk, pv = cache.get(layer)
             if pk is not None:
                 k_all, v_all = torch.cat([pk, kh], 2), torch.cat([pv, vh], 2)
-            if isinstance(write, Tensor):  # explicit per-row slots [b, n] for the first n fed
-                n = write.shape[1]
-                cache.write(layer, kh[:, :, :n], vh[:, :, :n], write)
-            elif write:
-                n = q if write is True else int(write)
-                cache.write(layer, kh[:, :, :n], vh[:, :, :n])
+            cache.write(layer, kh[:, :, : write.shape[1]], vh[:, :, : write.shape[1]], write)
+        elif cache is not None:
+            keep = 0 if not write else q if write is True else int(write)
+            k_all, v_all = cache.extend(layer, kh, vh, keep)
         gqa = self.n_heads != self.n_kv
         if isinstance(mask, SplitMask):
             # [xt ⊕ x0]: the clean half never attends to the noisy half, so its queries need

@@ -103,7 +103,7 @@ class Trainer(Checkpointing):
         self.stop = False
         self.start_step, self.tokens_seen, self.train_seconds = 0, 0, 0.0
         self.interval = tuple(r.objective.interval)
-        ckpt = self._latest() if resume else None
+        ckpt = self._resume_point() if resume else None
         if resume and ckpt is None:
             console.print(f"[yellow]--resume: no checkpoint in {self.out}, starting from scratch[/]")
         if not resume and self._latest() is not None:

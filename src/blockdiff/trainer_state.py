@@ -14,7 +14,15 @@ import yaml
 from rich.console import Console
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import CheckpointError, atomic_dir, save_delta, save_model, write_text_atomic
+from .checkpoint import (
+    CheckpointError,
+    atomic_dir,
+    save_delta,
+    save_model,
+    verify,
+    write_manifest,
+    write_text_atomic,
+)
 from .config import ConfigError
 
 console = Console(stderr=True)
@@ -97,6 +105,8 @@ class Checkpointing:
                     p.copy_(backup[n])
 
     def save(self, step: int, metrics: dict | None = None) -> Path | None:
+        """Write step-NNNNNNN atomically with a manifest of checksums, point `latest` at it once it
+        verifies, and prune old checkpoints."""
         if self.rank != 0:
             return None
         name = f"step-{step:07d}"
@@ -118,8 +128,60 @@ class Checkpointing:
             }
             (d / "trainer_state.json").write_text(json.dumps(meta, indent=2) + "\n")
             (d / "recipe.yaml").write_text(yaml.safe_dump(self.r.to_dict(), sort_keys=False))
-        write_text_atomic(self.out / "latest", name + "\n")
-        ckpts = sorted(p for p in self.out.glob("step-*") if p.is_dir())
-        for old in ckpts[: -self.r.train.keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            write_manifest(d)
+        problem = verify(self.out / name)
+        if problem:  # leave `latest` on the previous good one
+            console.print(f"checkpoint {name} failed verification ({problem})", markup=False, soft_wrap=True)
+        else:
+            write_text_atomic(self.out / "latest", name + "\n")
+        self._prune(None if problem else self.out / name)
         return self.out / name
+
+    def _checkpoints(self) -> list[Path]:
+        return sorted(p for p in self.out.glob("step-*") if p.is_dir())
+
+    def _prune(self, intact: Path | None) -> None:
+        """Keep the newest `train.keep` checkpoints and, whatever `keep` says, the newest intact one
+        (`intact`, or searched for): if the latest writes were damaged, the last good state must
+        survive them."""
+        ckpts = self._checkpoints()
+        keep = set(ckpts[-self.r.train.keep :])
+        good = intact or next((c for c in reversed(ckpts) if verify(c) is None), None)
+        for old in ckpts:
+            if old not in keep and old != good:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def _resume_point(self) -> Path | None:
+        """The newest intact step-* checkpoint (None if there is none), skipping corrupt ones with a
+        message; also removes temp dirs that a killed write left behind. Checkpoints newer than
+        `latest` count too: they were renamed into place complete, only the pointer update was lost."""
+        latest = self.out / "latest"
+        if latest.exists() and not latest.read_text().strip():
+            raise CheckpointError(
+                f"cannot resume: the `latest` file {latest} is empty (it should name a step-* "
+                "checkpoint); write the name of an intact checkpoint into it or delete it"
+            )
+        if self.rank == 0:
+            for junk in sorted([*self.out.glob(".step-*.tmp*"), *self.out.glob(".step-*.old")]):
+                shutil.rmtree(junk, ignore_errors=True)
+                console.print(f"removed {junk} (left by an interrupted write)", markup=False, soft_wrap=True)
+        corrupt: list[tuple[Path, str]] = []
+        found = None
+        for c in reversed(self._checkpoints()):
+            if (problem := verify(c)) is None:
+                found = c
+                break
+            corrupt.append((c, problem))
+        if corrupt and found is None:
+            raise CheckpointError(
+                f"cannot resume: every checkpoint in {self.out} is corrupt "
+                f"({'; '.join(f'{c.name}: {p}' for c, p in corrupt)})"
+            )
+        if self.rank == 0:
+            for c, problem in corrupt:
+                console.print(
+                    f"checkpoint {c.name} is corrupt ({problem}); resuming from {found.name}",
+                    markup=False,
+                    soft_wrap=True,
+                )
+        return found

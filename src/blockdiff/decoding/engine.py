@@ -10,15 +10,15 @@ keep = commit.select(conf)              commit rule
 from __future__ import annotations
 
 import difflib
-import inspect
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 
 from ..model import BlockDiffLM
 from ..tokenizer import Tokenizer
+from . import options
 from .canvas import Canvas, RowStats
 from .policies import (
     BlockWindow,
@@ -31,7 +31,7 @@ from .policies import (
     sample,
 )
 from .runner import Runner
-from .samplers import ALIASES, PLANS, SAMPLERS
+from .samplers import PLANS, SAMPLERS
 from .speculative import SpecStep
 
 
@@ -44,22 +44,23 @@ class GenerateOutput:
     notes: list[str] = field(default_factory=list)
 
 
-def _accepted(sampler: str, draft: str) -> set[str]:
-    names = set(inspect.signature(PLANS[sampler]).parameters)
-    if sampler == "structural":
-        names |= set(inspect.signature(PLANS[draft]).parameters)
-    names |= {"stop_at_eos", "score"}
-    return names - {"model", "max_new_tokens", "notes", "kw"}
-
-
 # ---- the loop ----------------------------------------------------------------------------------
 
 
-def _decode(model, c: Canvas, plan: Plan, gens, on_step) -> None:
-    """The loop: one step policy call = one forward (NFE) and what it commits."""
+def _steps(model, c: Canvas, plan: Plan, gens) -> Iterator[None]:
+    """The loop: one step policy call = one forward (NFE) and what it commits; then the
+    structural revision stages (remask, decode again), each remask yielded as a step too."""
     runner = Runner(model, c, plan.attn_block is not None, plan.cache)
     stepper = SpecStep(c, runner, plan, gens) if plan.spec is not None else DenoiseStep(c, runner, plan, gens)
     while stepper.step():
+        yield
+    for stage in _revision_stages(c, plan, gens):
+        yield  # the remask
+        yield from _steps(model, c, stage, gens)
+
+
+def _decode(model, c: Canvas, plan: Plan, gens, on_step=None) -> None:
+    for _ in _steps(model, c, plan, gens):
         if on_step is not None:
             on_step(c)
 
@@ -140,17 +141,16 @@ def _expand(c: Canvas, plan: Plan, r: int, k: int, cols, kept_conf, extra) -> bo
     return True
 
 
-def _revise(model, c: Canvas, plan: Plan, gens, on_step) -> None:
+def _revision_stages(c: Canvas, plan: Plan, gens) -> Iterator[Plan]:
+    """Structural revision: each stage remasks the least confident generated tokens, then is
+    decoded as a plan of its own (threshold rule, a larger block, no cache)."""
     for B, gamma in plan.revise:
         rows, cols = lowest_confidence(c, gamma, plan.revise_by, gens)
         c.remask(rows, cols)
-        if on_step is not None:
-            on_step(c)
-        window = GlobalWindow() if B is None else BlockWindow(B)
         c.set_grid(B or c.T)
         commit = plan.commit if not isinstance(plan.commit, TopK) else Threshold(0.9)
-        stage = Plan(
-            window,
+        yield Plan(
+            GlobalWindow() if B is None else BlockWindow(B),
             commit,
             B,
             "none",
@@ -160,11 +160,68 @@ def _revise(model, c: Canvas, plan: Plan, gens, on_step) -> None:
             top_p=plan.top_p,
             stop_at_eos=plan.stop_at_eos,
         )
-        _decode(model, c, stage, gens, on_step)
 
 
-@torch.no_grad()
-def generate(
+@dataclass
+class StepEvent:
+    """What one step changed: enough to rebuild the text and the statistics of every row."""
+
+    step: int
+    committed: list[tuple[int, int, int]]  # (row, canvas column, token)
+    remasked: list[tuple[int, int]]  # (row, canvas column)
+    nfe: list[int]  # per row, so far
+    finished: list[int]  # rows that finished at this step
+
+
+class Decoding:
+    """A decode in progress: iterate for step events, `cancel(row)` to stop one row (the other
+    rows decode exactly as they would have), `output()` for the result."""
+
+    def __init__(self, model, tokenizer: Tokenizer, c: Canvas, plan: Plan, gens, notes: list[str]):
+        self.tok, self.c, self.notes = tokenizer, c, notes
+        self._it = _steps(model, c, plan, gens)
+        self.cancelled: set[int] = set()
+
+    def cancel(self, row: int) -> None:
+        c = self.c
+        self.cancelled.add(row)
+        left = c.masked[row].nonzero().flatten()
+        if len(left):  # the row's text ends before its first undecided column; its work stops
+            c.valid[row, int(left[0]) :] = False
+        c.masked[row] = False
+        if torch.isnan(c.finished_at[row]):
+            c.finished_at[row] = time.perf_counter() - c.started
+
+    def __iter__(self) -> Iterator[StepEvent]:
+        c = self.c
+        while True:
+            masked, tokens, done = c.masked.clone(), c.tokens.clone(), c.done()
+            with torch.no_grad():
+                if next(self._it, StopIteration) is StopIteration:
+                    return
+            com = (masked & ~c.masked) | ((tokens != c.tokens) & ~c.masked)
+            rem = ~masked & c.masked
+            yield StepEvent(
+                c.step,
+                [(r, k, int(c.tokens[r, k])) for r, k in com.nonzero().tolist()],
+                [tuple(x) for x in rem.nonzero().tolist()],
+                c.nfe.tolist(),
+                (~done & c.done()).nonzero().flatten().tolist(),
+            )
+
+    def output(self) -> GenerateOutput:
+        for _ in self:  # finish whatever is left
+            pass
+        c, tok = self.c, self.tok
+        texts = [tok.decode(c.generated(r).tolist()) for r in range(c.batch)]
+        for r in range(c.batch):  # infilling: the text with its blanks filled (and any continuation)
+            if (c.commit_step[r, : c.G] > 0).any():
+                texts[r] = tok.decode(c.tokens[r, c.valid[r] & (torch.arange(c.T) < c.eos_at[r])].tolist())
+        toks = [c.generated(r).tolist() for r in range(c.batch)]
+        return GenerateOutput(texts, c.stats(), toks, c, self.notes)
+
+
+def start_decoding(
     model: BlockDiffLM,
     tokenizer: Tokenizer,
     prompts: list[str] | str,
@@ -172,36 +229,24 @@ def generate(
     max_new_tokens: int = 64,
     seed: int | list[int] = 0,
     trace: bool = False,
-    on_step: Callable[[Canvas], None] | None = None,
     **kwargs,
-) -> GenerateOutput:
-    """Decode a batch of prompts with a named sampler; `<|mask|>` in a prompt marks a blank to fill.
-
-    Each row decodes as it would alone: own positions, own random stream (seeded by
-    seed * 1000003 + row, or by seed[row] when a list is given).
-    Returns texts, per-row statistics (NFEs, tokens, tokens per NFE, seconds) and the canvas.
-    """
+) -> Decoding:
+    """A decode of a batch of prompts with a named sampler, to be stepped through (see
+    `Decoding`); `generate` runs one to the end. Arguments as for `generate`."""
     if sampler not in PLANS:
         close = difflib.get_close_matches(sampler, SAMPLERS, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise ValueError(f"unknown sampler '{sampler}'{hint}; known samplers: {', '.join(SAMPLERS)}")
-    for alias, name in ALIASES.items():
-        if alias in kwargs:
-            kwargs[name] = kwargs.pop(alias)
-    if "remasking" in kwargs and sampler != "llada":
-        kwargs.pop("remasking")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if "gen_length" in kwargs:
+        max_new_tokens = kwargs.pop("gen_length")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     single = isinstance(prompts, str)
     prompts = [prompts] if single else list(prompts)
     notes: list[str] = []
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    allowed = _accepted(sampler, kwargs.get("draft", "bd3"))
-    unknown = sorted(set(kwargs) - allowed)
-    if unknown:
-        raise ValueError(
-            f"sampler '{sampler}' does not take {', '.join(unknown)}; it takes {', '.join(sorted(allowed))}"
-        )
+    draft_plan = PLANS.get(kwargs.get("draft"), PLANS["bd3"])
+    extra = tuple(options.accepted(draft_plan)) if sampler == "structural" else ()
+    kwargs = options.check(sampler, kwargs, options.accepted(PLANS[sampler], extra))
     plan = PLANS[sampler](model, max_new_tokens, notes, **kwargs)
     cfg = model.config
     ids = [tokenizer.encode(p) for p in prompts]
@@ -224,9 +269,30 @@ def generate(
         raise ValueError(f"got {len(seeds)} seeds for {c.batch} prompts")
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     c.started = time.perf_counter()
-    _decode(model, c, plan, gens, on_step)
-    if plan.revise:
-        _revise(model, c, plan, gens, on_step)
-    texts = [tokenizer.decode(c.generated(r).tolist()) for r in range(c.batch)]
-    toks = [c.generated(r).tolist() for r in range(c.batch)]
-    return GenerateOutput(texts, c.stats(), toks, c, notes)
+    return Decoding(model, tokenizer, c, plan, gens, notes)
+
+
+@torch.no_grad()
+def generate(
+    model: BlockDiffLM,
+    tokenizer: Tokenizer,
+    prompts: list[str] | str,
+    sampler: str = "bd3",
+    max_new_tokens: int = 64,
+    seed: int | list[int] = 0,
+    trace: bool = False,
+    on_step: Callable[[Canvas], None] | None = None,
+    **kwargs,
+) -> GenerateOutput:
+    """Decode a batch of prompts with a named sampler; `<|mask|>` in a prompt marks a blank to fill.
+
+    Each row decodes as it would alone: own positions, own random stream (seeded by
+    seed * 1000003 + row, or by seed[row] when a list is given).
+    Returns texts (for a prompt with blanks: the whole text, blanks filled), per-row statistics
+    (NFEs, tokens, tokens per NFE, seconds) and the canvas. `on_step(canvas)` after every step.
+    """
+    d = start_decoding(model, tokenizer, prompts, sampler, max_new_tokens, seed, trace, **kwargs)
+    for _ in d:
+        if on_step is not None:
+            on_step(d.c)
+    return d.output()

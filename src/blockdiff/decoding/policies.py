@@ -150,11 +150,12 @@ def k_schedule(masks: int, steps: int) -> list[int]:
 class TopK:
     """Commit the k most confident candidates, k from a per-window schedule over `steps` steps."""
 
-    steps: int
+    steps: int | None  # None: one token per step (as many steps as masks in the window)
 
     def select(self, conf: Tensor, step_in_window: int, masks_at_start: int) -> Tensor:
-        k = k_schedule(masks_at_start, self.steps)[min(step_in_window, self.steps - 1)]
-        if step_in_window >= self.steps - 1:
+        steps = self.steps or max(1, masks_at_start)
+        k = k_schedule(masks_at_start, steps)[min(step_in_window, steps - 1)]
+        if step_in_window >= steps - 1:
             k = len(conf)  # the last step of a window commits what is left
         return conf.topk(min(k, len(conf))).indices
 

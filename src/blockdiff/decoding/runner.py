@@ -122,6 +122,8 @@ class Runner:
             elif self.mode == "exact":
                 f_lo, f_hi = len(self.cache_idx), end
                 write = max(0, frontier - f_lo)
+                if self.cfg.shifted and hi - lo == 1 and lo == frontier and write:
+                    f_hi = lo  # AR step: the masked column feeds nothing its own prediction reads
             elif self.mode == "prefix":
                 f_lo, f_hi, write = len(self.cache_idx), c.T, 0
             else:

@@ -105,7 +105,7 @@ def plan_mdlm(
     window = GlobalWindow() if attn is None else BlockWindow(attn)
     return Plan(
         window,
-        TopK(steps or max_new_tokens),
+        TopK(steps),  # default: one token per step (blanks included when infilling)
         attn,
         cache,
         score="random",
@@ -133,14 +133,13 @@ def plan_llada(
     if max_new_tokens % B:
         raise ValueError(f"llada: max_new_tokens {max_new_tokens} must be a multiple of block_size {B}")
     n_blocks = max(1, max_new_tokens // B)
-    steps = steps or max_new_tokens
-    if steps % n_blocks:
+    if steps is not None and steps % n_blocks:
         raise ValueError(f"llada: steps {steps} must be a multiple of the number of blocks {n_blocks}")
     attn, cache = _full_attention_cache(model, cache, notes, B)
     score = "random" if remasking == "random" else "prob"
     return Plan(
         BlockWindow(B),
-        TopK(steps // n_blocks),
+        TopK(None if steps is None else steps // n_blocks),
         attn,
         cache,
         refresh="block",
@@ -274,4 +273,3 @@ PLANS: dict[str, Callable[..., Plan]] = {
     "spec": plan_spec,
 }
 SAMPLERS = tuple(PLANS)
-ALIASES = {"gen_length": "max_new_tokens", "block_length": "block_size", "alg": "order"}

@@ -29,7 +29,7 @@ from .runner import Runner
 
 @dataclass
 class Speculate:
-    draft: int = 3  # drafts per forward (k); the mask blocks have k + 1 tokens
+    draft: int = 3  # drafts per forward (k = draft_len); the mask blocks have k + 1 tokens
 
 
 def distribution(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None) -> Tensor:

@@ -103,11 +103,18 @@ def training_pairs(name: str, n: int, seed: int = 0) -> list[dict]:
 
 
 def write_training_data(name: str, n: int, out: str | Path, seed: int = 0) -> Path:
+    """Write the pairs as JSONL via a temp file: `out` is complete or untouched, and a failed write
+    (disk full, permission denied) leaves no partial temp file behind."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(json.dumps(p) + "\n" for p in training_pairs(name, n, seed))
     tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("".join(json.dumps(p) + "\n" for p in training_pairs(name, n, seed)))
-    tmp.replace(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text)
+        tmp.replace(out)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise ValueError(f"cannot write {out}: {e.strerror or e}") from e
     return out
 
 

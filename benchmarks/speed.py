@@ -1,0 +1,210 @@
+"""Decoding speed of SmolLM2-135M on this machine: llama.cpp, transformers, blockdiff `ar`, `bd3`
+and `spec`, batch 1, on held-out chat prompts, one run, interleaved repeats, medians.
+
+Also: the memory-bandwidth floor of one AR token (weight bytes / measured read bandwidth), the
+latency of one forward over a cached prefix for 1..32 new tokens, and a torch-profiler summary
+of blockdiff `ar` steps.
+
+    python benchmarks/speed.py --adapted smollm2-nbdiff [--prompts 6] [--repeats 2] [--max-new-tokens 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+
+import torch
+
+from blockdiff.checkpoint import load_model
+from blockdiff.data.prompts import chat_prompts
+from blockdiff.decoding import generate
+from blockdiff.eval.genppl import score
+from blockdiff.hub import load_reference, smollm2_gguf
+from blockdiff.model import KVCache
+
+
+def bandwidth() -> float:
+    """Read bandwidth in bytes/s: the median of summing a 1 GiB tensor."""
+    x = torch.ones(256 * 2**20)
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t)
+    return x.numel() * 4 / statistics.median(times)
+
+
+def forward_latency(model, n_prefix: int = 64, news=(1, 4, 8, 16, 32), reps: int = 7) -> dict[int, float]:
+    ids = torch.randint(0, 1000, (1, n_prefix))
+    cache = KVCache(model.config.num_hidden_layers)
+    model(ids, cache=cache, write_cache=True)
+    out = {}
+    for n in news:
+        x = torch.randint(0, 1000, (1, n))
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            model(x, cache=cache, write_cache=False, logits_slice=slice(-1, None))
+            ts.append(time.perf_counter() - t)
+        out[n] = statistics.median(ts[1:])
+    return out
+
+
+def llama_cpp_runner(max_new: int):
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        print("llama.cpp: llama-cpp-python is not installed (make llama-cpp builds it); row skipped")
+        return None
+    llm = Llama(model_path=str(smollm2_gguf()), n_threads=2, n_ctx=1024, verbose=False)
+
+    def run(prompt: str):
+        t = time.perf_counter()
+        r = llm.create_completion(prompt, max_tokens=max_new, temperature=0.0, top_k=1)
+        secs = time.perf_counter() - t
+        return r["choices"][0]["text"], r["usage"]["completion_tokens"], None, secs
+
+    return run
+
+
+def hf_runner(ref, ref_tok, dtype, max_new: int):
+    m = ref.to(dtype)
+
+    def run(prompt: str):
+        ids = ref_tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+        t = time.perf_counter()
+        out = m.generate(ids, max_new_tokens=max_new, do_sample=False, eos_token_id=ref_tok.eos_token_id)
+        secs = time.perf_counter() - t
+        new = out[0, ids.shape[1] :]
+        text = ref_tok.decode(new, skip_special_tokens=True)
+        return text, int((new != ref_tok.eos_token_id).sum()) + 1, None, secs
+
+    return run
+
+
+def bd_runner(model, tok, sampler: str, max_new: int, **kw):
+    def run(prompt: str):
+        t = time.perf_counter()
+        out = generate(model, tok, [prompt], sampler=sampler, max_new_tokens=max_new, **kw)
+        return out.texts[0], out.rows[0].tokens, out.rows[0].nfe, time.perf_counter() - t
+
+    return run
+
+
+def profile_ar(model, tok, prompt: str, n: int = 32) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    generate(model, tok, [prompt], sampler="ar", max_new_tokens=4)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        generate(model, tok, [prompt], sampler="ar", max_new_tokens=n, stop_at_eos=False)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=40)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--adapted", required=True)
+    ap.add_argument("--base", default="smollm2-135m-instruct")
+    ap.add_argument("--prompts", type=int, default=6)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--temperature", type=float, default=0.7, help="for the sampled spec row")
+    ap.add_argument("--skip", default="", help="comma-separated row labels to leave out")
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    N = a.max_new_tokens
+    ref, ref_tok = load_reference(a.base)
+    base32, tok = load_model(a.base)
+    base16, _ = load_model(a.base, dtype=torch.bfloat16)
+    ad16, atok = load_model(a.adapted, dtype=torch.bfloat16)
+    prompts = [tok.chat(q) for q in chat_prompts("heldout")[: a.prompts]]
+    print(f"command: python {' '.join(sys.argv)}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"{len(prompts)} held-out chat prompts\n"
+    )
+
+    bw = bandwidth()
+    wbytes = sum(p.numel() for p in {id(p): p for p in base16.parameters()}.values()) * 2
+    floor = wbytes / bw
+    print(
+        f"read bandwidth {bw / 1e9:.1f} GB/s; bf16 weights {wbytes / 1e6:.0f} MB -> "
+        f"floor {floor * 1e3:.1f} ms/token ({1 / floor:.0f} tokens/s)\n"
+    )
+
+    lat = forward_latency(base16)
+    print("| new tokens over a 64-token cached prefix (bf16) | " + " | ".join(map(str, lat)) + " |")
+    print("|---|" + "---|" * len(lat))
+    print("| ms per forward | " + " | ".join(f"{v * 1e3:.1f}" for v in lat.values()) + " |")
+    print("| ratio to 1 token | " + " | ".join(f"{v / lat[1]:.2f}" for v in lat.values()) + " |\n")
+
+    rows = {
+        "llama.cpp Q4_1 (2 threads)": llama_cpp_runner(N),
+        "transformers fp32": hf_runner(ref, ref_tok, torch.float32, N),
+        "transformers bf16": None,  # built after fp32 (same module, cast in place)
+        "blockdiff ar fp32 (base)": bd_runner(base32, tok, "ar", N),
+        "blockdiff ar bf16 (base)": bd_runner(base16, tok, "ar", N),
+        "blockdiff ar bf16 (adapted)": bd_runner(ad16, atok, "ar", N),
+        "blockdiff bd3 B=4, 2 tok/NFE (adapted)": bd_runner(
+            ad16, atok, "bd3", N, block_size=4, steps=2, order="confidence", temperature=0.0
+        ),
+        "blockdiff spec k=3 greedy (adapted)": bd_runner(ad16, atok, "spec", N, draft_len=3),
+        f"blockdiff spec k=3 T={a.temperature} (adapted)": bd_runner(
+            ad16, atok, "spec", N, draft_len=3, temperature=a.temperature
+        ),
+        f"blockdiff ar T={a.temperature} (adapted)": bd_runner(
+            ad16, atok, "ar", N, temperature=a.temperature
+        ),
+    }
+    skip = set(filter(None, a.skip.split(",")))
+    rows = {k: v for k, v in rows.items() if k not in skip and (v is not None or k == "transformers bf16")}
+    res: dict[str, list] = {k: [] for k in rows}
+    for _ in range(a.repeats):
+        for p in prompts:
+            for label, run in rows.items():
+                if label == "transformers bf16":
+                    continue
+                res[label].append((p, *run(p)))
+    if "transformers bf16" in rows:  # after every fp32 measurement: the cast is in place
+        run = hf_runner(ref, ref_tok, torch.bfloat16, N)
+        for _ in range(a.repeats):
+            for p in prompts:
+                res["transformers bf16"].append((p, *run(p)))
+        ref.float()
+    ar_tps = None
+    llama_tps = None
+    table = []
+    for label, rs in res.items():
+        tps = statistics.median(n / s for _, _, n, _, s in rs)
+        nfe = [n / f for _, _, n, f, _ in rs if f]
+        first = rs[: len(prompts)]
+        nll, cnt = score(ref, ref_tok, [p for p, *_ in first], [t for _, t, *_ in first], 1024, 512)
+        table.append(
+            (label, tps, statistics.mean(n for _, _, n, _, _ in rs), nfe, math.exp(nll / max(cnt, 1)))
+        )
+        if label == "blockdiff ar bf16 (base)":
+            ar_tps = tps
+        if label.startswith("llama.cpp"):
+            llama_tps = tps
+    print("| decoder | tokens/s (median) | mean tokens | tokens/NFE | vs blockdiff ar bf16 | vs llama.cpp | "
+          "Gen PPL (base) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    for label, tps, ntok, nfe, ppl in table:
+        r_ar = f"{tps / ar_tps:.2f}x" if ar_tps else "-"
+        r_ll = f"{tps / llama_tps:.2f}x" if llama_tps else "-"
+        tpn = f"{statistics.mean(nfe):.2f}" if nfe else "-"
+        print(f"| {label} | {tps:.1f} | {ntok:.0f} | {tpn} | {r_ar} | {r_ll} | {ppl:.2f} |")
+    same = [t for _, t, *_ in res.get("blockdiff spec k=3 greedy (adapted)", [])] == [
+        t for _, t, *_ in res.get("blockdiff ar bf16 (adapted)", [])
+    ]
+    print(f"\ngreedy spec output identical to greedy ar (adapted, bf16) on every prompt: {same}")
+    print("\nprofile of blockdiff ar (bf16 base, 32 tokens):\n```")
+    print(profile_ar(base16, tok, prompts[0]))
+    print("```")
+
+
+if __name__ == "__main__":
+    with torch.no_grad():
+        main()
