@@ -3,10 +3,11 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-PROMPT ?= ROMEO.
-SAMPLER ?= structural
+PROMPT ?= What is the capital of France?
+SAMPLER ?= fastdllm
+MODEL ?= smollm2-nbdiff
 
-.PHONY: demo test lint setup setup-dev demo-model bench llama-cpp clean
+.PHONY: demo test lint setup setup-dev demo-model delta-model bench llama-cpp clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +16,7 @@ $(BIN)/python:
 # torch is pinned first: 2.13.0 is the CPU wheel; an unpinned torch would pull a CUDA build.
 $(VENV)/.setup: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q -e ".[ref]"
 	touch $@
 
 $(VENV)/.setup-dev: pyproject.toml $(VENV)/.setup
@@ -26,7 +27,7 @@ setup: $(VENV)/.setup
 setup-dev: $(VENV)/.setup-dev
 
 demo: setup
-	$(BIN)/blockdiff generate "$(PROMPT)" --sampler $(SAMPLER) --max-new-tokens 128
+	$(BIN)/blockdiff generate "$(PROMPT)" --model $(MODEL) --sampler $(SAMPLER) --max-new-tokens 64
 
 lint: setup-dev
 	$(BIN)/ruff check src tests benchmarks
@@ -35,10 +36,18 @@ lint: setup-dev
 test: setup-dev lint
 	$(BIN)/python -m pytest -q
 
-# Rebuild the bundled model from its recipe (~45 min on 2 CPU cores).
+# Rebuild the bundled Shakespeare model from its recipe (~77 min on 2 CPU cores, see its model card).
 demo-model: setup
 	$(BIN)/blockdiff train recipes/demo.yaml --out runs/demo
-	$(BIN)/blockdiff export runs/demo src/blockdiff/assets/demo --dtype bfloat16
+	$(BIN)/blockdiff export runs/demo src/blockdiff/assets/demo --dtype bfloat16 --force
+
+# Rebuild the shipped SmolLM2 NBDiff delta: self-distilled data (~50 min), the LoRA adaptation
+# (~60 min), export (see src/blockdiff/assets/smollm2-nbdiff/README.md).
+delta-model: setup
+	$(BIN)/pip install -q -e ".[eval]"
+	$(BIN)/blockdiff data distill --out runs/distill/smollm2-chat.jsonl --max-new-tokens 192 --seq-len 288
+	$(BIN)/blockdiff train recipes/nbdiff-smollm2-lora.yaml --out runs/nbdiff-lora
+	$(BIN)/blockdiff export runs/nbdiff-lora src/blockdiff/assets/smollm2-nbdiff --dtype bfloat16 --force
 
 bench: setup
 	$(BIN)/python benchmarks/train_throughput.py

@@ -17,7 +17,7 @@ def run_cli(capsys, *args):
     return code, out.out, out.err
 
 
-@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("sampler", [s for s in SAMPLERS if s != "spec"])  # spec: tests/test_spec.py
 def test_generate_every_sampler_json(capsys, tiny_ckpt, sampler):
     block = [] if sampler == "mdlm" else ["--block-size", "1" if sampler == "ar" else "8"]
     args = ["generate", "Shall I", "--model", str(tiny_ckpt), "--sampler", sampler, "--max-new-tokens", "16"]
@@ -26,6 +26,11 @@ def test_generate_every_sampler_json(capsys, tiny_ckpt, sampler):
     d = json.loads(out)
     assert {"text", "nfe", "tokens", "seconds", "tokens_per_nfe"} <= set(d)
     assert d["sampler"] == sampler and 0 < d["tokens"] <= 16 and d["nfe"] >= 1
+
+
+def test_spec_on_a_model_without_ar_path_is_one_clear_line(capsys, tiny_ckpt):
+    code, _, err = run_cli(capsys, "generate", "x", "--model", str(tiny_ckpt), "--sampler", "spec")
+    assert code == 2 and "spec needs an NBDiff model" in err and err.count("\n") == 1
 
 
 def test_generate_no_cache_matches_cache(capsys, tiny_ckpt):
@@ -54,14 +59,25 @@ def test_generate_no_cache_matches_cache(capsys, tiny_ckpt):
     [
         (["--sampler", "nope"], "known samplers: ar, bd3"),
         (["--max-new-tokens", "8", "--prompt-repeat"], "exceeds the model's context"),
-        (["--sampler", "fastdllm", "--threshold", "0", "--block-size", "8"], "threshold must be in (0, 1]"),
+        (["--sampler", "fastdllm", "--threshold", "0", "--block-size", "8"], "threshold must be in (0.0, 1"),
+        (["--sampler", "fastdllm", "--block-size", "0"], "block_size must be an integer >= 1"),
+        (["--sampler", "llada", "--block-size", "0"], "block_size must be an integer >= 1"),
+        (["--sampler", "bd3", "--block-size", "0"], "block_size must be an integer >= 1"),
+        (["--sampler", "bd3", "--block-size", "-4"], "block_size must be an integer >= 1"),
+        (["--sampler", "bd3", "--steps", "-1"], "steps must be an integer >= 1"),
+        (["--sampler", "bd3", "--steps", "0"], "steps must be an integer >= 1"),
+        (["--sampler", "bd3", "--top-k", "-1"], "top_k must be an integer >= 1"),
+        (["--sampler", "bd3", "--temperature", "-1"], "temperature must be in [0.0, 100.0]"),
+        (["--sampler", "bd3", "--top-p", "1.5"], "top_p must be in (0.0, 1.0]"),
+        (["--sampler", "bd3", "--max-new-tokens", "-3"], "max_new_tokens must be an integer >= 0"),
+        (["--bad-utf8"], "not valid UTF-8"),
         (["--sampler", "mdlm", "--block-size", "8"], "'mdlm' does not take block_size"),
         (["--sampler", "ar", "--block-size", "8"], "block_size must be 1"),
     ],
 )
 def test_generate_errors(capsys, tiny_ckpt, args, message):
-    prompt = "x" * 100 if "--prompt-repeat" in args else "x"
-    args = [a for a in args if a != "--prompt-repeat"]
+    prompt = "x" * 100 if "--prompt-repeat" in args else "x\udcff" if "--bad-utf8" in args else "x"
+    args = [a for a in args if a not in ("--prompt-repeat", "--bad-utf8")]
     code, _, err = run_cli(
         capsys, "generate", prompt, "--model", str(tiny_ckpt), "--max-new-tokens", "8", *args
     )
@@ -88,3 +104,23 @@ def test_bundled_model_end_to_end():
     assert info.returncode == 0, info.stderr
     meta = json.loads(info.stdout)
     assert meta["training_tokens"] > 1_000_000 and meta["val_nll_bound"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "recipes/demo.yaml", "--out", "{file}"], "is a file, not a run directory"),
+        (["eval", "genppl", "--model", "{tiny}", "--num-samples", "0"], "--num-samples must be >= 1"),
+        (["data", "task", "mini_sudoku", "--n", "-5", "--out", "{dir}/x.jsonl"], "--n must be >= 1"),
+        (["export", "{tiny}", "{dir}"], "already exists; pass --force"),
+        (["generate", "x", "--model", "nonexistent-model"], "known names: smollm2-nbdiff"),
+        (["adapt", "--delta", "lora:0", "--steps", "1"], "--delta rank must be >= 1"),
+        (["adapt", "--delta", "lora", "--steps", "1"], "--delta must look like lora:RANK"),
+    ],
+)
+def test_commands_fail_with_one_clear_line(capsys, tmp_path, tiny_ckpt, argv, message):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    argv = [x.format(file=f, tiny=tiny_ckpt, dir=tmp_path) for x in argv]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2 and message in err and err.count("\n") == 1, err

@@ -423,3 +423,24 @@ def test_context_causal_decoding_matches_training_layout(tok, cache):
         other = run2.logits(G + 4, G + 8, frontier=G + 4, end=G + 8)
     model.config.layout = "context_causal"
     assert not torch.allclose(other, want, atol=1e-3)
+
+
+def test_dcd_global_prefix_cache_stores_the_prefix(make_model, tok, monkeypatch):
+    """DCD over the whole canvas with the prefix cache: a refresh stores the columns before the
+    window's left edge, and the forwards after it feed only what follows."""
+    m = make_model(tok)  # mix-scale with the global block
+    fed = []
+    orig = runner_mod.Runner._forward
+
+    def spy(self, lo, hi, write, out_from=None, clean_before=0):
+        fed.append((lo, hi, write))
+        return orig(self, lo, hi, write, out_from, clean_before)
+
+    monkeypatch.setattr(runner_mod.Runner, "_forward", spy)
+    out = generate(m, tok, ["Shall I compare thee"], sampler="dcd", max_new_tokens=48, refresh_every=8)
+    G = out.canvas.G
+    refreshes = [f for f in fed if f[0] == 0 and f[2] > 0]
+    assert refreshes and all(w >= G for _, _, w in refreshes)  # the prompt at least is stored
+    later = [f for f in fed if f[0] > 0]
+    assert later and all(lo >= G for lo, _, _ in later)  # steps feed from the cached edge on
+    assert max(w for _, _, w in refreshes) > G  # refreshes move with the decoded prefix

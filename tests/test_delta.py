@@ -104,6 +104,18 @@ def test_delta_adapt_save_resume_load(ar_base, corpus_dir, tmp_path, capsys):
     model, tok = load_model(out)
     assert model.config.layout == "context_causal" and model.config.block_sizes == [4]
     assert not delta.attached(model)
+    exp = tmp_path / "exported"
+    assert cli.main(["export", str(out), str(exp)]) == 0
+    names = sorted(p.name for p in exp.iterdir())
+    assert names == sorted(
+        ["README.md", "config.json", "delta.safetensors", "model_card.json", "tokenizer.json"]
+        + ["tokenizer_config.json"]
+    )
+    assert all(v.dtype == torch.bfloat16 for v in load_file(str(exp / "delta.safetensors")).values())
+    shipped, _ = load_model(exp)
+    x = torch.randint(0, 256, (1, 16))
+    with torch.no_grad():
+        assert (shipped(x) - model(x)).abs().max() < 0.05  # the same delta, rounded to bf16
     # a delta over a different base is refused, naming the checksums
     info["base_sha256"] = "0" * 64
     cfg = json.loads((ckpt / "config.json").read_text())

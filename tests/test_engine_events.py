@@ -48,11 +48,15 @@ def test_cache_truncate_per_row_equals_recomputation(make_model, tok):
     x = torch.randint(0, 256, (2, 16))
     cache = KVCache(m.config.num_hidden_layers)
     with torch.no_grad():
-        m(x[:, :10], cache=cache, write_cache=True)
-        m(torch.randint(0, 256, (2, 5)), cache=cache, write_cache=True)  # drafts to roll back
+        m(x[:, :10], mask=torch.ones(1, 1, 10, 10).tril().bool(), cache=cache, write_cache=True)
+        drafts = torch.cat([torch.ones(5, 10, dtype=torch.bool), torch.ones(5, 5).tril().bool()], 1)
+        m(
+            torch.randint(0, 256, (2, 5)), mask=drafts[None, None], cache=cache, write_cache=True
+        )  # rolled back
         keep = torch.tensor([10, 12])
         cache.truncate(torch.tensor([10, 10]))
-        m(x[:, 10:12], cache=cache, write_cache=torch.tensor([[10, 11], [10, 11]]))
+        causal = torch.cat([torch.ones(2, 10, dtype=torch.bool), torch.ones(2, 2).tril().bool()], 1)
+        m(x[:, 10:12], mask=causal[None, None], cache=cache, write_cache=torch.tensor([[10, 11], [10, 11]]))
         cache.truncate(keep)  # row 0 drops the last two again
         assert cache.visible().tolist() == [[True] * 10 + [False] * 2, [True] * 12]
         for r in range(2):

@@ -18,12 +18,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import ConfigError, ModelConfig
+from .config import BlockdiffError, ConfigError, ModelConfig
 from .model import BlockDiffLM
 from .tokenizer import Tokenizer
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(BlockdiffError, RuntimeError):
     pass
 
 

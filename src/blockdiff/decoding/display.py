@@ -13,8 +13,9 @@ from .canvas import Canvas
 class LiveCanvas:
     """Call with the canvas after each step; shows row 0."""
 
-    def __init__(self, tok: Tokenizer, console: Console | None = None):
-        self.tok = tok
+    def __init__(self, tok: Tokenizer, console: Console | None = None, prompt: str | None = None):
+        """`prompt`: what to show for the prompt (e.g. the question without its chat template)."""
+        self.tok, self.prompt = tok, prompt
         self.console = console or Console()
         self.live = Live(Text(""), console=self.console, refresh_per_second=20, transient=False)
         self.live.start()
@@ -22,8 +23,10 @@ class LiveCanvas:
     def __call__(self, c: Canvas) -> None:
         r = 0
         text = Text()
-        prompt = c.tokens[r, : c.G][c.valid[r, : c.G]].tolist()
-        text.append(self.tok.decode(prompt), style="bold")
+        if self.prompt is not None:
+            text.append(self.prompt + "\n", style="bold")
+        else:
+            text.append(self.tok.decode(c.tokens[r, : c.G][c.valid[r, : c.G]].tolist()), style="bold")
         cols = range(c.G, min(int(c.eos_at[r]) + 1, c.T))
         last = int(c.commit_step[r].max())
         for j in cols:

@@ -96,7 +96,10 @@ class DenoiseStep:
             and runner.fresh is None
             and (len(runner.cache_idx) == 0 or self.committed_since_refresh >= int(plan.refresh[6:]))
         ):
-            runner.refresh(lo, hi)
+            # Store the prefix up to the window's left edge: the first column still masked in
+            # any active row (the region of a global window starts at column 0).
+            edge = int((c.masked & active[:, None]).any(0).nonzero()[0])
+            runner.refresh(max(lo, edge), hi)
             self.committed_since_refresh = 0
         cand = window.candidates(c, region) & active[:, None]
         cols_any = cand.any(0).nonzero().flatten()

@@ -26,6 +26,8 @@ import time
 import uuid
 from dataclasses import dataclass
 
+from ..config import BlockdiffError
+
 UNSHARE = "unshare"  # executables, looked up on PATH per run (tests point these at missing names)
 SETPRIV = "setpriv"
 NOBODY = 65534
@@ -97,7 +99,7 @@ os.write(fd, f"exit {os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])}\n".encode
 """
 
 
-class SandboxError(RuntimeError):
+class SandboxError(BlockdiffError, RuntimeError):
     """The sandbox could not be set up; the generated code was not run."""
 
     def __init__(self, why: str):
