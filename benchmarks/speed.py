@@ -70,8 +70,7 @@ def llama_cpp_runner(max_new: int):
     return run
 
 
-def hf_runner(ref, ref_tok, dtype, max_new: int):
-    m = ref.to(dtype)
+def hf_runner(m, ref_tok, max_new: int):
 
     def run(prompt: str):
         ids = ref_tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids
@@ -142,8 +141,8 @@ def main() -> None:
 
     rows = {
         "llama.cpp Q4_1 (2 threads)": llama_cpp_runner(N),
-        "transformers fp32": hf_runner(ref, ref_tok, torch.float32, N),
-        "transformers bf16": None,  # built after fp32 (same module, cast in place)
+        "transformers fp32": hf_runner(ref, ref_tok, N),
+        "transformers bf16": hf_runner(load_reference(a.base, dtype=torch.bfloat16)[0], ref_tok, N),
         "blockdiff ar fp32 (base)": bd_runner(base32, tok, "ar", N),
         "blockdiff ar bf16 (base)": bd_runner(base16, tok, "ar", N),
         "blockdiff ar bf16 (adapted)": bd_runner(ad16, atok, "ar", N),
@@ -159,20 +158,12 @@ def main() -> None:
         ),
     }
     skip = set(filter(None, a.skip.split(",")))
-    rows = {k: v for k, v in rows.items() if k not in skip and (v is not None or k == "transformers bf16")}
+    rows = {k: v for k, v in rows.items() if k not in skip and v is not None}
     res: dict[str, list] = {k: [] for k in rows}
     for _ in range(a.repeats):
         for p in prompts:
             for label, run in rows.items():
-                if label == "transformers bf16":
-                    continue
                 res[label].append((p, *run(p)))
-    if "transformers bf16" in rows:  # after every fp32 measurement: the cast is in place
-        run = hf_runner(ref, ref_tok, torch.bfloat16, N)
-        for _ in range(a.repeats):
-            for p in prompts:
-                res["transformers bf16"].append((p, *run(p)))
-        ref.float()
     ar_tps = None
     llama_tps = None
     table = []

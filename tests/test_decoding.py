@@ -437,7 +437,7 @@ def test_dcd_global_prefix_cache_stores_the_prefix(make_model, tok, monkeypatch)
         return orig(self, lo, hi, write, out_from, clean_before)
 
     monkeypatch.setattr(runner_mod.Runner, "_forward", spy)
-    out = generate(m, tok, ["Shall I compare thee"], sampler="dcd", max_new_tokens=48, refresh_every=8)
+    out = generate(m, tok, ["Shall I"], sampler="dcd", max_new_tokens=40, refresh_every=8)
     G = out.canvas.G
     refreshes = [f for f in fed if f[0] == 0 and f[2] > 0]
     assert refreshes and all(w >= G for _, _, w in refreshes)  # the prompt at least is stored
