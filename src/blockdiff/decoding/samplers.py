@@ -155,7 +155,7 @@ def plan_fastdllm(
     model,
     max_new_tokens,
     notes,
-    block_size=32,
+    block_size=None,
     threshold=0.9,
     factor=None,
     temperature=0.0,
@@ -164,6 +164,8 @@ def plan_fastdllm(
     cache="prefix",
     **kw,
 ) -> Plan:
+    # Fast-dLLM's 32 for full-attention models; a block-causal model decodes in its trained block
+    block_size = block_size or (32 if has_global_block(model) else _default_block(model))
     block_size = min(block_size, max(1, max_new_tokens))
     attn, cache = _full_attention_cache(model, cache, notes, block_size)
     return Plan(
