@@ -295,7 +295,7 @@ def generate(
     (NFEs, tokens, tokens per NFE, seconds) and the canvas. `on_step(canvas)` after every step.
     """
     d = start_decoding(model, tokenizer, prompts, sampler, max_new_tokens, seed, trace, **kwargs)
-    for _ in d:
+    for _ in d._it:  # the steps alone: no per-step events to build when nobody reads them
         if on_step is not None:
             on_step(d.c)
     return d.output()

@@ -29,7 +29,7 @@ from .runner import Runner
 
 @dataclass
 class Speculate:
-    draft: int = 3  # drafts per forward (k = draft_len); the mask blocks have k + 1 tokens
+    draft_len: int = 3  # drafts per forward (k); the mask blocks have k + 1 tokens
 
 
 def distribution(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None) -> Tensor:
@@ -49,11 +49,11 @@ class SpecStep:
         if c.masked[:, : c.G].any():
             raise ValueError("spec decodes left to right and does not fill blanks in the prompt")
         self.c, self.run, self.plan, self.gens = c, runner, plan, gens
-        self.k = plan.spec.draft
+        self.k = plan.spec.draft_len
         self.B = self.k + 1
         self.n: Tensor | None = None  # [b] column of the pending token (committed, not yet fed)
         self.drafts: Tensor | None = None  # [b, k]
-        self.q: Tensor | None = None  # [b, k, V] draft distributions (sampling only)
+        self.q: list[Tensor | None] = []  # per row [k, V]: the draft distributions (sampling)
 
     def _pick(self, logits: Tensor, r: int) -> tuple[Tensor, Tensor | None]:
         """Tokens [..] from logits [.., V] (argmax, or a sample), and the distribution sampled."""
