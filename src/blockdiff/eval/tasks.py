@@ -8,10 +8,11 @@ Evaluation items use a fixed seed of their own; training data skips any question
 
 from __future__ import annotations
 
-import difflib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from ..config import did_you_mean
 
 REASONING = ("countdown", "mini_sudoku", "sudoku", "gsm_symbolic", "basic_arithmetic")
 TASKS = (*REASONING, "humaneval")
@@ -42,9 +43,7 @@ class TaskResult:
 
 def check_task(name: str) -> None:
     if name not in TASKS:
-        close = difflib.get_close_matches(name, TASKS, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ValueError(f"unknown task '{name}'{hint}; known tasks: {', '.join(TASKS)}")
+        raise ValueError(f"unknown task '{name}'{did_you_mean(name, TASKS)}; known tasks: {', '.join(TASKS)}")
 
 
 def prompt_text(question: str) -> str:
