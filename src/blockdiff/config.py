@@ -89,6 +89,16 @@ class ModelConfig:
     def shifted(self) -> bool:
         return self.logits == "shifted"
 
+    @property
+    def trained_block_sizes(self) -> list[int]:
+        return self.block_sizes or [self.block_size]
+
+    @property
+    def has_global_block(self) -> bool:
+        """Was the model trained with the global block (full attention over its training rows)?"""
+        seq_len = self.train_seq_len or self.max_position_embeddings
+        return any(b >= seq_len for b in self.trained_block_sizes)
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         names = [f.name for f in dataclasses.fields(cls)]

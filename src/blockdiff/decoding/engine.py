@@ -1,15 +1,20 @@
-"""One canvas loop; every sampler is a named composition of policies.
+"""One canvas loop; every sampler is a named composition of policies (a `Plan`).
 
 region = window.region(canvas)          which block (or the whole canvas) is being decoded
+runner.before_step(region)              the runner's refresh policy may refresh its cache
 logits = runner.logits(region)          one forward = one NFE, cache handled by the runner
 tokens, conf = sample(logits)           scoring
-keep = commit.select(conf)              commit rule
-(structural) remask lowest snapshot confidence, decode again with a larger block
+keep = commit.select(conf)              commit rule (or plan.expand grows the block instead)
+for stage in plan.revise:               structural revision: remask, decode again as a plan
+
+A step policy (`DenoiseStep`, or `speculative.SpecStep` when the plan speculates) does one
+forward per call. `start_decoding` returns a `Decoding` that yields a `StepEvent` per step
+(committed, remasked, NFEs, finished rows) and can `cancel(row)`; `generate` runs it to the end.
+The engine knows no sampler by name and no window by type: what differs is in the plan.
 """
 
 from __future__ import annotations
 
-import difflib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -18,21 +23,13 @@ import torch
 
 from ..model import BlockDiffLM
 from ..tokenizer import Tokenizer
-from . import options
 from .canvas import Canvas, RowStats
-from .policies import (
-    BlockWindow,
-    GlobalWindow,
-    Plan,
-    SlidingWindow,
-    Threshold,
-    TopK,
-    lowest_confidence,
-    sample,
-)
+from .policies import Plan, sample
 from .runner import Runner
-from .samplers import PLANS, SAMPLERS
+from .samplers import PLANS, SAMPLERS, build_plan
 from .speculative import SpecStep
+
+__all__ = ["PLANS", "SAMPLERS", "Decoding", "GenerateOutput", "StepEvent", "generate", "start_decoding"]
 
 
 @dataclass
@@ -50,7 +47,7 @@ class GenerateOutput:
 def _steps(model, c: Canvas, plan: Plan, gens) -> Iterator[None]:
     """The loop: one step policy call = one forward (NFE) and what it commits; then the
     structural revision stages (remask, decode again), each remask yielded as a step too."""
-    runner = Runner(model, c, plan.attn_block is not None, plan.cache)
+    runner = Runner(model, c, plan.attn_block is not None, plan.cache, plan.refresh)
     stepper = SpecStep(c, runner, plan, gens) if plan.spec is not None else DenoiseStep(c, runner, plan, gens)
     while stepper.step():
         yield
@@ -66,14 +63,15 @@ def _decode(model, c: Canvas, plan: Plan, gens, on_step=None) -> None:
 
 
 class DenoiseStep:
-    """A step of masked denoising: window -> logits -> sample -> commit (-> DCD expansion)."""
+    """A step of masked denoising: window -> logits -> sample -> commit (or DCD expansion).
+
+    Knows no sampler: the window says where to decode, the commit rule what to keep, the plan's
+    `expand` stage whether a block grows instead, and the runner when its cache is refreshed."""
 
     def __init__(self, c: Canvas, runner: Runner, plan: Plan, gens):
         self.c, self.runner, self.plan, self.gens = c, runner, plan, gens
         self.block_causal = plan.attn_block is not None
-        self.every = plan.refresh and plan.refresh.startswith("every:")
         self.region, self.step_in_region, self.masks_at_start = None, 0, None
-        self.committed_since_refresh = 0
         self.extra = torch.zeros(c.batch, dtype=torch.long)  # DCD expansion so far in the block
 
     def step(self) -> bool:
@@ -82,25 +80,13 @@ class DenoiseStep:
         new_region = window.region(c, active) if active.any() else None
         if new_region is None:
             return False
-        if self.region is None or new_region[0] != self.region[0]:
+        starts = self.region is None or new_region[0] != self.region[0]
+        if starts:
             self.step_in_region, self.extra[:] = 0, 0
-            self.masks_at_start = (
-                window.candidates(c, new_region) if isinstance(window, BlockWindow) else c.masked
-            ).sum(1)
-            if plan.refresh == "block" and plan.cache in ("prefix", "dual"):
-                runner.refresh(new_region[1], new_region[2])
+            self.masks_at_start = window.start_masks(c, new_region)
         self.region = region = new_region
         _, lo, hi = region
-        if (
-            self.every
-            and runner.fresh is None
-            and (len(runner.cache_idx) == 0 or self.committed_since_refresh >= int(plan.refresh[6:]))
-        ):
-            # Store the prefix up to the window's left edge: the first column still masked in
-            # any active row (the region of a global window starts at column 0).
-            edge = int((c.masked & active[:, None]).any(0).nonzero()[0])
-            runner.refresh(max(lo, edge), hi)
-            self.committed_since_refresh = 0
+        runner.before_step(lo, hi, active, starts)
         cand = window.candidates(c, region) & active[:, None]
         cols_any = cand.any(0).nonzero().flatten()
         q_lo, q_hi = int(cols_any[0]), int(cols_any[-1]) + 1
@@ -117,7 +103,9 @@ class DenoiseStep:
             keep = plan.commit.select(conf, self.step_in_region, int(self.masks_at_start[r]))
             if plan.score != "prob":  # snapshot confidence is always the token's probability
                 conf = row_logits.double().softmax(-1).gather(-1, tok[:, None])[:, 0]
-            if plan.expand is not None and _expand(c, plan, r, region[0], cols, conf[keep], self.extra):
+            if plan.expand is not None and plan.expand.grow(
+                c, r, region[0], conf[keep], self.extra, window.masks, plan.attn_block
+            ):
                 continue
             rows_w.append(torch.full((len(keep),), r))
             cols_w.append(cols[keep])
@@ -126,43 +114,16 @@ class DenoiseStep:
         if rows_w:
             rows, cols, toks = torch.cat(rows_w), torch.cat(cols_w), torch.cat(toks_w)
             c.commit(rows, cols, toks, torch.cat(conf_w))
-            self.committed_since_refresh += len(rows)
+            runner.committed(len(rows))
         self.step_in_region += 1
         return True
 
 
-def _expand(c: Canvas, plan: Plan, r: int, k: int, cols, kept_conf, extra) -> bool:
-    """DCD block expansion for row r; True if the block grew (and nothing is committed)."""
-    e = plan.expand
-    in_block = int((c.masked[r] & (c.blk[r] == k)).sum())
-    at_edge = in_block <= plan.window.masks  # the window already reaches the block's right edge
-    if not at_edge or float(kept_conf.min()) >= e.below or int(extra[r]) + e.step > e.max_extra:
-        return False
-    if not c.expand_block(r, k, e.step, plan.attn_block):
-        return False
-    extra[r] += e.step
-    return True
-
-
 def _revision_stages(c: Canvas, plan: Plan, gens) -> Iterator[Plan]:
-    """Structural revision: each stage remasks the least confident generated tokens, then is
-    decoded as a plan of its own (threshold rule, a larger block, no cache)."""
-    for B, gamma in plan.revise:
-        rows, cols = lowest_confidence(c, gamma, plan.revise_by, gens)
-        c.remask(rows, cols)
-        c.set_grid(B or c.T)
-        commit = plan.commit if not isinstance(plan.commit, TopK) else Threshold(0.9)
-        yield Plan(
-            GlobalWindow() if B is None else BlockWindow(B),
-            commit,
-            B,
-            "none",
-            score="prob",
-            temperature=plan.temperature,
-            top_k=plan.top_k,
-            top_p=plan.top_p,
-            stop_at_eos=plan.stop_at_eos,
-        )
+    """Structural revision: each stage remasks, then is decoded as a plan of its own."""
+    for stage in plan.revise:
+        stage.remask(c, gens)
+        yield stage.plan(plan)
 
 
 @dataclass
@@ -184,6 +145,9 @@ class Decoding:
         self.tok, self.c, self.notes = tokenizer, c, notes
         self._it = _steps(model, c, plan, gens)
         self.cancelled: set[int] = set()
+        # Later stages may remask committed tokens: nothing is final before the decode ends.
+        self.revises = bool(plan.revise)
+        self.ended = False
 
     def cancel(self, row: int) -> None:
         c = self.c
@@ -201,6 +165,7 @@ class Decoding:
             masked, tokens, done = c.masked.clone(), c.tokens.clone(), c.done()
             with torch.no_grad():
                 if next(self._it, StopIteration) is StopIteration:
+                    self.ended = True
                     return
             com = (masked & ~c.masked) | ((tokens != c.tokens) & ~c.masked)
             rem = ~masked & c.masked
@@ -215,13 +180,29 @@ class Decoding:
     def output(self) -> GenerateOutput:
         for _ in self:  # finish whatever is left
             pass
-        c, tok = self.c, self.tok
-        texts = [tok.decode(c.generated(r).tolist()) for r in range(c.batch)]
-        for r in range(c.batch):  # infilling: the text with its blanks filled (and any continuation)
-            if (c.commit_step[r, : c.G] > 0).any():
-                texts[r] = tok.decode(c.tokens[r, c.valid[r] & (torch.arange(c.T) < c.eos_at[r])].tolist())
+        c = self.c
+        texts = [self.text(r) for r in range(c.batch)]
         toks = [c.generated(r).tolist() for r in range(c.batch)]
         return GenerateOutput(texts, c.stats(), toks, c, self.notes)
+
+    def text(self, r: int) -> str:
+        """Row r's text: its generated tokens, or for a prompt with blanks the whole text filled."""
+        c = self.c
+        if (c.commit_step[r, : c.G] > 0).any():
+            return self.tok.decode(c.tokens[r, c.valid[r] & (torch.arange(c.T) < c.eos_at[r])].tolist())
+        return self.tok.decode(c.generated(r).tolist())
+
+    def final_prefix(self, r: int) -> list[int]:
+        """Row r's generated tokens that can no longer change: those before its first undecided
+        column (before EOS), or none while a later stage may still remask them."""
+        c = self.c
+        if self.revises and not self.ended:
+            return []
+        left = c.masked[r, c.G :].nonzero()
+        end = c.G + int(left[0]) if len(left) else c.T
+        end = min(end, int(c.eos_at[r]))
+        cols = torch.arange(c.G, max(c.G, end))
+        return c.tokens[r, cols[c.valid[r, cols]]].tolist()
 
 
 def start_decoding(
@@ -236,10 +217,6 @@ def start_decoding(
 ) -> Decoding:
     """A decode of a batch of prompts with a named sampler, to be stepped through (see
     `Decoding`); `generate` runs one to the end. Arguments as for `generate`."""
-    if sampler not in PLANS:
-        close = difflib.get_close_matches(sampler, SAMPLERS, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ValueError(f"unknown sampler '{sampler}'{hint}; known samplers: {', '.join(SAMPLERS)}")
     if "gen_length" in kwargs:
         max_new_tokens = kwargs.pop("gen_length")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
@@ -247,16 +224,13 @@ def start_decoding(
     single = isinstance(prompts, str)
     prompts = [prompts] if single else list(prompts)
     notes: list[str] = []
-    draft_plan = PLANS.get(kwargs.get("draft"), PLANS["bd3"])
-    extra = tuple(options.accepted(draft_plan)) if sampler == "structural" else ()
-    kwargs = options.check(sampler, kwargs, options.accepted(PLANS[sampler], extra))
-    plan = PLANS[sampler](model, max_new_tokens, notes, **kwargs)
+    plan = build_plan(model, sampler, max_new_tokens, notes, kwargs)
     cfg = model.config
     ids = [tokenizer.encode(p) for p in prompts]
-    grid = plan.window.within if isinstance(plan.window, SlidingWindow) else plan.window
-    round_to = grid.size if isinstance(grid, BlockWindow) else 1
+    grid = plan.window.grid_size()  # None: the whole canvas is one block
+    round_to = grid or 1
     c = Canvas.build(ids, max_new_tokens, cfg.mask_token_id, tokenizer.eos_id, tokenizer.pad_id, round_to)
-    c.set_grid(round_to if isinstance(grid, BlockWindow) else c.T)
+    c.set_grid(grid or c.T)
     if c.G + max_new_tokens > cfg.max_position_embeddings:
         raise ValueError(
             f"prompt ({c.G} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context "

@@ -1,19 +1,26 @@
-"""The four choices of a decoding step: window, scoring, commit rule, remask rule.
+"""The choices of a decoding step, and the stages around it, as small typed values.
 
-Windows say which masked columns may be committed now; scoring samples a token and a confidence
-for each; the commit rule picks which to keep; a remask rule (structural revision) may send
-committed tokens back to the mask.
+Windows say which masked columns may be committed now (and what the engine needs to know of them:
+the block grid the canvas is rounded to, the masks a commit schedule counts); scoring samples a
+token and a confidence for each; the commit rule picks which to keep; DCD block expansion grows a
+block instead of committing; a structural revision stage sends the least confident committed
+tokens back to the mask and decodes them again. A `Plan` composes them; the engine runs it.
+Cache refresh policies live with the cache, in `runner.py`.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from .canvas import Canvas
+
+if TYPE_CHECKING:
+    from .runner import Refresh
 
 # ---- windows -----------------------------------------------------------------------------------
 
@@ -39,6 +46,14 @@ class BlockWindow:
     def candidates(self, c: Canvas, region: Region) -> Tensor:
         return c.masked & (c.blk == region[0])
 
+    def grid_size(self) -> int | None:
+        """The block grid of the canvas (None: one block, the whole canvas)."""
+        return self.size
+
+    def start_masks(self, c: Canvas, region: Region) -> Tensor:
+        """[b] masks a commit schedule spreads over the region's steps: those of the block."""
+        return self.candidates(c, region).sum(1)
+
 
 @dataclass
 class GlobalWindow:
@@ -49,6 +64,12 @@ class GlobalWindow:
 
     def candidates(self, c: Canvas, region: Region) -> Tensor:
         return c.masked.clone()
+
+    def grid_size(self) -> int | None:
+        return None
+
+    def start_masks(self, c: Canvas, region: Region) -> Tensor:
+        return c.masked.sum(1)
 
 
 @dataclass
@@ -75,6 +96,12 @@ class SlidingWindow:
             m[r, cols] = True
         return m
 
+    def grid_size(self) -> int | None:
+        return (self.within or GlobalWindow()).grid_size()
+
+    def start_masks(self, c: Canvas, region: Region) -> Tensor:
+        return c.masked.sum(1)  # the window moves: a schedule counts every mask left
+
 
 @dataclass
 class Expand:
@@ -85,6 +112,20 @@ class Expand:
     step: int = 4
     max_extra: int = 16
     below: float = 0.5
+
+    def grow(
+        self, c: Canvas, r: int, k: int, kept_conf: Tensor, extra: Tensor, window_masks: int, B: int
+    ) -> bool:
+        """Row r's step in block k would commit confidences `kept_conf`: True if the block grew
+        instead (nothing is committed then). `extra` [b]: growth so far in the current block."""
+        in_block = int((c.masked[r] & (c.blk[r] == k)).sum())
+        at_edge = in_block <= window_masks  # the window already reaches the block's right edge
+        if not at_edge or float(kept_conf.min()) >= self.below or int(extra[r]) + self.step > self.max_extra:
+            return False
+        if not c.expand_block(r, k, self.step, B):
+            return False
+        extra[r] += self.step
+        return True
 
 
 # ---- scoring -----------------------------------------------------------------------------------
@@ -159,6 +200,10 @@ class TopK:
             k = len(conf)  # the last step of a window commits what is left
         return conf.topk(min(k, len(conf))).indices
 
+    def for_revision(self) -> Threshold:
+        """A revision stage has no step budget per block: it commits by confidence."""
+        return Threshold(0.9)
+
 
 @dataclass
 class Threshold:
@@ -170,6 +215,9 @@ class Threshold:
         keep = conf >= self.tau
         keep[conf.argmax()] = True
         return keep.nonzero().flatten()
+
+    def for_revision(self) -> Threshold:
+        return self
 
 
 @dataclass
@@ -184,6 +232,9 @@ class Factor:
         while n < len(c) and (n + 2) * (1 - float(c[n])) < self.f:
             n += 1
         return idx[:n]
+
+    def for_revision(self) -> Factor:
+        return self
 
 
 # ---- remask rule (structural revision) ---------------------------------------------------------
@@ -210,6 +261,37 @@ def lowest_confidence(
     return torch.cat(rows), torch.cat(cols)
 
 
+@dataclass
+class Revise:
+    """A structural revision stage, run after the draft: remask the `gamma` fraction of each
+    row's generated tokens with the lowest snapshot confidence (`by='random'`: at random, the
+    ablation), then decode them again as a plan of its own: blocks of `block_size` (None: the
+    whole canvas), the draft's commit rule made confidence-based, no cache."""
+
+    block_size: int | None
+    gamma: float
+    by: str = "snapshot"
+
+    def remask(self, c: Canvas, gens: list[torch.Generator]) -> None:
+        rows, cols = lowest_confidence(c, self.gamma, self.by, gens)
+        c.remask(rows, cols)
+        c.set_grid(self.block_size or c.T)
+
+    def plan(self, draft: Plan) -> Plan:
+        B = self.block_size
+        return Plan(
+            GlobalWindow() if B is None else BlockWindow(B),
+            draft.commit.for_revision(),
+            B,
+            "none",
+            score="prob",
+            temperature=draft.temperature,
+            top_k=draft.top_k,
+            top_p=draft.top_p,
+            stop_at_eos=draft.stop_at_eos,
+        )
+
+
 # ---- a sampler = a composition of the above -------------------------------------------------
 
 
@@ -219,13 +301,12 @@ class Plan:
     commit: TopK | Threshold | Factor
     attn_block: int | None  # block-causal attention block; None = full attention
     cache: str = "none"
-    refresh: str | None = None  # prefix/dual: "block" (at each region start) or "every:N" committed tokens
+    refresh: Refresh | None = None  # prefix/dual: when the runner refreshes (runner.py)
     score: str = "prob"
     temperature: float = 0.0
     top_k: int | None = None
     top_p: float | None = None
-    revise: list = field(default_factory=list)  # structural: [(block_size or None, gamma), ...]
-    revise_by: str = "snapshot"
+    revise: list[Revise] = field(default_factory=list)  # structural: stages after the draft
     stop_at_eos: bool = True
     expand: Expand | None = None  # DCD block expansion (block-causal only)
     spec: object | None = None  # speculative.Speculate: draft with mask blocks, verify with the AR path

@@ -11,9 +11,16 @@ caching: a completed block never changes its keys), or full
            active region; steps feed the active region and everything after it;
 * dual   — full attention, Fast-dLLM dual cache: the refresh stores prefix and suffix keys;
            steps feed only the active block.
+
+When the approximate caches (prefix, dual) are refreshed is a typed policy the runner owns and
+consults before each step (`before_step`): `RefreshPerBlock` (Fast-dLLM: at the start of each
+block) or `RefreshEvery(n)` (DCD over the whole canvas: after n committed tokens). The step
+policy only tells the runner where the current region is and how many tokens it committed.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -24,8 +31,53 @@ from .canvas import Canvas
 CACHE_MODES = ("none", "exact", "prefix", "dual")
 
 
+# ---- refresh policies (prefix / dual caches) ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RefreshPerBlock:
+    """Refresh when a new region (block) starts; store the keys before the region's first column
+    (and, for the dual cache, after its end)."""
+
+    def due(self, new_region: bool, committed: int, empty: bool) -> bool:
+        return new_region
+
+    def prefix_end(self, c: Canvas, active: Tensor, lo: int) -> int:
+        return lo
+
+
+@dataclass(frozen=True)
+class RefreshEvery:
+    """Refresh when the cache is empty and then after every `n` committed tokens; store the prefix
+    up to the window's left edge: the first column still masked in any active row (a global
+    window's region starts at column 0, so its `lo` alone would store nothing)."""
+
+    n: int
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"refresh_every must be >= 1, got {self.n}")
+
+    def due(self, new_region: bool, committed: int, empty: bool) -> bool:
+        return empty or committed >= self.n
+
+    def prefix_end(self, c: Canvas, active: Tensor, lo: int) -> int:
+        still = (c.masked & active[:, None]).any(0).nonzero()
+        return max(lo, int(still[0])) if len(still) else lo
+
+
+Refresh = RefreshPerBlock | RefreshEvery
+
+
 class Runner:
-    def __init__(self, model: BlockDiffLM, canvas: Canvas, block_causal: bool, cache: str):
+    def __init__(
+        self,
+        model: BlockDiffLM,
+        canvas: Canvas,
+        block_causal: bool,
+        cache: str,
+        refresh: Refresh | None = None,
+    ):
         if cache not in CACHE_MODES:
             raise ValueError(f"unknown cache mode '{cache}' (known: {', '.join(CACHE_MODES)})")
         if cache == "exact" and not block_causal:
@@ -38,6 +90,9 @@ class Runner:
         self.cfg = model.config
         self.block_causal = block_causal
         self.device = next(model.parameters()).device
+        # only the approximate caches are refreshed; the others are exact or absent
+        self.policy = refresh if cache in ("prefix", "dual") else None
+        self.committed_since_refresh = 0
         self.reset()
 
     def reset(self) -> None:
@@ -87,12 +142,26 @@ class Runner:
             self.cache_idx = torch.cat([self.cache_idx, q[:write]])
         return out
 
+    def before_step(self, lo: int, hi: int, active: Tensor, new_region: bool) -> None:
+        """Called by the step policy before the step's `logits` for region [lo, hi): refresh the
+        cache if the refresh policy says it is due (and no refresh output is still unused)."""
+        p = self.policy
+        if p is None or self.fresh is not None:
+            return
+        if p.due(new_region, self.committed_since_refresh, len(self.cache_idx) == 0):
+            self.refresh(p.prefix_end(self.c, active, lo), hi)
+
+    def committed(self, n: int) -> None:
+        """The step policy committed n tokens (what `RefreshEvery` counts)."""
+        self.committed_since_refresh += n
+
     def refresh(self, lo: int, hi: int) -> None:
         """prefix/dual: a full forward storing the keys outside the active region [lo, hi).
 
         Its output serves the next `logits` call, so a refresh is the NFE of that step.
         """
         self.reset()
+        self.committed_since_refresh = 0
         c = self.c
         out = self._forward(0, c.T, c.T if self.mode == "dual" else lo)
         if self.mode == "dual":

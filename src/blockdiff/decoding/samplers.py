@@ -1,37 +1,39 @@
 """The named samplers: each a short composition of policies (a `Plan`) run by `engine`.
 
-ar, bd3, mdlm, llada, fastdllm, dcd, structural — see docs/samplers.md.
+ar, bd3, mdlm, llada, fastdllm, dcd, structural, spec — see docs/samplers.md. A plan function's
+keyword names are its options (checked by `options.py` before it runs); `build_plan` is the one
+entry point: sampler name checked, options checked, plan built.
 """
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
+from typing import Any
 
 from ..model import BlockDiffLM
+from . import options
 from .policies import (
     BlockWindow,
     Expand,
     Factor,
     GlobalWindow,
     Plan,
+    Revise,
     SlidingWindow,
     Threshold,
     TopK,
 )
+from .runner import RefreshEvery, RefreshPerBlock
 from .speculative import Speculate
 
 
 def _trained_sizes(model: BlockDiffLM) -> list[int]:
-    return model.config.block_sizes or [model.config.block_size]
+    return model.config.trained_block_sizes
 
 
 def _seq_len(model: BlockDiffLM) -> int:
     return model.config.train_seq_len or model.config.max_position_embeddings
-
-
-def has_global_block(model: BlockDiffLM) -> bool:
-    """Was the model trained with the global block (full attention)?"""
-    return any(b >= _seq_len(model) for b in _trained_sizes(model))
 
 
 def _default_block(model: BlockDiffLM) -> int:
@@ -52,7 +54,7 @@ def _commit(threshold, factor, steps_per_window):
 def _full_attention_cache(model, cache, notes, block):
     """Full-attention samplers on a model never trained with the global block fall back to
     block-causal attention with the exact cache (said in `notes`, never silent)."""
-    if has_global_block(model):
+    if model.config.has_global_block:
         return None, cache
     notes.append(f"model has no global block: using block-causal attention (B={block}) with the exact cache")
     return block, "none" if cache == "none" else "exact"
@@ -142,7 +144,7 @@ def plan_llada(
         TopK(None if steps is None else steps // n_blocks),
         attn,
         cache,
-        refresh="block",
+        refresh=RefreshPerBlock(),
         score=score,
         temperature=temperature,
         top_k=top_k,
@@ -165,7 +167,7 @@ def plan_fastdllm(
     **kw,
 ) -> Plan:
     # Fast-dLLM's 32 for full-attention models; a block-causal model decodes in its trained block
-    block_size = block_size or (32 if has_global_block(model) else _default_block(model))
+    block_size = block_size or (32 if model.config.has_global_block else _default_block(model))
     block_size = min(block_size, max(1, max_new_tokens))
     attn, cache = _full_attention_cache(model, cache, notes, block_size)
     return Plan(
@@ -173,7 +175,7 @@ def plan_fastdllm(
         _commit(threshold, factor, None),
         attn,
         cache,
-        refresh="block",
+        refresh=RefreshPerBlock(),
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
@@ -208,7 +210,7 @@ def plan_dcd(
     `refresh_every` committed tokens, the delayed region recomputed meanwhile."""
     common = dict(temperature=temperature, top_k=top_k, top_p=top_p, **kw)
     commit = _commit(threshold, None, None)
-    if block_size is not None or not has_global_block(model):
+    if block_size is not None or not model.config.has_global_block:
         B = block_size or max(_default_block(model), 16 if 16 in _trained_sizes(model) else 0)
         W = window or min(8, B)
         inner = BlockWindow(B)
@@ -218,9 +220,7 @@ def plan_dcd(
     W = window or 16
     win = SlidingWindow(W, max_span, GlobalWindow()) if deferral else BlockWindow(W)
     cache = cache or "prefix"
-    return Plan(
-        win, commit, None, cache, refresh=f"every:{refresh_every}" if cache != "none" else None, **common
-    )
+    return Plan(win, commit, None, cache, refresh=RefreshEvery(refresh_every), **common)
 
 
 def plan_structural(
@@ -231,8 +231,9 @@ def plan_structural(
     if draft not in ("bd3", "dcd", "ar"):
         raise ValueError(f"structural: draft must be bd3, dcd or ar, got '{draft}'")
     p = PLANS[draft](model, max_new_tokens, notes, **kw)
-    p.revise = [(None if b in (None, "L", "global") else int(b), float(g)) for b, g in stages]
-    p.revise_by = revise_by
+    p.revise = [
+        Revise(None if b in (None, "L", "global") else int(b), float(g), revise_by) for b, g in stages
+    ]
     return p
 
 
@@ -276,3 +277,19 @@ PLANS: dict[str, Callable[..., Plan]] = {
     "spec": plan_spec,
 }
 SAMPLERS = tuple(PLANS)
+
+
+def build_plan(
+    model: BlockDiffLM, sampler: str, max_new_tokens: int, notes: list[str], kwargs: dict[str, Any]
+) -> Plan:
+    """The plan of a named sampler with its options checked (unknown names and values are errors
+    listing the allowed ones); what the plan needs to say goes in `notes`."""
+    if sampler not in PLANS:
+        close = difflib.get_close_matches(sampler, SAMPLERS, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ValueError(f"unknown sampler '{sampler}'{hint}; known samplers: {', '.join(SAMPLERS)}")
+    extra: tuple[str, ...] = ()
+    if sampler == "structural":  # it passes the draft sampler's options on
+        extra = tuple(options.accepted(PLANS.get(kwargs.get("draft"), PLANS["bd3"])))
+    kwargs = options.check(sampler, kwargs, options.accepted(PLANS[sampler], extra))
+    return PLANS[sampler](model, max_new_tokens, notes, **kwargs)

@@ -146,10 +146,8 @@ def evaluate_task(
     from .genppl import decode_all
 
     its = items(name, n)
-    from ..decoding.samplers import has_global_block
-
     cfg = model.config
-    rows = cfg.train_seq_len if cfg.train_seq_len and has_global_block(model) else None
+    rows = cfg.train_seq_len if cfg.train_seq_len and cfg.has_global_block else None
     new = max_new_tokens or canvas_length(tok, its, cfg.max_position_embeddings, rows)
     texts, _, rows, secs = decode_all(
         model, tok, [it.prompt for it in its], sampler, new, batch_size, seed, **kw
