@@ -189,7 +189,7 @@ models:
 
 def test_table_recipe_errors_before_training():
     from blockdiff.config import ConfigError
-    from blockdiff.eval.table import load_table_recipe
+    from blockdiff.experiments.table import load_table_recipe
 
     d = load_table_recipe("recipes/table-shakespeare.yaml", ["train.steps=7"])
     assert d["base"]["train"]["steps"] == 7 and len(d["models"]) == 6

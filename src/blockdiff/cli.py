@@ -179,7 +179,7 @@ def cmd_eval_task(a: argparse.Namespace) -> int:
 
 
 def cmd_eval_table(a: argparse.Namespace) -> int:
-    from .eval.table import run_table
+    from .experiments.table import run_table
 
     out = run_table(a.recipe, a.out, a.set or [])
     print((out / "table.md").read_text())
