@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -410,7 +411,50 @@ def build_parser() -> argparse.ArgumentParser:
     dd.add_argument("--batch-size", type=int, default=16, dest="batch_size")
     dd.add_argument("--seq-len", type=int, default=256, dest="seq_len", help="drop pairs longer than this")
     dd.set_defaults(fn=cmd_data_distill)
+
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server and the live denoising page")
+    sv.add_argument("--model", help="model name or checkpoint/run dir (default: smollm2-nbdiff)")
+    sv.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
+    )
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--sampler", default="fastdllm", help="default sampler: one of " + ", ".join(SAMPLERS))
+    sv.add_argument("--max-batch", type=int, default=8, dest="max_batch", help="canvas rows per batch")
+    sv.add_argument("--max-queue", type=int, default=64, dest="max_queue", help="waiting requests before 429")
+    sv.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take in all")
+    sv.add_argument(
+        "--api-key",
+        dest="api_key",
+        default=os.environ.get("BLOCKDIFF_API_KEY"),
+        help="require 'Authorization: Bearer KEY' (default: $BLOCKDIFF_API_KEY; none: open)",
+    )
+    sv.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16"], help="weights for inference"
+    )
+    sv.set_defaults(fn=cmd_serve)
     return p
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    try:
+        from .serve import Server, serve
+    except ImportError as e:
+        raise ConfigError(f"the server needs its extra: pip install 'blockdiff[serve]' ({e})") from None
+    from . import models
+
+    if a.sampler not in SAMPLERS:
+        raise ConfigError(f"unknown sampler '{a.sampler}'; known samplers: {', '.join(SAMPLERS)}")
+    for name in ("max_batch", "max_queue", "port"):
+        if getattr(a, name) < (0 if name == "port" else 1) or a.port > 65535:
+            raise ConfigError(f"--{name.replace('_', '-')} out of range: {getattr(a, name)}")
+    if a.timeout <= 0:
+        raise ConfigError(f"--timeout must be > 0, got {a.timeout}")
+    model, tok = load_model(a.model, dtype=getattr(torch, a.dtype))
+    name = a.model if a.model in models.NAMES else Path(a.model).name if a.model else models.DEFAULT
+    server = Server(model, tok, name, a.sampler, a.max_batch, a.max_queue, a.timeout, a.api_key)
+    print(f"blockdiff serve: {name} ({a.sampler}) on http://{a.host}:{a.port}/", file=sys.stderr)
+    serve(server, a.host, a.port)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

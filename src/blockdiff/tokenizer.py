@@ -48,14 +48,15 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special)
 
-    def chat(self, user: str) -> str:
-        """The model's chat template around one user turn, ending where the assistant speaks."""
+    def chat(self, user: str | list[dict[str, str]]) -> str:
+        """The model's chat template around one user turn (or a list of {role, content}
+        messages), ending where the assistant speaks."""
         if not self.chat_template:
             raise ValueError("this tokenizer has no chat template")
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        msgs = [{"role": "user", "content": user}]
+        msgs = [{"role": "user", "content": user}] if isinstance(user, str) else user
         return env.from_string(self.chat_template).render(messages=msgs, add_generation_prompt=True)
 
     def save(self, directory: Path) -> None:

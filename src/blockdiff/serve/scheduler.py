@@ -1,0 +1,251 @@
+"""One model, one worker thread, many requests: dynamic batching over the canvas loop.
+
+Requests with the same decoding settings (sampler, options, max_new_tokens) that wait together
+start together as rows of one canvas; each row decodes exactly as it would alone (its own
+positions and random stream: the engine's batched = unbatched oracle), so batching never changes
+a text. A request whose settings match a batch already running waits for that batch to end and
+starts with the next one; a request with other settings starts its own batch at once, and the
+worker steps the running batches in turn (one forward each), so an `ar` panel and a diffusion
+panel race on the same cores. A cancelled or timed-out request frees its rows at the next step
+(`Decoding.cancel`: the other rows are unaffected).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..decoding import start_decoding
+from ..decoding.engine import Decoding, StepEvent
+from ..model import BlockDiffLM
+from ..tokenizer import Tokenizer
+
+
+class QueueFull(Exception):
+    pass
+
+
+@dataclass
+class Job:
+    """One request: `n` rows of the same prompt. The worker reports to `emit` (thread-safe)."""
+
+    prompt: str
+    n: int
+    sampler: str
+    options: dict[str, Any]
+    max_new_tokens: int
+    seed: int
+    stop: list[str]
+    deadline: float
+    emit: Callable[[dict], None]
+    denoise: bool = False
+    stream: bool = False
+    cancelled: bool = False
+    infill: bool = False
+    # worker side
+    rows: list[int] = field(default_factory=list)
+    sent: list[str] = field(default_factory=list)  # text already streamed, per choice
+    finish: list[str | None] = field(default_factory=list)
+    texts: list[str | None] = field(default_factory=list)
+
+    @property
+    def key(self) -> tuple:
+        return (self.sampler, tuple(sorted(self.options.items(), key=lambda kv: kv[0])), self.max_new_tokens)
+
+    @property
+    def seeds(self) -> list[int]:
+        # as generate(prompts=[prompt] * n, seed=seed): the same texts as a request alone
+        return [self.seed * 1_000_003 + i for i in range(self.n)]
+
+
+@dataclass
+class Batch:
+    jobs: list[Job]
+    decoding: Decoding
+    it: Any
+    key: tuple
+
+
+def emitter(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> Callable[[dict], None]:
+    return lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        model: BlockDiffLM,
+        tokenizer: Tokenizer,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        max_active: int = 4,
+    ):
+        self.model, self.tok = model, tokenizer
+        self.max_batch, self.max_queue, self.max_active = max_batch, max_queue, max_active
+        self.waiting: deque[Job] = deque()
+        self.active: list[Batch] = []
+        self.cond = threading.Condition()
+        self.stopping = False
+        self.steps = 0  # forwards run, for /health
+        self.thread = threading.Thread(target=self._run, name="blockdiff-decoder", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopping = True
+            self.cond.notify()
+        self.thread.join(timeout=10)
+
+    def submit(self, job: Job) -> None:
+        with self.cond:
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); retry later")
+            self.waiting.append(job)
+            self.cond.notify()
+
+    def load(self) -> dict[str, int]:
+        with self.cond:
+            return {
+                "waiting": len(self.waiting),
+                "running_rows": sum(len(j.rows) for b in self.active for j in b.jobs),
+                "batches": len(self.active),
+                "forwards": self.steps,
+            }
+
+    # ---- worker --------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                while not self.stopping and not self.waiting and not self.active:
+                    self.cond.wait()
+                if self.stopping:
+                    return
+                new = self._take()
+            for jobs in new:
+                self._start(jobs)
+            for b in list(self.active):
+                self._step(b)
+
+    def _take(self) -> list[list[Job]]:
+        """Waiting jobs that can start now, grouped into batches (called under the lock)."""
+        now = time.monotonic()
+        for j in [j for j in self.waiting if j.cancelled or now > j.deadline]:
+            self.waiting.remove(j)
+            self._drop(j)
+        groups: list[list[Job]] = []
+        running = {b.key for b in self.active}
+        for j in list(self.waiting):
+            if j.key in running:
+                continue
+            group = next((g for g in groups if g[0].key == j.key), None)
+            if group is None:
+                if len(self.active) + len(groups) >= self.max_active:
+                    continue
+                group = []
+                groups.append(group)
+            if sum(x.n for x in group) + j.n > self.max_batch and group:
+                continue
+            group.append(j)
+            self.waiting.remove(j)
+        return groups
+
+    def _drop(self, j: Job) -> None:
+        if not j.cancelled:
+            j.emit({"type": "error", "status": 504, "message": "request timed out before it was decoded"})
+
+    def _start(self, jobs: list[Job]) -> None:
+        prompts, seeds = [], []
+        for j in jobs:
+            j.rows = list(range(len(prompts), len(prompts) + j.n))
+            j.sent, j.finish, j.texts = [""] * j.n, [None] * j.n, [None] * j.n
+            prompts += [j.prompt] * j.n
+            seeds += j.seeds
+        j0 = jobs[0]
+        try:
+            d = start_decoding(
+                self.model, self.tok, prompts, j0.sampler, j0.max_new_tokens, seed=seeds, **j0.options
+            )
+        except Exception as e:  # checked at submission; anything left is the server's fault
+            for j in jobs:
+                j.emit({"type": "error", "status": 500, "message": f"could not start decoding: {e}"})
+            return
+        c = d.c
+        for j in jobs:
+            lengths = [int(c.valid[r, c.G :].sum()) for r in j.rows]
+            j.emit({"type": "start", "canvas": lengths, "notes": d.notes})
+        with self.cond:
+            self.active.append(Batch(jobs, d, iter(d), j0.key))
+
+    def _step(self, b: Batch) -> None:
+        d = b.decoding
+        now = time.monotonic()
+        for j in b.jobs:
+            if (j.cancelled or now > j.deadline) and any(f is None for f in j.finish):
+                for r in j.rows:
+                    d.cancel(r)
+                if not j.cancelled:
+                    j.emit({"type": "error", "status": 504, "message": "request timed out"})
+                j.finish = ["cancelled" if f is None else f for f in j.finish]
+        ev = next(b.it, None)
+        self.steps += ev is not None
+        for j in b.jobs:
+            if all(f is not None for f in j.finish):
+                continue
+            if ev is not None and j.denoise:
+                self._denoise(j, d, ev)
+            self._progress(j, d, ended=ev is None)
+        if ev is None or all(f is not None for j in b.jobs for f in j.finish):
+            for r in range(d.c.batch):  # rows of finished jobs already cancelled; end the rest
+                if not bool(d.c.done()[r]):
+                    d.cancel(r)
+            with self.cond:
+                self.active.remove(b)
+
+    def _denoise(self, j: Job, d: Decoding, ev: StepEvent) -> None:
+        c, idx = d.c, {r: i for i, r in enumerate(j.rows)}
+        com = [[idx[r], k - c.G, self._piece(t)] for r, k, t in ev.committed if r in idx and k >= c.G]
+        rem = [[idx[r], k - c.G] for r, k in ev.remasked if r in idx]
+        nfe = [ev.nfe[r] for r in j.rows]
+        j.emit({"type": "denoise", "step": ev.step, "committed": com, "remasked": rem, "nfe": nfe})
+
+    def _piece(self, t: int) -> str:
+        return "" if t in (self.tok.eos_id, self.tok.pad_id) else self.tok.decode([t])
+
+    def _progress(self, j: Job, d: Decoding, ended: bool) -> None:
+        """Stream what became final, apply stop strings, finish rows that are done."""
+        c = d.c
+        done = c.done()
+        hold = max((len(s) for s in j.stop), default=1) - 1
+        for i, r in enumerate(j.rows):
+            if j.finish[i] is not None:
+                continue
+            row_done = ended or (bool(done[r]) and not d.revises)
+            text = d.text(r) if row_done else ("" if j.infill else self.tok.decode(d.final_prefix(r)))
+            cut = min((p for p in (text.find(s) for s in j.stop) if p >= 0), default=-1)
+            if cut >= 0:
+                text, row_done = text[:cut], True
+                d.cancel(r)
+                j.finish[i] = "stop"
+            elif row_done:
+                j.finish[i] = "stop" if int(c.eos_at[r]) < c.T else "length"
+            if row_done:
+                j.texts[i] = text
+            elif text.endswith("\ufffd"):  # a multi-byte character split across tokens
+                continue
+            else:
+                text = text[: len(text) - hold] if hold else text
+            if j.stream and len(text) > len(j.sent[i]) and text.startswith(j.sent[i]):
+                j.emit({"type": "delta", "index": i, "text": text[len(j.sent[i]) :]})
+                j.sent[i] = text
+            if row_done:
+                j.emit({"type": "finish", "index": i, "reason": j.finish[i]})
+        if all(f is not None for f in j.finish):
+            stats = [s.as_dict() for s in (c.stats()[r] for r in j.rows)]
+            j.emit({"type": "done", "texts": j.texts, "finish": j.finish, "stats": stats})

@@ -1,0 +1,260 @@
+"""`blockdiff serve` through real HTTP: the `openai` client, raw requests for bad input, concurrency.
+
+The bundled 5.4M model keeps these fast; the chat tests use the shipped SmolLM2 delta.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from blockdiff.checkpoint import load_model
+from blockdiff.decoding import generate
+from tests.serving import request, running_server, stream
+
+openai = pytest.importorskip("openai")
+
+KEY = "test-key"
+MODEL = "shakespeare-5m"
+PROMPTS = ["ROMEO:", "JULIET:\nO", "First Citizen:\nBefore we proceed", "KING", "To be, or not", "HAMLET:"]
+
+
+@pytest.fixture(scope="module")
+def url():
+    with running_server("--model", MODEL, "--sampler", "bd3", "--api-key", KEY, "--max-batch", "8") as u:
+        yield u
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    return openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
+
+
+def post(url, body, path="/v1/completions", key=KEY):
+    return request(url, path, body, key)
+
+
+def health(url) -> dict:
+    return request(url, "/health")[1]
+
+
+def forwards(url) -> int:
+    return health(url)["forwards"]
+
+
+def test_models_and_completions_match_generate(client):
+    assert [m.id for m in client.models.list()] == [MODEL]
+    model, tok = load_model(MODEL)
+    for sampler, extra in [("bd3", {}), ("llada", {"steps": 12, "block_size": 8}), ("ar", {})]:
+        r = client.completions.create(
+            model=MODEL, prompt="ROMEO:", max_tokens=24, seed=5, extra_body={"sampler": sampler, **extra}
+        )
+        want = generate(model, tok, ["ROMEO:"], sampler, 24, seed=5, **extra)
+        assert r.choices[0].text == want.texts[0], sampler
+        assert r.usage.completion_tokens == want.rows[0].tokens
+        assert r.usage.model_extra["nfe"] == want.rows[0].nfe
+        s = client.completions.create(
+            model=MODEL,
+            prompt="ROMEO:",
+            max_tokens=24,
+            seed=5,
+            stream=True,
+            extra_body={"sampler": sampler, **extra},
+        )
+        chunks = list(s)
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == want.texts[0]
+        assert sum(1 for c in chunks if c.choices and c.choices[0].text) > 1 or sampler == "llada"
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+
+
+def test_n_choices_and_sampling_seeds(client):
+    model, tok = load_model(MODEL)
+    r = client.completions.create(model=MODEL, prompt="KING", max_tokens=16, n=3, seed=9, temperature=0.9)
+    want = generate(model, tok, ["KING"] * 3, "bd3", 16, seed=9, temperature=0.9)
+    assert [c.text for c in r.choices] == want.texts
+    assert len(set(want.texts)) > 1  # sampled rows differ: the seeds are per row
+
+
+def test_stop_strings(client):
+    r = client.completions.create(model=MODEL, prompt="ROMEO:", max_tokens=48, seed=1, stop=["\n"])
+    full = client.completions.create(model=MODEL, prompt="ROMEO:", max_tokens=48, seed=1)
+    assert "\n" in full.choices[0].text
+    assert r.choices[0].text == full.choices[0].text.split("\n")[0]
+    assert r.choices[0].finish_reason == "stop"
+    s = client.completions.create(
+        model=MODEL, prompt="ROMEO:", max_tokens=48, seed=1, stop=["\n"], stream=True
+    )
+    assert "".join(c.choices[0].text for c in s if c.choices) == r.choices[0].text
+
+
+def test_concurrent_requests_equal_alone_and_are_batched(url, client):
+    def ask(i):
+        sampled = i % 2 == 1
+        return (
+            client.completions.create(
+                model=MODEL,
+                prompt=PROMPTS[i],
+                max_tokens=32,
+                seed=i,
+                temperature=0.8 if sampled else None,
+            )
+            .choices[0]
+            .text
+        )
+
+    before = forwards(url)
+    alone = [ask(i) for i in range(len(PROMPTS))]
+    sequential = forwards(url) - before
+    before = forwards(url)
+    with ThreadPoolExecutor(len(PROMPTS)) as ex:
+        together = list(ex.map(ask, range(len(PROMPTS))))
+    assert together == alone
+    assert forwards(url) - before < sequential  # rows shared forwards
+
+
+def test_denoise_stream_rebuilds_the_text(url):
+    for sampler in ("llada", "bd3"):
+        body = {
+            "model": MODEL,
+            "prompt": "HAMLET:",
+            "max_tokens": 16,
+            "sampler": sampler,
+            "seed": 2,
+            "stream": True,
+            "denoise": True,
+        }
+        if sampler == "llada":
+            body.update(steps=8, block_size=16)
+        canvas, text, steps, partial = None, "", 0, False
+        with stream(url, "/v1/completions", body, KEY) as (status, lines):
+            assert status == 200
+            for line in lines:
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                ch = json.loads(line[6:])
+                ev = ch.get("blockdiff", {})
+                if ev.get("type") == "start":
+                    canvas = [None] * ev["canvas"][0]
+                elif ev.get("type") == "denoise":
+                    steps += 1
+                    for _row, pos, piece in ev["committed"]:
+                        canvas[pos] = piece
+                    for _row, pos in ev["remasked"]:
+                        canvas[pos] = None
+                    partial |= None in canvas and any(x is not None for x in canvas)
+                for c in ch["choices"]:
+                    text += c.get("text", "")
+        assert None not in canvas and "".join(canvas) == text
+        assert steps >= 8 and partial, sampler
+
+
+def test_bad_input_is_a_clear_4xx_and_the_server_keeps_serving(url, client):
+    ok = {"model": MODEL, "prompt": "ROMEO:", "max_tokens": 8}
+    cases = [
+        ("{not json", 400, "malformed JSON"),
+        ({"model": MODEL, "prompt": 3}, 400, "string"),
+        ({"model": MODEL, "prompt": "a", "max_tokens": "8"}, 400, "integer"),
+        ({"model": MODEL, "prompt": "a", "temperature": "hot"}, 400, "number"),
+        ({"model": "gpt-4", "prompt": "a"}, 404, "not served"),
+        ({**ok, "sampler": "bd4"}, 400, "did you mean 'bd3'"),
+        ({**ok, "max_tokens": -1}, 400, "max_tokens"),
+        ({**ok, "max_tokens": 100000}, 400, "context"),
+        ({**ok, "prompt": "x" * 5000}, 400, "context"),
+        ({**ok, "block_size": 0}, 400, "block_size"),
+        ({**ok, "block_size": 16}, 400, "larger than the canvas"),
+        ({**ok, "blok_size": 4}, 400, "did you mean 'block_size'"),
+        ({**ok, "temperature": -1}, 400, "temperature"),
+        ({**ok, "top_p": 1.5}, 400, "top_p"),
+        ({**ok, "n": 0}, 400, "n must be"),
+        ({**ok, "stop": [""]}, 400, "stop"),
+        ({**ok, "logprobs": 2}, 400, "not supported"),
+        ({**ok, "steps": -1}, 400, "steps"),
+    ]
+    for body, status, words in cases:
+        code, r = post(url, body)
+        assert code == status, (body, r)
+        err = r["error"]
+        assert words in err["message"] and err["type"], (body, err)
+    code, r = post(
+        url, {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}, "/v1/chat/completions"
+    )
+    assert code == 400 and "chat template" in r["error"]["message"]
+    code, r = post(
+        url, {"model": MODEL, "messages": [{"role": "robot", "content": "hi"}]}, "/v1/chat/completions"
+    )
+    assert code == 400
+    for key in (None, "wrong"):
+        code, r = post(url, ok, key=key)
+        assert code == 401 and r["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=url + "/v1", api_key="nope", max_retries=0).models.list()
+    assert health(url)["status"] == "ok"  # health needs no key
+    assert post(url, ok)[0] == 200
+
+
+def test_disconnect_frees_the_row(url):
+    body = {
+        "model": MODEL,
+        "prompt": "ROMEO:",
+        "max_tokens": 240,
+        "sampler": "llada",
+        "steps": 240,
+        "block_size": 240,
+        "stream": True,
+    }
+    with stream(url, "/v1/completions", body, KEY) as (status, lines):
+        assert status == 200
+        next(lines)
+        assert health(url)["running_rows"] == 1
+    deadline = time.time() + 10
+    while health(url)["running_rows"] and time.time() < deadline:
+        time.sleep(0.1)
+    h = health(url)
+    assert h["running_rows"] == 0
+    time.sleep(0.3)
+    assert health(url)["forwards"] == h["forwards"]  # nothing decodes any more
+
+
+def test_queue_full_and_timeout():
+    slow = {
+        "model": MODEL,
+        "prompt": "ROMEO:",
+        "max_tokens": 240,
+        "sampler": "llada",
+        "steps": 240,
+        "block_size": 240,
+    }
+    with running_server("--model", MODEL, "--max-queue", "1", "--timeout", "1.5") as url:
+        with ThreadPoolExecutor(4) as ex:
+            futs = [ex.submit(post, url, {**slow, "seed": i}, key=None) for i in range(4)]
+            codes = sorted(f.result()[0] for f in futs)
+        # one decodes (and times out), one waits (and times out), the rest find the queue full
+        assert codes.count(429) >= 1 and set(codes) <= {429, 504}, codes
+        code, r = post(url, {**slow, "seed": 9}, key=None)
+        assert code == 504 and "timed out" in r["error"]["message"]
+        assert post(url, {"model": MODEL, "prompt": "a", "max_tokens": 4}, key=None)[0] == 200
+
+
+@pytest.mark.slow
+def test_chat_with_the_shipped_model():
+    from blockdiff import models
+
+    model, tok = load_model(models.DEFAULT)
+    with running_server("--sampler", "fastdllm") as url:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        msgs = [{"role": "user", "content": "What is the capital of France?"}]
+        r = c.chat.completions.create(model=models.DEFAULT, messages=msgs, max_tokens=24, seed=0)
+        want = generate(model, tok, [tok.chat(msgs)], "fastdllm", 24, seed=0)
+        assert r.choices[0].message.content == want.texts[0]
+        assert "Paris" in want.texts[0]
+        s = c.chat.completions.create(model=models.DEFAULT, messages=msgs, max_tokens=24, seed=0, stream=True)
+        chunks = list(s)
+        assert chunks[0].choices[0].delta.role == "assistant"
+        assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == want.texts[0]
+        r = c.chat.completions.create(
+            model=models.DEFAULT, messages=msgs, max_tokens=24, seed=0, extra_body={"sampler": "spec"}
+        )
+        assert r.choices[0].message.content == generate(model, tok, [tok.chat(msgs)], "spec", 24).texts[0]
