@@ -6,10 +6,11 @@ spellings (LLaDA's `gen_length`, `block_length`, Dream's `alg`) are mapped here 
 
 from __future__ import annotations
 
-import difflib
 import inspect
 from collections.abc import Callable
 from typing import Any
+
+from ..config import did_you_mean
 
 ALIASES = {"gen_length": "max_new_tokens", "block_length": "block_size", "alg": "order"}
 CHOICES = {
@@ -51,8 +52,7 @@ def _float(name: str, lo: float, hi: float, lo_open: bool = False) -> Callable[[
 def _choice(name: str) -> Callable[[Any], Any]:
     def check(v):
         if v not in CHOICES[name]:
-            close = difflib.get_close_matches(str(v), CHOICES[name], n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            hint = did_you_mean(v, CHOICES[name])
             raise ValueError(f"{name} '{v}' is not one of {', '.join(CHOICES[name])}{hint}")
         return v
 
@@ -94,8 +94,7 @@ def check(sampler: str, kwargs: dict[str, Any], allowed: set[str]) -> dict[str, 
             out[k] = v
     unknown = sorted(set(out) - allowed)
     if unknown:
-        close = difflib.get_close_matches(unknown[0], sorted(allowed), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        hint = did_you_mean(unknown[0], sorted(allowed))
         raise ValueError(
             f"sampler '{sampler}' does not take {', '.join(unknown)}{hint}; "
             f"it takes {', '.join(sorted(allowed))}"

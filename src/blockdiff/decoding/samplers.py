@@ -7,10 +7,10 @@ entry point: sampler name checked, options checked, plan built.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from typing import Any
 
+from ..config import did_you_mean
 from ..model import BlockDiffLM
 from . import options
 from .policies import (
@@ -285,8 +285,7 @@ def build_plan(
     """The plan of a named sampler with its options checked (unknown names and values are errors
     listing the allowed ones); what the plan needs to say goes in `notes`."""
     if sampler not in PLANS:
-        close = difflib.get_close_matches(sampler, SAMPLERS, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        hint = did_you_mean(sampler, SAMPLERS)
         raise ValueError(f"unknown sampler '{sampler}'{hint}; known samplers: {', '.join(SAMPLERS)}")
     extra: tuple[str, ...] = ()
     if sampler == "structural":  # it passes the draft sampler's options on
