@@ -93,3 +93,36 @@ def test_eval_genppl_cli_on_bundled_model(capsys):
     d = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert d["samples"] == 2 and d["gen_ppl"] > 1 and d["real_text_ppl"] > 1 and d["nfe"] >= 1
     assert {"entropy", "tokens_per_second", "empty", "degenerate"} <= set(d)
+
+
+def test_genppl_checks_the_context_before_loading_anything(tiny_ckpt, monkeypatch, capsys):
+    """--max-new-tokens beyond the model's context: one clear line, no model or evaluator loaded."""
+    from blockdiff import checkpoint, cli, hub
+
+    def heavy(*a, **k):
+        raise AssertionError("loaded before the arguments were checked")
+
+    monkeypatch.setattr(cli, "load_model", heavy)
+    monkeypatch.setattr(checkpoint, "load_model", heavy)
+    monkeypatch.setattr(hub, "load_reference", heavy)
+    args = ["eval", "genppl", "--model", str(tiny_ckpt), "--max-new-tokens", "5000", "--json"]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "--prompt-tokens 16 + --max-new-tokens 5000 exceeds the model's context of 64 tokens" in err
+
+
+def test_genppl_corpus_is_the_one_the_run_read(tmp_path, monkeypatch):
+    """A relative data.corpus is read from the working directory at training time; the run records
+    where, so `eval genppl` finds the same corpus from any other directory."""
+    from blockdiff.eval.genppl import trained_corpus
+    from blockdiff.train import Trainer
+    from tests.conftest import TEXT, tiny_recipe
+
+    (tmp_path / "work" / "notes").mkdir(parents=True)
+    (tmp_path / "work" / "notes" / "a.txt").write_text(TEXT * 4)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    Trainer(tiny_recipe("notes", steps=2), tmp_path / "run").run()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    corpus, source = trained_corpus(str(tmp_path / "run"))
+    assert corpus == str(tmp_path / "work" / "notes") and source == "the model's training recipe"

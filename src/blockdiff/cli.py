@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -105,21 +104,22 @@ def _sampler_kwargs(a: argparse.Namespace) -> dict:
 
 
 def cmd_eval_genppl(a: argparse.Namespace) -> int:
-    from .eval.genppl import corpus_prompts, evaluate, reference_row, score
+    from .eval import genppl
     from .hub import load_reference
 
     for name in ("num_samples", "max_new_tokens", "prompt_tokens", "batch_size"):
         if getattr(a, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    genppl.check_lengths(a.model, a.prompt_tokens, a.max_new_tokens)
     model, tok = load_model(a.model, dtype=getattr(torch, a.dtype))
-    corpus, source = (a.corpus, "--corpus") if a.corpus else _trained_corpus(a.model)
+    corpus, source = (a.corpus, "--corpus") if a.corpus else genppl.trained_corpus(a.model)
+    prompts, real = genppl.corpus_prompts(tok, corpus, a.num_samples, a.prompt_tokens, a.max_new_tokens)
     ref, ref_tok = load_reference(a.evaluator)
-    prompts, real = corpus_prompts(tok, corpus, a.num_samples, a.prompt_tokens, a.max_new_tokens)
     kw = _sampler_kwargs(a)
-    res = evaluate(
+    res = genppl.evaluate(
         model, tok, ref, ref_tok, prompts, a.sampler, a.max_new_tokens, batch_size=a.batch_size, **kw
     )
-    real_ppl = reference_row(ref, ref_tok, prompts, real)
+    real_ppl = genppl.reference_row(ref, ref_tok, prompts, real)
     row = {
         "sampler": a.sampler,
         **res.as_dict(),
@@ -127,12 +127,8 @@ def cmd_eval_genppl(a: argparse.Namespace) -> int:
         "evaluator": a.evaluator,
         "corpus": f"{corpus} ({source})",
     }
-    if a.out:  # every prompt, sample and its own perplexity under the evaluator
-        with open(a.out, "w", encoding="utf-8") as f:
-            for p, t in zip(prompts, res.texts, strict=True):
-                nll, n = score(ref, ref_tok, [p], [t], 1024, 512) if t.strip() else (float("nan"), 0)
-                ppl = round(math.exp(nll / n), 4) if n else None
-                f.write(json.dumps({"prompt": p, "sample": t, "ppl": ppl, "tokens": n}) + "\n")
+    if a.out:
+        genppl.write_samples(a.out, ref, ref_tok, prompts, res.texts)
     if a.json:
         print(json.dumps(row))
     else:
@@ -140,20 +136,6 @@ def cmd_eval_genppl(a: argparse.Namespace) -> int:
             print(f"{k:>18}: {v}")
         print(f"{'sample':>18}: {prompts[0]!r} -> {res.texts[0][:200]!r}")
     return 0
-
-
-def _trained_corpus(model: str | None) -> tuple[str, str]:
-    """The corpus a model was trained on (its recipe), else Shakespeare, and where that came from."""
-    from .models import path_of
-
-    p = resolve(path_of(model))
-    meta = read_trainer_meta(p)
-    card = p / "model_card.json"
-    recipe = meta.get("recipe") or (json.loads(card.read_text()).get("recipe") if card.exists() else None)
-    corpus = ((recipe or {}).get("data") or {}).get("corpus")
-    if corpus and (corpus == "shakespeare" or Path(corpus).exists()) and not str(corpus).endswith(".jsonl"):
-        return corpus, "the model's training recipe"
-    return "shakespeare", "default: the model's recipe names no readable text corpus"
 
 
 def cmd_eval_task(a: argparse.Namespace) -> int:

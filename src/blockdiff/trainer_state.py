@@ -126,6 +126,8 @@ class Checkpointing:
                 "metrics": metrics or {},
                 "recipe": self.r.to_dict(),
             }
+            if self.r.data.corpus != "shakespeare":  # relative to the cwd: recorded as read
+                meta["corpus_path"] = str(Path(self.r.data.corpus).resolve())
             (d / "trainer_state.json").write_text(json.dumps(meta, indent=2) + "\n")
             (d / "recipe.yaml").write_text(yaml.safe_dump(self.r.to_dict(), sort_keys=False))
             write_manifest(d)

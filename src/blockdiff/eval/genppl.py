@@ -9,6 +9,7 @@ reported so that degenerate, repetitive samples (which score a low perplexity) a
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections import Counter
@@ -162,3 +163,45 @@ def corpus_prompts(
     prompts = [tok.decode(ids[k * step : k * step + prompt_tokens]) for k in range(n)]
     real = [tok.decode(ids[k * step + prompt_tokens : k * step + span]) for k in range(n)]
     return prompts, real
+
+
+def check_lengths(model: str | None, prompt_tokens: int, max_new_tokens: int) -> None:
+    """Before anything heavy loads: prompt and sample must fit the context of the model (read
+    from its config.json alone)."""
+    from ..checkpoint import resolve
+    from ..config import ModelConfig
+    from ..models import path_of
+
+    ctx = ModelConfig.load(resolve(path_of(model)) / "config.json").max_position_embeddings
+    if prompt_tokens + max_new_tokens > ctx:
+        raise ValueError(
+            f"--prompt-tokens {prompt_tokens} + --max-new-tokens {max_new_tokens} exceeds the model's "
+            f"context of {ctx} tokens"
+        )
+
+
+def trained_corpus(model: str | None) -> tuple[str, str]:
+    """The text corpus a model was trained on (the path its run recorded, else its recipe's), else
+    Shakespeare, and where that came from."""
+    from pathlib import Path
+
+    from ..checkpoint import read_trainer_meta, resolve
+    from ..models import path_of
+
+    p = resolve(path_of(model))
+    meta = read_trainer_meta(p)
+    card = p / "model_card.json"
+    recipe = meta.get("recipe") or (json.loads(card.read_text()).get("recipe") if card.exists() else None)
+    corpus = meta.get("corpus_path") or ((recipe or {}).get("data") or {}).get("corpus")
+    if corpus and (corpus == "shakespeare" or Path(corpus).exists()) and not str(corpus).endswith(".jsonl"):
+        return corpus, "the model's training recipe"
+    return "shakespeare", "default: the model's recipe names no readable text corpus"
+
+
+def write_samples(path, ref_model, ref_tok, prompts: list[str], texts: list[str]) -> None:
+    """One JSON line per sample: prompt, sample, its own perplexity under the evaluator, tokens."""
+    with open(path, "w", encoding="utf-8") as f:
+        for p, t in zip(prompts, texts, strict=True):
+            nll, n = score(ref_model, ref_tok, [p], [t], 1024, 512) if t.strip() else (float("nan"), 0)
+            ppl = round(math.exp(nll / n), 4) if n else None
+            f.write(json.dumps({"prompt": p, "sample": t, "ppl": ppl, "tokens": n}) + "\n")
