@@ -34,3 +34,14 @@ def test_distill_needs_a_chat_model(tiny_ckpt, tmp_path):
     with pytest.raises(ConfigError, match="--n must be >= 1"):
         distill(str(tiny_ckpt), tmp_path / "d.jsonl", n=0)
     assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_distill_prompts_exclude_the_eval_task_questions():
+    """`eval task basic_arithmetic|gsm_symbolic` questions never reach distillation, as with `data task`."""
+    pytest.importorskip("reasoning_gym")
+    from blockdiff.eval import tasks
+
+    pool = {p.strip() for s in ("train", "heldout") for p in chat_prompts(s, reasoning=300, continuations=0)}
+    for name in ("basic_arithmetic", "gsm_symbolic"):
+        held = {it.prompt.removesuffix("\nAnswer:\n") for it in tasks.items(name, tasks.EVAL_POOL)}
+        assert held and not pool & held, name

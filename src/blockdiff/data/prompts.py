@@ -1,13 +1,15 @@
 """Chat prompts assembled offline, for self-distillation and for held-out evaluation.
 
 Sources: templated factual, how-to and writing requests over small word lists; reasoning-gym
-questions (when the `eval` extra is installed); Shakespeare passages to continue. Each prompt
-falls in the train or held-out split by a hash of its text, and the short-answer questions of
-`QUESTIONS` (used to measure accuracy) are never in the training split.
+questions (when the `eval` extra is installed), none of them among the `eval task` questions;
+Shakespeare passages to continue. Each prompt falls in the train or held-out split by a hash of
+its text, and the short-answer questions of `QUESTIONS` (used to measure accuracy) are never in
+the training split.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import random
@@ -96,14 +98,30 @@ def _templated() -> list[str]:
     return out
 
 
+EVAL_SEED = 1_000_003  # reasoning-gym seed of the `eval task` split; training data excludes it
+EVAL_POOL = 1000  # training data excludes the first EVAL_POOL evaluation questions
+
+
+@functools.cache
+def eval_questions(name: str) -> frozenset[str]:
+    """The questions of the `eval task` split of a reasoning-gym task (its first EVAL_POOL items)."""
+    import reasoning_gym
+
+    return frozenset(
+        d["question"].strip() for d in reasoning_gym.create_dataset(name, size=EVAL_POOL, seed=EVAL_SEED)
+    )
+
+
 def _reasoning(n: int, seed: int) -> list[str]:
+    """reasoning-gym questions, none of them among the `eval task` questions of their task."""
     try:
         import reasoning_gym
     except ImportError:
         return []
     out = []
     for name in ("basic_arithmetic", "gsm_symbolic"):
-        out += [d["question"] for d in reasoning_gym.create_dataset(name, size=n, seed=seed + 17)]
+        qs = [d["question"] for d in reasoning_gym.create_dataset(name, size=n, seed=seed + 17)]
+        out += [q for q in qs if q.strip() not in eval_questions(name)]
     return out
 
 

@@ -13,11 +13,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..config import did_you_mean
+from ..data.prompts import EVAL_POOL, EVAL_SEED
 
 REASONING = ("countdown", "mini_sudoku", "sudoku", "gsm_symbolic", "basic_arithmetic")
 TASKS = (*REASONING, "humaneval")
-EVAL_SEED = 1_000_003  # the evaluation split; training data uses other seeds and excludes it
-EVAL_POOL = 1000  # training data excludes the first EVAL_POOL evaluation questions
 
 
 @dataclass
