@@ -19,12 +19,6 @@ def ar_base(make_model, tok, tiny_ckpt, tmp_path_factory):
     return _MODELS[("shifted", (1,))][1]
 
 
-def test_growth_schedule():
-    assert cli.growth_schedule("linear", 8) == [[0.0, 1], [0.1667, 2], [0.3333, 4], [0.5, 8]]
-    assert cli.growth_schedule("0:1,0.5:4", 4) == [[0.0, 1], [0.5, 4]]
-    assert cli.growth_schedule("none", 4) is None
-
-
 def test_adapt_tiny_ar_base(ar_base, corpus_dir, tmp_path, capsys):
     out = tmp_path / "adapted"
     args = [

@@ -14,6 +14,7 @@ import torch
 from .checkpoint import load_model, read_trainer_meta, resolve
 from .config import BlockdiffError, ConfigError
 from .decoding.samplers import SAMPLERS
+from .recipe import adapt_defaults
 
 
 def cmd_train(a: argparse.Namespace) -> int:
@@ -25,58 +26,16 @@ def cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
-def growth_schedule(spec: str, target: int, until: float = 0.5) -> list | None:
-    """'none', 'linear' (1, 2, 4, ... target spread evenly over the first half of training) or
-    explicit 'progress:block,...' pairs such as '0:1,0.2:2,0.4:4'."""
-    if spec == "none":
-        return None
-    if spec == "linear":
-        sizes = [1]
-        while sizes[-1] * 2 <= target:
-            sizes.append(sizes[-1] * 2)
-        if sizes[-1] != target:
-            sizes.append(target)
-        return [
-            [round(until * i / (len(sizes) - 1), 4) if len(sizes) > 1 else 0.0, b]
-            for i, b in enumerate(sizes)
-        ]
-    try:
-        return [[float(p), int(b)] for p, b in (item.split(":") for item in spec.split(","))]
-    except ValueError:
-        raise ConfigError(f"--growth must be none, linear or 'progress:block,...', got '{spec}'") from None
-
-
 def cmd_adapt(a: argparse.Namespace) -> int:
     """NBDiff: context-causal layout, shifted logits, AR-loss regulariser, gradual block growth."""
-    from . import delta, recipe
+    from .recipe import adapt_recipe
     from .train import Trainer
 
-    rec = {
-        "model": {"base": a.base, "logits": "shifted", "layout": "context_causal"},
-        "data": {"corpus": a.data, "seq_len": a.seq_len},
-        "objective": {
-            "block_sizes": [a.target_block_size] + (["L"] if a.mix_scale else []),
-            "ar_weight": a.ar_loss_weight,
-            "growth": growth_schedule(a.growth, a.target_block_size),
-        },
-        **({"delta": vars(delta.parse(a.delta))} if a.delta else {}),
-        "train": {
-            "steps": a.steps,
-            "batch_size": a.batch_size,
-            "lr": a.lr,
-            "warmup": max(1, a.steps // 20),
-            "precision": a.precision,
-            "eval_every": max(1, a.steps // 4),
-            "save_every": max(a.steps // 4, min(a.steps, 100)),  # a full checkpoint is GBs
-            "log_every": 1,
-            "eval_batches": 2,
-            "weight_decay": 0.0,
-            "min_lr_ratio": 0.1,
-        },
-    }
-    r = recipe.from_dict(recipe.apply_overrides(rec, a.set or []))
-    out = Path(a.out or f"runs/adapt-{Path(str(a.base)).name}-B{a.target_block_size}")
-    last = Trainer(r, out, a.resume).run()
+    names = ("base", "data", "target_block_size", "ar_loss_weight", "growth", "delta", "mix_scale")
+    names += ("seq_len", "steps", "batch_size", "lr", "precision", "set")
+    r = adapt_recipe(**{n if n != "set" else "sets": getattr(a, n) for n in names})
+    base, B = Path(str(r.model["base"])).name, r.block_sizes()[0]
+    last = Trainer(r, Path(a.out or f"runs/adapt-{base}-B{B}"), a.resume).run()
     if last is not None:
         print(f"checkpoint: {last}")
     return 0
@@ -317,21 +276,29 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--force", action="store_true", help="replace OUT if it already exists")
     e.set_defaults(fn=cmd_export)
 
-    ad = sub.add_parser("adapt", help="turn a pretrained AR model into a block-diffusion model (NBDiff)")
-    ad.add_argument(
-        "--base", default="smollm2-135m-instruct", help="smollm2-135m-instruct, a path or an HF id"
+    ad = sub.add_parser(
+        "adapt",
+        help="turn a pretrained AR model into a block-diffusion model (NBDiff)",
+        description="NBDiff adaptation. Defaults (shown in brackets) come from the shipped recipe "
+        "recipes/nbdiff-smollm2.yaml; with another --steps its warm-up, eval, save and log intervals "
+        "scale in proportion.",
     )
-    ad.add_argument("--data", default="shakespeare")
-    ad.add_argument("--target-block-size", type=int, default=4, dest="target_block_size")
-    ad.add_argument("--ar-loss-weight", type=float, default=0.5, dest="ar_loss_weight")
-    ad.add_argument("--growth", default="linear", help="none | linear | 'progress:block,...'")
+    d = adapt_defaults()
+    dflt = {k: v for s in ("model", "data", "objective", "train") for k, v in d[s].items()}
+    ad.add_argument("--base", help=f"a known name, a path or an HF id [{dflt['base']}]")
+    ad.add_argument("--data", help=f"corpus: shakespeare, a text file or folder, a .jsonl [{dflt['corpus']}]")
+    ad.add_argument(
+        "--target-block-size", type=int, dest="target_block_size", help=f"[{dflt['block_sizes'][0]}]"
+    )
+    ad.add_argument("--ar-loss-weight", type=float, dest="ar_loss_weight", help=f"[{dflt['ar_weight']}]")
+    ad.add_argument("--growth", default="linear", help="none | linear | 'progress:block,...' [linear]")
     ad.add_argument("--delta", help="lora:RANK trains a low-rank delta over the frozen base")
     ad.add_argument("--mix-scale", action="store_true", dest="mix_scale", help="also train the global block")
-    ad.add_argument("--seq-len", type=int, default=128, dest="seq_len")
-    ad.add_argument("--steps", type=int, default=200)
-    ad.add_argument("--batch-size", type=int, default=4, dest="batch_size")
-    ad.add_argument("--lr", type=float, default=5e-5)
-    ad.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
+    ad.add_argument("--seq-len", type=int, dest="seq_len", help=f"[{dflt['seq_len']}]")
+    ad.add_argument("--steps", type=int, help=f"[{dflt['steps']}]")
+    ad.add_argument("--batch-size", type=int, dest="batch_size", help=f"[{dflt['batch_size']}]")
+    ad.add_argument("--lr", type=float, help=f"[{dflt['lr']}]")
+    ad.add_argument("--precision", choices=["fp32", "bf16"], help=f"[{dflt['precision']}]")
     ad.add_argument("--out")
     ad.add_argument("--resume", action="store_true")
     ad.add_argument("--set", action="append", metavar="KEY=VALUE")

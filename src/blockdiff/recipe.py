@@ -191,3 +191,86 @@ def load(path: str | Path, sets: list[str] | None = None) -> Recipe:
     except yaml.YAMLError as e:
         raise ConfigError(f"recipe {p} is not valid YAML: {e}") from None
     return from_dict(apply_overrides(d, sets or []))
+
+
+# ---- the NBDiff recipe of `blockdiff adapt` ------------------------------------------------------
+ADAPT_YAML = "nbdiff-smollm2.yaml"  # in assets/recipes; recipes/nbdiff-smollm2.yaml links to it
+SCALED_WITH_STEPS = ("warmup", "eval_every", "save_every", "log_every")
+
+
+def adapt_defaults() -> dict:
+    """The NBDiff adaptation recipe shipped in the package: the one source of `adapt`'s defaults."""
+    from importlib import resources
+
+    return yaml.safe_load((resources.files("blockdiff") / "assets" / "recipes" / ADAPT_YAML).read_text())
+
+
+def growth_schedule(spec: str, target: int, until: float = 0.5) -> list | None:
+    """'none', 'linear' (1, 2, 4, ... target spread evenly over the first half of training) or
+    explicit 'progress:block,...' pairs such as '0:1,0.2:2,0.4:4'."""
+    if spec == "none":
+        return None
+    if spec == "linear":
+        sizes = [1]
+        while sizes[-1] * 2 <= target:
+            sizes.append(sizes[-1] * 2)
+        if sizes[-1] != target:
+            sizes.append(target)
+        return [
+            [round(until * i / (len(sizes) - 1), 4) if len(sizes) > 1 else 0.0, b]
+            for i, b in enumerate(sizes)
+        ]
+    try:
+        return [[float(p), int(b)] for p, b in (item.split(":") for item in spec.split(","))]
+    except ValueError:
+        raise ConfigError(f"--growth must be none, linear or 'progress:block,...', got '{spec}'") from None
+
+
+def adapt_recipe(
+    base: str | None = None,
+    data: str | None = None,
+    target_block_size: int | None = None,
+    ar_loss_weight: float | None = None,
+    growth: str = "linear",
+    delta: str | None = None,
+    mix_scale: bool = False,
+    seq_len: int | None = None,
+    steps: int | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    precision: str | None = None,
+    sets: list[str] | None = None,
+) -> Recipe:
+    """NBDiff (context-causal layout, shifted logits, AR-loss regulariser, gradual block growth):
+    the shipped recipe (`adapt_defaults`) with the given values in place of its own (None keeps
+    the recipe's). With another number of steps, the recipe's step counts (SCALED_WITH_STEPS)
+    scale in proportion; save_every stays >= min(steps, 100), since a full checkpoint is GBs.
+    `sets` (--set KEY=VALUE) apply last."""
+    from .delta import parse as parse_delta
+
+    d = adapt_defaults()
+    given = {
+        "model.base": base,
+        "data.corpus": data,
+        "data.seq_len": seq_len,
+        "objective.ar_weight": ar_loss_weight,
+        "train.batch_size": batch_size,
+        "train.lr": lr,
+        "train.precision": precision,
+    }
+    for key, value in given.items():
+        if value is not None:
+            section, name = key.split(".")
+            d[section][name] = value
+    obj, train = d["objective"], d["train"]
+    B = target_block_size if target_block_size is not None else int(obj["block_sizes"][0])
+    obj["block_sizes"] = [B, "L"] if mix_scale else [B]
+    obj["growth"] = growth_schedule(growth, B)
+    if steps is not None and steps != train["steps"]:
+        for key in SCALED_WITH_STEPS:
+            train[key] = max(1, round(train[key] * steps / train["steps"]))
+        train["steps"] = steps
+    train["save_every"] = max(train["save_every"], min(train["steps"], 100))
+    if delta:
+        d["delta"] = vars(parse_delta(delta))
+    return from_dict(apply_overrides(d, sets or []))
