@@ -73,3 +73,34 @@ def test_hf_state_dict_goes_through_the_model_loader():
     sd.pop("model.norm.weight")
     with pytest.raises(ConfigError, match=r"does not match a Llama model: missing \['model.norm.weight'\]"):
         from_hf_state_dict(cfg, sd)
+
+
+def test_import_a_local_hf_directory(tmp_path, capsys):
+    """`blockdiff import DIR OUT` on a tiny Llama saved by transformers: a loadable checkpoint
+    with the mask token added, the same logits as the source model."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from blockdiff import cli, masks
+    from blockdiff.checkpoint import load_model
+
+    words = ["</s>", "a", "b", "c", "d", "e"]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="e"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>")
+    cfg = transformers.LlamaConfig(
+        vocab_size=len(words), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    src = transformers.LlamaForCausalLM(cfg).eval()
+    src.save_pretrained(tmp_path / "hf")
+    hf_tok.save_pretrained(tmp_path / "hf")
+    assert cli.main(["import", str(tmp_path / "hf"), str(tmp_path / "out")]) == 0
+    model, tok = load_model(tmp_path / "out")
+    assert tok.mask_id == len(words) == model.config.vocab_size - 1
+    ids = torch.tensor([tok.encode("a b c d")])
+    with torch.no_grad():
+        want = src(ids).logits
+        got = model(ids, mask=masks.block_causal(4, 1))[..., : len(words)]
+    assert (got - want).abs().max().item() <= 1e-5

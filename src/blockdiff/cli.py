@@ -42,12 +42,9 @@ def cmd_adapt(a: argparse.Namespace) -> int:
 
 
 def cmd_import(a: argparse.Namespace) -> int:
-    from .checkpoint import atomic_dir, save_model
-    from .hub import import_causal_lm
+    from .hub import import_checkpoint
 
-    model, tok, _ = import_causal_lm(a.base)
-    with atomic_dir(Path(a.out)) as d:
-        save_model(d, model, tok, dtype=getattr(torch, a.dtype))
+    import_checkpoint(a.base, a.out, getattr(torch, a.dtype))
     print(f"imported {a.base} -> {a.out}")
     return 0
 

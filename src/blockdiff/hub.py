@@ -116,18 +116,23 @@ def import_causal_lm(id_or_path: str) -> tuple[BlockDiffLM, Tokenizer, object]:
     return model, tok, ref_tok
 
 
+def import_checkpoint(id_or_path: str, out: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+    """An external causal LM saved as a blockdiff checkpoint directory (complete or not there)."""
+    from .checkpoint import atomic_dir, save_model
+
+    model, tok, _ = import_causal_lm(id_or_path)
+    with atomic_dir(Path(out)) as d:
+        save_model(d, model, tok, dtype=dtype)
+    return Path(out)
+
+
 def imported_base(name: str) -> Path:
     """A known external model imported once into the cache as a blockdiff checkpoint (float32,
     so a delta trained over it and the checksum it records see exactly the same weights)."""
-    from .checkpoint import atomic_dir, save_model
-
     out = cache_dir() / "models" / name
     if (out / "model.safetensors").exists():
         return out
-    model, tok, _ = import_causal_lm(name)
-    with atomic_dir(out) as d:
-        save_model(d, model, tok, dtype=torch.float32)
-    return out
+    return import_checkpoint(name, out, torch.float32)
 
 
 @torch.no_grad()
