@@ -7,7 +7,7 @@ PROMPT ?= What is the capital of France?
 SAMPLER ?= fastdllm
 MODEL ?= smollm2-nbdiff
 
-.PHONY: demo test lint setup setup-dev demo-model delta-model bench llama-cpp clean
+.PHONY: demo test lint setup setup-dev serve demo-model delta-model bench llama-cpp clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ setup-dev: $(VENV)/.setup-dev
 
 demo: setup
 	$(BIN)/blockdiff generate "$(PROMPT)" --model $(MODEL) --sampler $(SAMPLER) --max-new-tokens 64
+
+# The OpenAI-compatible server and the live page on http://127.0.0.1:8000/ (Ctrl-C stops it).
+serve: setup
+	$(BIN)/pip install -q -e ".[serve]"
+	$(BIN)/blockdiff serve --model $(MODEL) --sampler $(SAMPLER)
 
 lint: setup-dev
 	$(BIN)/ruff check src tests benchmarks
