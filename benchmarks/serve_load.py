@@ -93,9 +93,7 @@ if __name__ == "__main__":
         f"model {args.model}, sampler {args.sampler}, {args.dtype}, {args.n} chat requests, "
         f"max_tokens cycling {lengths}, greedy; {len(prompts)} distinct held-out prompts\n"
     )
-    print(
-        "| mode | requests | 5xx | 4xx | p50 s | p95 s | requests/s | tokens/s | vs one at a time |"
-    )
+    print("| mode | requests | 5xx | 4xx | p50 s | p95 s | requests/s | tokens/s | vs one at a time |")
     print("|---|---|---|---|---|---|---|---|---|")
     print(row("one at a time", seq, seq_wall, None))
     print(row(f"{args.concurrency} concurrent", con, con_wall, seq_wall))

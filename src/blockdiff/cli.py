@@ -313,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     _decode_args(g)
     g.add_argument("--quiet", action="store_true", help="no live canvas")
     g.add_argument("--raw", action="store_true", help="do not wrap the prompt in the model's chat template")
-    g.set_defaults(fn=cmd_generate)
+    g.set_defaults(fn=cmd_generate, sampler="fastdllm")  # as make demo and serve
     ev = sub.add_parser("eval", help="evaluate a model").add_subparsers(dest="what", required=True)
     gp = ev.add_parser("genppl", help="generative perplexity under a reference model, with NFEs and entropy")
     _decode_args(gp)
