@@ -4,7 +4,10 @@ Every configuration decodes the same prompts to the same length (EOS does not st
 work is equal); configurations are interleaved round-robin over repeats and the median wall
 time is kept, because the machine is shared and noisy.
 
-    python benchmarks/decode.py [--model PATH] [--max-new-tokens 128] [--repeats 3]
+    python benchmarks/decode.py [--model PATH] [--max-new-tokens 128] [--repeats 3] [--only dcd global]
+
+`--only TEXT` re-measures the rows whose label contains TEXT (with the two rows the ratios are
+taken to, measured in the same run).
 """
 
 from __future__ import annotations
@@ -53,10 +56,14 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1, help="prompts decoded together")
     ap.add_argument("--quality", type=int, default=0, help="also Gen PPL under SmolLM2 with N samples each")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--only", default=None, help="rows whose label contains this (plus the ratio rows)")
     a = ap.parse_args()
     model, tok = load_model(a.model or bundled_path("shakespeare-5m"), dtype=getattr(torch, a.dtype))
     prompts = (PROMPTS * a.batch)[: a.batch]
     cfgs = configs(a.max_new_tokens)
+    if a.only:
+        refs = ("ar, exact KV cache", "llada B=16, 2 tok/step, no cache")
+        cfgs = [c for c in cfgs if a.only in c[0] or c[0] in refs]
     times: dict[str, list[float]] = {c[0]: [] for c in cfgs}
     stats: dict[str, dict] = {}
     generate(model, tok, prompts, sampler="bd3", max_new_tokens=16)  # warm-up
@@ -96,7 +103,7 @@ def main() -> None:
             f"{tps[label] / ar:.2f} | {tps[label] / llada:.2f} |"
         )
     if a.quality:
-        quality(model, tok, cfgs, a.quality, a.max_new_tokens)
+        quality(model, tok, [c for c in cfgs if not a.only or a.only in c[0]], a.quality, a.max_new_tokens)
 
 
 def quality(model, tok, cfgs, n: int, new_tokens: int) -> None:
