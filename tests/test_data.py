@@ -96,3 +96,20 @@ def test_relative_corpus_is_read_from_the_working_directory(tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path / "notes")
     with pytest.raises(FileNotFoundError, match="relative paths are read from the working directory"):
         load_corpus("notes")
+
+
+def test_pairs_padded_with_masks_score_only_the_answer_and_its_eos():
+    from blockdiff.data.corpus import pack_pairs
+    from blockdiff.tokenizer import byte_tokenizer
+
+    tok = byte_tokenizer()
+    pairs = [("12=", "34"), ("5=", "6", False)]
+    ids, mask = pack_pairs(tok, pairs, 8, pad="mask")
+    e, m = tok.eos_id, tok.mask_id
+    assert ids[0].tolist() == [ord("1"), ord("2"), ord("="), ord("3"), ord("4"), e, m, m]
+    assert mask[0].tolist() == [False] * 3 + [True] * 3 + [False] * 2
+    # an answer cut at a length limit stays right-aligned, EOS before it, no EOS after it
+    assert ids[1].tolist() == [e] * 5 + [ord("5"), ord("="), ord("6")]
+    assert mask[1].tolist() == [False] * 7 + [True]
+    ids_eos, mask_eos = pack_pairs(tok, pairs, 8)
+    assert ids_eos[0].tolist()[6:] == [e, e] and mask_eos[0].tolist()[3:] == [True] * 5

@@ -205,3 +205,36 @@ def test_vectorised_bd3_equals_block_by_block(origin, with_mask):
         ce = F.cross_entropy(lg.flatten(0, 1), x0[:, lo:hi].flatten(), reduction="none").view(b, -1)
         total = total + (ce * nz.masked[:, lo:hi] / nz.t[:, lo:hi]).sum()
     assert torch.allclose(got, total / (b * L), atol=1e-5)
+
+
+def test_mgdm_token_weight_values():
+    from blockdiff.objectives import token_weights
+
+    ln2 = torch.tensor([math.log(2)])
+    # p = 1/2: alpha (1 - p)^gamma
+    assert token_weights(ln2, 0.25, 2).item() == pytest.approx(0.0625)
+    assert token_weights(ln2, 0.25, 1).item() == pytest.approx(0.125)
+    assert token_weights(torch.tensor([0.0]), 0.25, 1).item() == 0.0  # a sure token weighs nothing
+
+
+def test_mgdm_weighted_loss_hand_computed():
+    """loss = sum over masked of alpha (1 - e^-ce)^gamma * ce * w(t), over the scored tokens; the
+    reported diff stays the ELBO term."""
+    torch.manual_seed(2)
+    table = torch.randn(4, V)
+    m = TableModel(table)
+    x0 = torch.tensor([[4, 3, 2, 1]])
+    t = torch.tensor([[0.8, 0.8, 0.3, 0.3]])
+    nz = noise.Noise(t=t, masked=torch.tensor([[False, True, True, False]]))
+    c1, c2 = ce(table[1], 3), ce(table[2], 2)
+    focal = lambda c, g: 0.25 * (1 - math.exp(-c)) ** g * c  # noqa: E731
+    for tw, w1, w2 in [("elbo", 1 / 0.8, 1 / 0.3), ("linear", 1 + 20 * 0.2, 1 + 20 * 0.7)]:
+        out = block_diffusion_loss(m, x0, torch.tensor([4]), nz, token_weight=(0.25, 2), time_weight=tw)
+        assert out.loss.item() == pytest.approx((focal(c1, 2) * w1 + focal(c2, 2) * w2) / 4, rel=1e-5)
+        assert out.diff.item() == pytest.approx((c1 / 0.8 + c2 / 0.3) / 4, rel=1e-6)
+    out = block_diffusion_loss(m, x0, torch.tensor([4]), nz, time_weight="linear")
+    assert out.loss.item() == pytest.approx((c1 * (1 + 20 * 0.2) + c2 * (1 + 20 * 0.7)) / 4, rel=1e-5)
+    plain = block_diffusion_loss(m, x0, torch.tensor([4]), nz)
+    assert plain.loss.item() == plain.diff.item()  # defaults: the ELBO itself
+    with pytest.raises(ValueError, match="time_weight"):
+        block_diffusion_loss(m, x0, torch.tensor([4]), nz, time_weight="cosine")

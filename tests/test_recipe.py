@@ -71,3 +71,24 @@ def test_growth_schedule():
     assert recipe.growth_schedule("none", 4) is None
     with pytest.raises(recipe.ConfigError, match="--growth must be none, linear"):
         recipe.growth_schedule("fast", 4)
+
+
+@pytest.mark.parametrize(
+    "section, key, value, needle",
+    [
+        ("objective", "token_weight", [0.25], "token_weight"),
+        ("objective", "token_weight", [0, 1], "token_weight"),
+        ("objective", "time_weight", "cosine", "time_weight"),
+        ("data", "pad", "zeros", "data.pad"),
+    ],
+)
+def test_mgdm_options_are_checked(section, key, value, needle):
+    from blockdiff.config import ConfigError
+    from blockdiff.recipe import from_dict
+
+    d = {"model": {"hidden_size": 16, "num_attention_heads": 2, "num_key_value_heads": 2}}
+    from_dict(
+        {**d, "objective": {"token_weight": [0.25, 2], "time_weight": "linear"}, "data": {"pad": "mask"}}
+    )
+    with pytest.raises(ConfigError, match=needle):
+        from_dict({**d, section: {key: value}})

@@ -254,3 +254,20 @@ models:
     assert nfe["bd3 block_size=4 steps=2"] < nfe["bd3 block_size=4 steps=4"] <= 8
     assert all(math.isfinite(r["gen_ppl"]) and r["gen_ppl"] > 1 for r in res["rows"])
     assert "real text" in (out / "table.md").read_text() and (out / "plot.png").exists()
+
+
+def test_sudoku_digits_layout_is_the_gym_puzzle_and_checker():
+    for name, size in (("mini_sudoku_digits", 4), ("sudoku_digits", 9)):
+        gym = tasks.items(name.removesuffix("_digits"), 3)
+        its = tasks.items(name, 3)
+        for g, it in zip(gym, its, strict=True):
+            puzzle = g.entry["metadata"]["puzzle"]
+            assert it.prompt == "".join(str(d) for row in puzzle for d in row) + "="
+            assert len(it.answer) == size * size and it.answer.isdigit()
+            assert tasks._as_grid(it.answer, size) == g.answer  # the gym's answer format
+            assert tasks.score(name, it, it.answer) == 1.0
+            wrong = it.answer[:-1] + str(int(it.answer[-1]) % size + 1)
+            assert tasks.score(name, it, wrong) < 1.0
+            assert tasks.score(name, it, it.answer[:-1]) < 1.0  # a cell short
+    train = {p["prompt"] for p in tasks.training_pairs("mini_sudoku_digits", 200, seed=tasks.EVAL_SEED - 50)}
+    assert not train & {it.prompt for it in tasks.items("mini_sudoku_digits", tasks.EVAL_POOL)}

@@ -52,6 +52,22 @@ def _ar_loss(logits_clean: Tensor, x0: Tensor, mask_id: int, keep: Tensor) -> tu
     return ce.sum() / k.sum().clamp(min=1), ce.sum(1) / k.sum(1).clamp(min=1)
 
 
+def token_weights(ce: Tensor, alpha: float, gamma: float) -> Tensor:
+    """MGDM's token-level reweighting (Ye et al. 2025, eq. 8; the focal loss): hard tokens
+    (large CE) weigh more, as alpha * (1 - e^-CE)^gamma. Gradients flow through it, as theirs."""
+    return alpha * (1 - torch.exp(-ce)) ** gamma
+
+
+def time_weights(t: Tensor, kind: str) -> Tensor:
+    """The sequence-level weight of a row noised at mask ratio t: 1/t (the ELBO) or MGDM's
+    linear weight T - k for t = (k + 1) / T with T = 20, i.e. 1 + 20 (1 - t)."""
+    if kind == "elbo":
+        return 1 / t
+    if kind == "linear":
+        return 1 + 20 * (1 - t)
+    raise ValueError(f"time_weight must be elbo or linear, got '{kind}'")
+
+
 def block_diffusion_loss(
     model: BlockDiffLM,
     x0: Tensor,
@@ -59,7 +75,12 @@ def block_diffusion_loss(
     noise: Noise,
     ar_weight: float = 0.0,
     loss_mask: Tensor | None = None,
+    token_weight: tuple[float, float] | None = None,
+    time_weight: str = "elbo",
 ) -> LossOut:
+    """`diff` is always the ELBO term (1/t, unweighted tokens): the NLL bound that evaluation
+    reports. `loss` optimises the diffusion term with `time_weight` and `token_weight` instead
+    when they are set (MGDM), plus ar_weight * the AR loss."""
     cfg = getattr(model, "module", model).config  # DDP wraps the model
     b, L = x0.shape
     keep = torch.ones_like(x0, dtype=torch.bool) if loss_mask is None else loss_mask.to(x0.device)
@@ -117,5 +138,11 @@ def block_diffusion_loss(
     counted = keep[:, 1:] if shifted else keep  # token 0 of a shifted model is never predicted
     per_token = ce * weight
     rows = per_token.sum(1) / counted.sum(1).clamp(min=1)
-    diff = per_token.sum() / counted.sum().clamp(min=1)  # = rows.mean() when rows count alike
-    return LossOut(diff + ar_weight * ar, diff, ar, int(counted.sum()), rows)
+    n = counted.sum().clamp(min=1)
+    diff = per_token.sum() / n  # = rows.mean() when rows count alike
+    obj = diff
+    if token_weight is not None or time_weight != "elbo":
+        w = weight * time_weights(noise.t.to(x0.device), time_weight) * noise.t.to(x0.device)
+        tok_w = token_weights(ce, *token_weight) if token_weight is not None else 1.0
+        obj = (ce * tok_w * w).sum() / n
+    return LossOut(obj + ar_weight * ar, diff, ar, int(counted.sum()), rows)

@@ -28,6 +28,9 @@ class DataSpec:
     corpus: str = "shakespeare"
     seq_len: int = 256
     val_fraction: float = 0.05
+    # prompt/answer rows: what fills a row after the answer's EOS. eos: EOS, predicted like the
+    # answer (LLaDA's SFT); mask: mask tokens, never scored (the loss sees the answer and its EOS).
+    pad: str = "eos"
 
 
 @dataclass
@@ -41,6 +44,9 @@ class ObjectiveSpec:
     adaptive_interval: bool = False  # pick [beta, omega] by minimum loss variance at each eval
     ar_weight: float = 0.0  # lambda of the NBDiff auxiliary AR loss
     growth: list | None = None  # [[progress, block_size], ...]: block size grows with progress (NBDiff)
+    # [alpha, gamma]: MGDM token reweighting of the diffusion term, alpha * (1 - e^-CE)^gamma * CE
+    token_weight: list | None = None
+    time_weight: str = "elbo"  # elbo (1/t: the NLL bound) | linear (1 + 20 (1 - t): MGDM's scripts)
 
 
 @dataclass
@@ -158,6 +164,9 @@ def _scalar(section: str, cls: type, key: str, value: Any) -> Any:
     return int(num) if isinstance(default, int) else num
 
 
+TIME_WEIGHTS = ("elbo", "linear")
+
+
 def validate(r: Recipe) -> None:
     L = r.data.seq_len
     for B in r.block_sizes():
@@ -170,6 +179,20 @@ def validate(r: Recipe) -> None:
         raise ConfigError(
             f"objective.interval must satisfy 0 <= beta < omega <= 1, got {r.objective.interval}"
         )
+    tw = r.objective.token_weight
+    if tw is not None and not (
+        isinstance(tw, list)
+        and len(tw) == 2
+        and all(isinstance(x, int | float) and x >= 0 for x in tw)
+        and tw[0] > 0
+    ):
+        raise ConfigError(f"objective.token_weight must be [alpha > 0, gamma >= 0], got {tw}")
+    if r.objective.time_weight not in TIME_WEIGHTS:
+        raise ConfigError(
+            f"objective.time_weight must be one of {', '.join(TIME_WEIGHTS)}, got '{r.objective.time_weight}'"
+        )
+    if r.data.pad not in ("eos", "mask"):
+        raise ConfigError(f"data.pad must be eos or mask, got '{r.data.pad}'")
     if r.train.precision not in ("fp32", "bf16"):
         raise ConfigError(f"train.precision must be fp32 or bf16, got '{r.train.precision}'")
     if r.train.batch_size < 1 or r.train.steps < 1:

@@ -44,11 +44,11 @@ def build_tokenizer(spec: recipe_mod.TokenizerSpec, train_texts: list[str]) -> T
 
 
 def encode(
-    tok: Tokenizer, texts: list[str], pairs: list | None, seq_len: int
+    tok: Tokenizer, texts: list[str], pairs: list | None, seq_len: int, pad: str = "eos"
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(token rows, loss mask or None): packed text, or one prompt/answer pair per row."""
     if pairs is not None:
-        ids, mask = pack_pairs(tok, pairs, seq_len)
+        ids, mask = pack_pairs(tok, pairs, seq_len, pad)
         return torch.from_numpy(ids).long(), torch.from_numpy(mask)
     ids = pack([e.ids for e in tok.hf.encode_batch(texts, add_special_tokens=False)], seq_len, tok.eos_id)
     return torch.from_numpy(ids).long(), None
@@ -134,8 +134,12 @@ class Trainer(Checkpointing):
         if base and (ckpt is None or r.delta.rank):
             base_model, tok = load_base_model(base)
             self.tok = self.tok if ckpt else tok
-        self.train_data, self.train_mask = encode(self.tok, corpus.train, corpus.train_pairs, r.data.seq_len)
-        self.val_data, self.val_mask = encode(self.tok, corpus.val, corpus.val_pairs, r.data.seq_len)
+        self.train_data, self.train_mask = encode(
+            self.tok, corpus.train, corpus.train_pairs, r.data.seq_len, r.data.pad
+        )
+        self.val_data, self.val_mask = encode(
+            self.tok, corpus.val, corpus.val_pairs, r.data.seq_len, r.data.pad
+        )
         sizes = r.block_sizes()
         if base:  # adapting a pretrained model: its architecture, our diffusion settings
             src = ModelConfig.load(ckpt / "config.json") if ckpt else base_model.config
@@ -315,6 +319,7 @@ class Trainer(Checkpointing):
         task = bar.add_task("train", total=t.steps, completed=self.start_step, info="") if bar else None
         step, t0, tok0 = self.start_step, time.time(), self.tokens_seen
         last = None
+        tw = tuple(r.objective.token_weight) if r.objective.token_weight else None
         while step < t.steps:
             lr = lr_at(step, t)
             for g in self.opt.param_groups:
@@ -323,7 +328,9 @@ class Trainer(Checkpointing):
             x0, bs, nz, keep = self.batch(step, t.batch_size, t.seed, self.interval, sizes)
             tic = time.time()
             with self.autocast():
-                out = block_diffusion_loss(self.ddp, x0, bs, nz, r.objective.ar_weight, keep)
+                out = block_diffusion_loss(
+                    self.ddp, x0, bs, nz, r.objective.ar_weight, keep, tw, r.objective.time_weight
+                )
             out.loss.backward()
             gnorm = torch.nn.utils.clip_grad_norm_([p for _, p in self.trainable()], t.grad_clip)
             self.opt.step()

@@ -186,10 +186,15 @@ def pack(token_docs: list[list[int]], seq_len: int, eos_id: int) -> np.ndarray:
     return flat[: n * seq_len].reshape(n, seq_len)
 
 
-def pack_pairs(tok, pairs: list[tuple[str, str]], seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """One pair per row: prompt, answer, EOS, then EOS padding. The loss mask covers everything
-    after the prompt, so a model learns to end its answer (for diffusion: to fill the rest with
-    EOS); prompt and answer are tokenised apart, as they are at inference.
+def pack_pairs(
+    tok, pairs: list[tuple[str, str]], seq_len: int, pad: str = "eos"
+) -> tuple[np.ndarray, np.ndarray]:
+    """One pair per row: prompt, answer, EOS, then padding. With `pad="eos"` the padding is EOS
+    and the loss mask covers everything after the prompt, so a model learns to end its answer
+    (for diffusion: to fill the rest with EOS). With `pad="mask"` the padding is mask tokens that
+    are never scored: the loss sees the answer and its EOS only, and a decode that stops a row at
+    its first EOS meets the same canvas (masks after the answer) as training did. Prompt and
+    answer are tokenised apart, as they are at inference.
 
     A pair marked incomplete (a third element False: the answer was cut at a length limit) gets
     no EOS and is right-aligned, EOS padding before the prompt, so the model never sees its
@@ -206,8 +211,10 @@ def pack_pairs(tok, pairs: list[tuple[str, str]], seq_len: int) -> tuple[np.ndar
         start = 0 if complete else seq_len - len(pi) - len(ai)
         ids[i, start : start + len(pi) + len(ai)] = pi + ai
         mask[i, start + len(pi) : start + len(pi) + len(ai)] = True
-        if complete:
+        if complete and pad == "eos":
             mask[i, len(pi) :] = True
+        elif complete:
+            ids[i, len(pi) + len(ai) :] = tok.mask_id
     if too_long:
         raise ValueError(f"a prompt/answer pair has {too_long} tokens, more than seq_len {seq_len}")
     return ids, mask

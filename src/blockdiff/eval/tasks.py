@@ -15,7 +15,10 @@ from pathlib import Path
 from ..config import did_you_mean
 from ..data.prompts import EVAL_POOL, EVAL_SEED
 
-REASONING = ("countdown", "mini_sudoku", "sudoku", "gsm_symbolic", "basic_arithmetic")
+# Sudoku in the layout of Ye et al. (2025): the grid's digits row by row (0 = blank), "=", and the
+# solved grid's digits; same puzzles and checker as the reasoning-gym task it is named after.
+DIGITS = {"mini_sudoku_digits": "mini_sudoku", "sudoku_digits": "sudoku"}
+REASONING = ("countdown", "mini_sudoku", "sudoku", "gsm_symbolic", "basic_arithmetic", *DIGITS)
 TASKS = (*REASONING, "humaneval")
 
 
@@ -70,8 +73,19 @@ def items(name: str, n: int, seed: int = EVAL_SEED) -> list[Item]:
 
 
 def _generate(name: str, n: int, seed: int) -> list[Item]:
-    ds = _gym().create_dataset(name, size=n, seed=seed)
-    return [Item(prompt_text(e["question"]), e["answer"], e) for e in (ds[i] for i in range(n))]
+    ds = _gym().create_dataset(DIGITS.get(name, name), size=n, seed=seed)
+    es = [ds[i] for i in range(n)]
+    if name in DIGITS:
+        flat = lambda grid: "".join(str(d) for row in grid for d in row)  # noqa: E731
+        return [Item(flat(e["metadata"]["puzzle"]) + "=", flat(e["metadata"]["solution"]), e) for e in es]
+    return [Item(prompt_text(e["question"]), e["answer"], e) for e in es]
+
+
+def _as_grid(digits: str, size: int) -> str:
+    """A digits-layout answer in the reasoning-gym answer format (anything else is left as is)."""
+    if len(digits) != size * size or not digits.isdigit():
+        return digits
+    return "\n".join(" ".join(digits[r * size : (r + 1) * size]) for r in range(size))
 
 
 def score(name: str, item: Item, completion: str) -> float:
@@ -80,6 +94,8 @@ def score(name: str, item: Item, completion: str) -> float:
 
         return float(passes(item.entry, truncate(completion)))
     check = _gym().get_score_answer_fn(item.entry["metadata"]["source_dataset"])
+    if name in DIGITS:
+        completion = _as_grid(completion.strip(), len(item.entry["metadata"]["solution"]))
     return float(check(completion.strip(), entry=item.entry))
 
 
