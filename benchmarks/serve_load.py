@@ -26,23 +26,19 @@ def pct(xs: list[float], q: float) -> float:
 
 
 def run(url: str, model: str, prompts: list[str], lengths: list[int], concurrency: int, n: int):
+    chat = request(url, "/v1/samplers")[1]["chat"]  # a model without a chat template: completions
+
     def one(i: int):
-        body = {
-            "model": model,
-            "messages": [{"role": "user", "content": prompts[i % len(prompts)]}],
-            "max_tokens": lengths[i % len(lengths)],
-            "seed": 0,
-        }
+        p = prompts[i % len(prompts)]
+        body = {"model": model, "max_tokens": lengths[i % len(lengths)], "seed": 0}
+        body.update({"messages": [{"role": "user", "content": p}]} if chat else {"prompt": p})
         t0 = time.perf_counter()
-        code, r = request(url, "/v1/chat/completions", body, timeout=3600)
+        code, r = request(url, "/v1/chat/completions" if chat else "/v1/completions", body, timeout=3600)
         dt = time.perf_counter() - t0
-        ok = code == 200
-        return (
-            code,
-            dt,
-            r["choices"][0]["message"]["content"] if ok else None,
-            r["usage"]["completion_tokens"] if ok else 0,
-        )
+        if code != 200:
+            return code, dt, None, 0
+        c = r["choices"][0]
+        return code, dt, c["message"]["content"] if chat else c["text"], r["usage"]["completion_tokens"]
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as ex:
@@ -90,7 +86,7 @@ if __name__ == "__main__":
         con, con_wall = run(url, args.model, prompts, lengths, args.concurrency, args.n)
     same = sum(a[2] == b[2] for a, b in zip(seq, con, strict=True))
     print(
-        f"model {args.model}, sampler {args.sampler}, {args.dtype}, {args.n} chat requests, "
+        f"model {args.model}, sampler {args.sampler}, {args.dtype}, {args.n} requests, "
         f"max_tokens cycling {lengths}, greedy; {len(prompts)} distinct held-out prompts\n"
     )
     print("| mode | requests | 5xx | 4xx | p50 s | p95 s | requests/s | tokens/s | vs one at a time |")
