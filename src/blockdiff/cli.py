@@ -145,6 +145,46 @@ def cmd_data_distill(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_agent_data(a: argparse.Namespace) -> int:
+    from . import models
+    from .agent import write_sft_data
+    from .tokenizer import Tokenizer
+
+    tok = Tokenizer.load(resolve(models.path_of(a.tokenizer))) if a.tokenizer else None
+    rows = write_sft_data(a.n, a.out, a.seed, tok)
+    how = "its chat template" if tok and tok.chat_template else "plain '### role' turns"
+    print(f"{a.n} agent tasks -> {rows} prompt/answer rows in {a.out} ({how}; held-out tasks excluded)")
+    return 0
+
+
+def cmd_agent_run(a: argparse.Namespace) -> int:
+    from .agent import ModelPolicy, make_task, run_agent
+
+    task = make_task("eval", a.task_seed)
+    model, tok = load_model(a.model, dtype=getattr(torch, a.dtype))
+    kw = _sampler_kwargs(a)
+    policy = ModelPolicy(model, tok, a.sampler, a.max_new_tokens, kw.pop("seed", 0), **kw)
+    out = sys.stderr if a.json else sys.stdout
+    print(f"task {task.id}: {task.question.text}", file=out)
+
+    def show(s) -> None:
+        said = json.dumps(s.call, ensure_ascii=False) if s.call else f"{s.text!r} -> {s.error['message']}"
+        print(f"[{s.round}] {said}", file=out)
+        if s.observation is not None:
+            print(f"    = {json.dumps(s.observation, ensure_ascii=False)}", file=out)
+
+    res = run_agent(task, policy, a.max_rounds, a.max_tokens, on_step=show)
+    if a.json:
+        print(json.dumps(res.as_dict()))
+    else:
+        print(
+            f"{'solved' if res.success else 'failed: ' + str(res.failure)} (expected {res.expected}); "
+            f"{res.rounds} rounds, {res.tool_calls} tool calls, {res.tokens} tokens, {res.nfe} NFEs, "
+            f"{res.seconds:.2f}s [{a.sampler}]"
+        )
+    return 0
+
+
 def cmd_info(a: argparse.Namespace) -> int:
     p = resolve(a.path)
     model, tok = load_model(p)
@@ -357,6 +397,21 @@ def build_parser() -> argparse.ArgumentParser:
     dd.add_argument("--batch-size", type=int, default=16, dest="batch_size")
     dd.add_argument("--seq-len", type=int, default=256, dest="seq_len", help="drop pairs longer than this")
     dd.set_defaults(fn=cmd_data_distill)
+
+    ag = sub.add_parser("agent", help="the tool-using agent").add_subparsers(dest="what", required=True)
+    agd = ag.add_parser("data", help="SFT JSONL of scripted tool-use trajectories (one row per call)")
+    agd.add_argument("--n", type=int, required=True, help="training tasks (6 rows each)")
+    agd.add_argument("--out", required=True)
+    agd.add_argument("--seed", type=int, default=0)
+    agd.add_argument("--tokenizer", help="render with this model's chat template (the model to train)")
+    agd.set_defaults(fn=cmd_agent_data)
+    agr = ag.add_parser("run", help="one held-out task, printing each call and observation")
+    _decode_args(agr)
+    agr.add_argument("--task-seed", type=int, default=0, dest="task_seed", help="held-out task K [0]")
+    agr.add_argument("--max-new-tokens", type=int, default=96, dest="max_new_tokens", help="per call [96]")
+    agr.add_argument("--max-rounds", type=int, default=12, dest="max_rounds", help="[12]")
+    agr.add_argument("--max-tokens", type=int, default=2048, dest="max_tokens", help="in all [2048]")
+    agr.set_defaults(fn=cmd_agent_run, sampler="ar")
 
     sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server and the live denoising page")
     sv.add_argument("--model", help="model name or checkpoint/run dir (default: smollm2-nbdiff)")
