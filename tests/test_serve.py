@@ -258,3 +258,50 @@ def test_chat_with_the_shipped_model():
             model=models.DEFAULT, messages=msgs, max_tokens=24, seed=0, extra_body={"sampler": "spec"}
         )
         assert r.choices[0].message.content == generate(model, tok, [tok.chat(msgs)], "spec", 24).texts[0]
+
+
+def test_a_failing_batch_fails_its_requests_not_the_server(monkeypatch):
+    """In process: a decode that raises answers 500 to its requests; the next request is served."""
+    import asyncio
+
+    from blockdiff.serve import scheduler as sch
+
+    model, tok = load_model(MODEL)
+    s = sch.Scheduler(model, tok)
+    s.start()
+    try:
+        calls = {"n": 0}
+        real = sch.Scheduler._denoise
+
+        def boom(self, j, d, ev):
+            calls["n"] += 1
+            raise RuntimeError("boom")
+
+        monkeypatch.setattr(sch.Scheduler, "_denoise", boom)
+
+        def ask(denoise: bool) -> list[dict]:
+            loop = asyncio.new_event_loop()
+            q: asyncio.Queue = asyncio.Queue()
+            job = sch.Job(
+                "ROMEO:", 1, "bd3", {}, 8, 0, [], time.monotonic() + 60, sch.emitter(loop, q), denoise
+            )
+            s.submit(job)
+            out = []
+
+            async def drain():
+                while not out or out[-1]["type"] not in ("done", "error"):
+                    out.append(await asyncio.wait_for(q.get(), 60))
+
+            loop.run_until_complete(drain())
+            loop.close()
+            return out
+
+        assert ask(True)[-1] == {
+            "type": "error",
+            "status": 500,
+            "message": "decoding failed: RuntimeError('boom')",
+        }
+        monkeypatch.setattr(sch.Scheduler, "_denoise", real)
+        assert ask(False)[-1]["type"] == "done" and calls["n"] == 1
+    finally:
+        s.stop()

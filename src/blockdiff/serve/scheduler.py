@@ -131,7 +131,14 @@ class Scheduler:
             for jobs in new:
                 self._start(jobs)
             for b in list(self.active):
-                self._step(b)
+                try:
+                    self._step(b)
+                except Exception as e:  # a failed batch fails its requests, never the server
+                    for j in b.jobs:
+                        if any(f is None for f in j.finish):
+                            j.emit({"type": "error", "status": 500, "message": f"decoding failed: {e!r}"})
+                    with self.cond:
+                        self.active.remove(b)
 
     def _take(self) -> list[list[Job]]:
         """Waiting jobs that can start now, grouped into batches (called under the lock)."""
