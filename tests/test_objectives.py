@@ -238,3 +238,33 @@ def test_mgdm_weighted_loss_hand_computed():
     assert plain.loss.item() == plain.diff.item()  # defaults: the ELBO itself
     with pytest.raises(ValueError, match="time_weight"):
         block_diffusion_loss(m, x0, torch.tensor([4]), nz, time_weight="cosine")
+
+
+@pytest.mark.parametrize(
+    "block_sizes, logits", [([8], "aligned"), ([2], "aligned"), ([1], "shifted"), ([2], "shifted")]
+)
+def test_mask_padding_is_never_scored(block_sizes, logits):
+    """Rows padded with mask tokens (data.pad: mask): the padding is never scored, so the loss is
+    finite (a mask target used to cost inf * 0 = nan); for AR it equals any other padding's."""
+    torch.manual_seed(3)
+    cfg = ModelConfig(
+        vocab_size=V,
+        hidden_size=8,
+        num_attention_heads=1,
+        num_key_value_heads=1,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        mask_token_id=MASK,
+        logits=logits,
+        max_position_embeddings=16,
+    )
+    model = BlockDiffLM(cfg)
+    keep = torch.tensor([[False, False, True, True, True, False, False, False]])
+    padded = torch.tensor([[0, 1, 2, 3, 4, MASK, MASK, MASK]])
+    nz = noise.Noise(t=torch.full((1, 8), 0.5), masked=torch.tensor([[True] * 8]))
+    out = block_diffusion_loss(model, padded, torch.tensor(block_sizes), nz, loss_mask=keep)
+    assert torch.isfinite(out.loss) and out.loss.item() > 0
+    if block_sizes == [1]:  # causal (AR): padding after every scored token cannot matter
+        other = padded.masked_fill(padded == MASK, 4)
+        ref = block_diffusion_loss(model, other, torch.tensor(block_sizes), nz, loss_mask=keep)
+        assert out.loss.item() == pytest.approx(ref.loss.item(), rel=1e-6)

@@ -39,8 +39,10 @@ class LossOut:
 
 
 def _ce(logits: Tensor, target: Tensor, mask_id: int) -> Tensor:
-    """Cross-entropy with the mask token excluded from the prediction (SUBS)."""
+    """Cross-entropy with the mask token excluded from the prediction (SUBS). A target that is
+    the mask token itself (padding of `data.pad: mask`, never scored) costs 0, not inf * 0 = nan."""
     logits = logits.float().index_fill(-1, torch.tensor([mask_id], device=logits.device), float("-inf"))
+    target = target.masked_fill(target == mask_id, -100)  # cross_entropy's ignore_index
     return F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none").view(target.shape)
 
 
