@@ -30,7 +30,7 @@ def url():
 
 @pytest.fixture(scope="module")
 def client(url):
-    return openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
+    return openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=120)
 
 
 def post(url, body, path="/v1/completions", key=KEY):
@@ -76,6 +76,21 @@ def test_n_choices_and_sampling_seeds(client):
     want = generate(model, tok, ["KING"] * 3, "bd3", 16, seed=9, temperature=0.9)
     assert [c.text for c in r.choices] == want.texts
     assert len(set(want.texts)) > 1  # sampled rows differ: the seeds are per row
+
+
+def test_list_valued_options_batch_and_decode(client):
+    model, tok = load_model(MODEL)
+    stages = [[8, 0.25]]
+    r = client.completions.create(
+        model=MODEL,
+        prompt="KING",
+        max_tokens=16,
+        seed=4,
+        extra_body={"sampler": "structural", "stages": stages},
+    )
+    assert (
+        r.choices[0].text == generate(model, tok, ["KING"], "structural", 16, seed=4, stages=stages).texts[0]
+    )
 
 
 def test_stop_strings(client):

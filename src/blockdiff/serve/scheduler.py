@@ -13,6 +13,7 @@ panel race on the same cores. A cancelled or timed-out request frees its rows at
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from collections import deque
@@ -55,7 +56,7 @@ class Job:
 
     @property
     def key(self) -> tuple:
-        return (self.sampler, tuple(sorted(self.options.items(), key=lambda kv: kv[0])), self.max_new_tokens)
+        return (self.sampler, json.dumps(self.options, sort_keys=True), self.max_new_tokens)  # lists too
 
     @property
     def seeds(self) -> list[int]:
@@ -127,7 +128,13 @@ class Scheduler:
                     self.cond.wait()
                 if self.stopping:
                     return
-                new = self._take()
+                try:
+                    new = self._take()
+                except Exception as e:  # never let the worker die: fail what waits, go on
+                    new = []
+                    for j in self.waiting:
+                        j.emit({"type": "error", "status": 500, "message": f"scheduling failed: {e!r}"})
+                    self.waiting.clear()
             for jobs in new:
                 self._start(jobs)
             for b in list(self.active):
