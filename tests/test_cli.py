@@ -124,3 +124,18 @@ def test_commands_fail_with_one_clear_line(capsys, tmp_path, tiny_ckpt, argv, me
     argv = [x.format(file=f, tiny=tiny_ckpt, dir=tmp_path) for x in argv]
     code, _, err = run_cli(capsys, *argv)
     assert code == 2 and message in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--sampler", "bd4"], "unknown sampler 'bd4'"),
+        (["--port", "70000"], "--port must be in [0, 65535]"),
+        (["--max-batch", "0"], "--max-batch and --max-queue must be >= 1"),
+        (["--max-queue", "0"], "--max-batch and --max-queue must be >= 1"),
+        (["--timeout", "0"], "--timeout > 0"),
+    ],
+)
+def test_serve_argument_errors(capsys, args, message):
+    code, _, err = run_cli(capsys, "serve", "--model", "no-such-model-dir/x", *args)
+    assert code == 2 and message in err and err.count("\n") == 1

@@ -246,19 +246,7 @@ def test_mgdm_weighted_loss_hand_computed():
 def test_mask_padding_is_never_scored(block_sizes, logits):
     """Rows padded with mask tokens (data.pad: mask): the padding is never scored, so the loss is
     finite (a mask target used to cost inf * 0 = nan); for AR it equals any other padding's."""
-    torch.manual_seed(3)
-    cfg = ModelConfig(
-        vocab_size=V,
-        hidden_size=8,
-        num_attention_heads=1,
-        num_key_value_heads=1,
-        intermediate_size=16,
-        num_hidden_layers=1,
-        mask_token_id=MASK,
-        logits=logits,
-        max_position_embeddings=16,
-    )
-    model = BlockDiffLM(cfg)
+    model = _real_model(logits)
     keep = torch.tensor([[False, False, True, True, True, False, False, False]])
     padded = torch.tensor([[0, 1, 2, 3, 4, MASK, MASK, MASK]])
     nz = noise.Noise(t=torch.full((1, 8), 0.5), masked=torch.tensor([[True] * 8]))

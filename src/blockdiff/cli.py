@@ -445,11 +445,10 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
     if a.sampler not in SAMPLERS:
         raise ConfigError(f"unknown sampler '{a.sampler}'; known samplers: {', '.join(SAMPLERS)}")
-    for name in ("max_batch", "max_queue", "port"):
-        if getattr(a, name) < (0 if name == "port" else 1) or a.port > 65535:
-            raise ConfigError(f"--{name.replace('_', '-')} out of range: {getattr(a, name)}")
-    if a.timeout <= 0:
-        raise ConfigError(f"--timeout must be > 0, got {a.timeout}")
+    if not 0 <= a.port <= 65535:
+        raise ConfigError(f"--port must be in [0, 65535], got {a.port}")
+    if a.max_batch < 1 or a.max_queue < 1 or a.timeout <= 0:
+        raise ConfigError("--max-batch and --max-queue must be >= 1 and --timeout > 0")
     model, tok = load_model(a.model, dtype=getattr(torch, a.dtype))
     name = a.model if a.model in models.NAMES else Path(a.model).name if a.model else models.DEFAULT
     server = Server(model, tok, name, a.sampler, a.max_batch, a.max_queue, a.timeout, a.api_key)

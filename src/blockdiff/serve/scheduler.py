@@ -216,9 +216,8 @@ class Scheduler:
                 self._denoise(j, d, ev)
             self._progress(j, d, ended=ev is None)
         if ev is None or all(f is not None for j in b.jobs for f in j.finish):
-            for r in range(d.c.batch):  # rows of finished jobs already cancelled; end the rest
-                if not bool(d.c.done()[r]):
-                    d.cancel(r)
+            for r in (~d.c.done()).nonzero().flatten().tolist():  # end rows nobody waits for
+                d.cancel(r)
             with self.cond:
                 self.active.remove(b)
 
