@@ -332,3 +332,172 @@ def test_cli_agent_data_and_run(tmp_path, capsys):
     text = capsys.readouterr().out
     assert text.startswith("task eval:3: Which") and "[1] " in text and "failed: " in text
     assert main(["agent", "data", "--n", "0", "--out", str(out)]) == 2
+
+
+# ---- both agents side by side (`agent eval`) ---------------------------------------------------
+
+
+def _result(task, failure, rounds, calls, tokens, nfe, seconds):
+    from blockdiff.agent import AgentResult
+
+    return AgentResult(task, "q", failure is None, failure, None, {}, rounds, calls, tokens, nfe, seconds)
+
+
+def test_summary_arithmetic_by_hand():
+    from blockdiff.agent.evaluate import failure_kind, markdown_table, records, summarize
+
+    rs = [
+        _result("eval:0", None, 6, 6, 120, 30, 2.0),
+        _result("eval:1", "unparsable: no JSON object in the reply", 1, 0, 10, 10, 0.5),
+        _result("eval:2", "bad_args: search takes arguments ['query'], got ['q']", 3, 2, 40, 12, 1.0),
+        _result("eval:3", "wrong_answer", 6, 6, 100, 20, 1.5),
+        _result("eval:4", "round_limit", 12, 12, 300, 90, 4.0),
+    ]
+    s = summarize(rs)
+    assert s == {
+        "tasks": 5,
+        "solved": 1,
+        "success_rate": 0.2,
+        "mean_tool_calls": 5.2,  # (6 + 0 + 2 + 6 + 12) / 5
+        "mean_rounds": 5.6,  # (6 + 1 + 3 + 6 + 12) / 5
+        "mean_tokens": 114.0,  # 570 / 5
+        "mean_nfe": 32.4,  # 162 / 5
+        "mean_seconds": 1.8,  # 9 / 5
+        "total_seconds": 9.0,
+        "failures": {
+            "unparsable_call": 2,
+            "round_limit": 1,
+            "token_limit": 0,
+            "wrong_answer": 1,
+            "context_limit": 0,
+            "model_error": 0,
+        },
+    }
+    kinds = ["token_limit", "context_limit: prompt too long", "model_error: x", "unknown_tool: fly", None]
+    assert [failure_kind(f) for f in kinds] == [
+        "token_limit",
+        "context_limit",
+        "model_error",
+        "unparsable_call",
+        None,
+    ]
+    table = markdown_table({"ar": s, "diffusion": s}, {"ar": "ar", "diffusion": "fastdllm"})
+    lines = table.splitlines()
+    assert len(lines) == 4 and lines[1].count("|") == lines[0].count("|") == 12
+    assert lines[3].startswith(
+        "| diffusion | fastdllm | 1/5 | 20.0 % | 5.20 | 5.60 | 114.0 | 32.4 | 1.80 | 9.0 |"
+    )
+    assert lines[3].endswith("| unparsable_call 2, round_limit 1, wrong_answer 1 |")
+    recs = records({"ar": rs[:2], "diffusion": rs[2:4]})
+    assert [(r["agent"], r["task"]) for r in recs] == [
+        ("ar", "eval:0"),
+        ("diffusion", "eval:2"),
+        ("ar", "eval:1"),
+        ("diffusion", "eval:3"),
+    ]
+    with pytest.raises(ValueError, match="no results"):
+        summarize([])
+
+
+def test_evaluate_agents_interleaves_held_out_tasks():
+    from blockdiff.agent.evaluate import evaluate_agents, summarize
+
+    scripts = {t.question.text: scripted_trajectory(t) for t in eval_tasks(3)}
+
+    def scripted(msgs):  # the scripted solver, on whichever task it is asked
+        turns = [m["content"] for m in scripts[msgs[1]["content"]] if m["role"] == "assistant"]
+        return turns[sum(m["role"] == "assistant" for m in msgs)]
+
+    order = []
+    out = evaluate_agents(
+        {"ar": scripted, "diffusion": lambda m: "KING. Enter."},
+        3,
+        on_result=lambda name, r: order.append((name, r.task)),
+    )
+    assert order == [(a, f"eval:{k}") for k in range(3) for a in ("ar", "diffusion")]
+    assert summarize(out["ar"])["success_rate"] == 1.0
+    s = summarize(out["diffusion"])
+    assert s["solved"] == 0 and s["failures"]["unparsable_call"] == 3
+    for n in (0, world_mod.EVAL_POOL + 1):
+        with pytest.raises(ValueError, match="n must be between 1 and 500"):
+            evaluate_agents({"ar": scripted}, n)
+
+
+def _timeless(d: dict) -> dict:
+    """A record without its wall times (the only thing two runs of one task may differ in)."""
+    return {**d, "seconds": None, "steps": [{**s, "seconds": None} for s in d["steps"]]}
+
+
+def test_evaluate_agents_on_a_tiny_model_equals_run_agent(tiny):
+    from blockdiff.agent.evaluate import evaluate_agents
+
+    model, tok = tiny
+    policies = {"ar": ModelPolicy(model, tok, "ar", 4), "diffusion": ModelPolicy(model, tok, "fastdllm", 4)}
+    out = evaluate_agents(policies, 2, max_rounds=2, max_errors=1)
+    for name, results in out.items():
+        assert [r.task for r in results] == ["eval:0", "eval:1"]
+        for k, r in enumerate(results):
+            alone = run_agent(make_task("eval", k), policies[name], 2, 2048, 1)
+            assert _timeless(r.as_dict()) == _timeless(alone.as_dict()), (name, k)
+            assert r.tokens > 0 and r.nfe > 0 and r.seconds > 0
+
+
+def test_cli_agent_eval(tmp_path, capsys):
+    from blockdiff.agent.evaluate import summarize
+    from blockdiff.cli import main
+
+    out = tmp_path / "eval.json"
+    argv = ["agent", "eval", "--model", "shakespeare-5m", "--n", "2", "--max-new-tokens", "4"]
+    assert main([*argv, "--max-rounds", "2", "--threshold", "0.8", "--out", str(out)]) == 0
+    cap = capsys.readouterr()
+    assert "held-out tasks eval:0..1" in cap.out and "torch threads" in cap.out
+    assert "| agent | sampler | solved |" in cap.out and "| ar | ar | 0/2 |" in cap.out
+    assert "| diffusion | fastdllm | 0/2 |" in cap.out
+    assert "[diffusion] eval:1: failed" in cap.err
+    doc = json.loads(out.read_text())
+    assert [(r["agent"], r["task"]) for r in doc["records"]] == [
+        ("ar", "eval:0"),
+        ("diffusion", "eval:0"),
+        ("ar", "eval:1"),
+        ("diffusion", "eval:1"),
+    ]
+    assert doc["agents"]["ar"] == {"model": "shakespeare-5m", "sampler": "ar", "options": {}}
+    assert doc["agents"]["diffusion"]["options"] == {"threshold": 0.8}
+    assert doc["machine"]["torch_threads"] >= 1 and doc["limits"]["max_rounds"] == 2
+    for agent in ("ar", "diffusion"):
+        from blockdiff.agent import AgentResult
+
+        rs = [
+            AgentResult(**{k: v for k, v in r.items() if k != "agent"})
+            for r in doc["records"]
+            if r["agent"] == agent
+        ]
+        assert doc["summary"][agent] == summarize(rs)
+    assert main([*argv, "--json", "--max-rounds", "1"]) == 0
+    assert set(json.loads(capsys.readouterr().out)) == {
+        "tasks",
+        "machine",
+        "limits",
+        "seed",
+        "agents",
+        "summary",
+    }
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--n", "0"], "n must be between 1 and 500"),
+        (["--n", "501"], "n must be between 1 and 500"),
+        (["--n", "1", "--max-rounds", "0"], "max_rounds must be >= 1"),
+        (["--n", "1", "--diffusion-sampler", "ar"], "needs a diffusion sampler"),
+        (["--n", "1", "--diffusion-sampler", "bd4"], "unknown sampler 'bd4'"),
+        (["--n", "1", "--steps", "3"], "does not take steps"),
+    ],
+)
+def test_cli_agent_eval_refuses_clearly(args, says, capsys):
+    from blockdiff.cli import main
+
+    assert main(["agent", "eval", "--model", "shakespeare-5m", "--max-new-tokens", "4", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("blockdiff agent: error: ") and says in err

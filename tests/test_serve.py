@@ -323,3 +323,120 @@ def test_a_failing_batch_fails_its_requests_not_the_server(monkeypatch):
         assert ask(False)[-1]["type"] == "done" and calls["n"] == 1
     finally:
         s.stop()
+
+
+# ---- agents: POST /v1/agent/run ----------------------------------------------------------------
+
+AGENT = {"model": MODEL, "task": 3, "sampler": "bd3", "block_size": 2, "max_new_tokens": 4}
+AGENT |= {"max_rounds": 3, "max_errors": 2, "seed": 1}
+
+
+def agent_events(url, body) -> list[dict]:
+    with stream(url, "/v1/agent/run", body, KEY) as (status, lines):
+        assert status == 200
+        return [json.loads(line[6:]) for line in lines if line.startswith("data: ")]
+
+
+def timeless(d: dict) -> dict:
+    return {**d, "seconds": None, "steps": [{**s, "seconds": None} for s in d["steps"]]}
+
+
+def test_agent_race_streams_exactly_what_run_agent_returns(url):
+    from blockdiff.agent import ModelPolicy, make_task, run_agent
+
+    model, tok = load_model(MODEL)
+    task = make_task("eval", 3)
+    with ThreadPoolExecutor(2) as ex:  # a race: both agents at once, as the page starts them
+        raced = dict(
+            zip(
+                ("ar", "diffusion"),
+                ex.map(lambda a: agent_events(url, {**AGENT, "agent": a}), ("ar", "diffusion")),
+                strict=True,
+            )
+        )
+    for agent, sampler, opts in (("ar", "ar", {}), ("diffusion", "bd3", {"block_size": 2})):
+        evs = raced[agent]
+        assert evs[0] == {
+            "type": "start",
+            "agent": agent,
+            "task": "eval:3",
+            "question": task.question.text,
+            "sampler": sampler,
+            "options": opts,
+        }
+        assert evs[-1]["type"] == "done"
+        got = evs[-1]["result"]
+        want = run_agent(task, ModelPolicy(model, tok, sampler, 4, 1, **opts), 3, 2048, 2)
+        assert timeless(got) == timeless(json.loads(json.dumps(want.as_dict()))), agent
+        assert got["rounds"] >= 2 and got["tokens"] > 0 and got["nfe"] > 0
+        # the events tell the same story round by round
+        rounds = [e["round"] for e in evs if e["type"] == "round"]
+        assert rounds == list(range(1, len(rounds) + 1)) and len(rounds) >= got["rounds"]
+        steps = [e for e in evs if e["type"] in ("call", "call_error")]
+        assert [(e["round"], e["tokens"], e["nfe"]) for e in steps] == [
+            (s["round"], s["tokens"], s["nfe"]) for s in got["steps"]
+        ]
+        assert [e.get("kind") for e in steps] == [(s["error"] or {}).get("kind") for s in got["steps"]]
+
+
+def test_agent_bad_input_is_a_clear_4xx(url):
+    ok = {"model": MODEL, "agent": "ar", "max_new_tokens": 4}
+    cases = [
+        ({**ok, "agent": "robot"}, 400, "'ar' or 'diffusion'"),
+        ({"model": MODEL}, 400, "Field required"),
+        ({**ok, "task": 500}, 400, "held-out task index in [0, 500)"),
+        ({**ok, "task": -1}, 400, "held-out task index"),
+        ({**ok, "task": "3"}, 400, "integer"),
+        ({**ok, "agent": "diffusion", "sampler": "ar"}, 400, "needs a diffusion sampler"),
+        ({**ok, "sampler": "bd4"}, 400, "did you mean 'bd3'"),
+        ({**ok, "blok_size": 2}, 400, "did you mean 'block_size'"),
+        ({**ok, "temperature": "hot"}, 400, "number"),
+        ({**ok, "max_rounds": 0}, 400, "max_rounds must be >= 1"),
+        ({**ok, "max_new_tokens": 200}, 400, "context"),
+        ({**ok, "stream": True}, 400, "not an agent option"),
+        ({**ok, "model": "gpt-4"}, 404, "not served"),
+    ]
+    for body, status, words in cases:
+        code, r = post(url, body, "/v1/agent/run")
+        assert code == status, (body, r)
+        assert words in r["error"]["message"] and r["error"]["type"], (body, r)
+    assert post(url, ok, "/v1/agent/run", key=None)[0] == 401
+    assert health(url)["status"] == "ok"
+
+
+def test_agent_thread_reports_calls_observations_and_failures():
+    """In process: a scripted decode shows every event kind of a solved run; a server failure
+    ends the run with a fatal event; a client gone ends the wait for a decode."""
+    from blockdiff.agent import Reply, make_task, scripted_trajectory
+    from blockdiff.serve.agents import AgentRequest, ScheduledPolicy, run_thread
+    from blockdiff.serve.app import APIError, Server
+
+    model, tok = load_model(MODEL)
+    server = Server(model, tok, MODEL, timeout=5)  # its worker never starts: nothing decodes
+    task = make_task("eval", 3)
+    req = AgentRequest(agent="ar", task=3)
+    turns = iter(m["content"] for m in scripted_trajectory(task) if m["role"] == "assistant")
+    evs: list[dict] = []
+    run_thread(task, lambda messages: Reply(next(turns), 3, 3), req, evs.append)
+    kinds = [e["type"] for e in evs]
+    assert kinds == ["round", "call", "observation"] * 6 + ["done"]
+    assert [e["call"]["tool"] for e in evs if e["type"] == "call"][-1] == "finish"
+    assert evs[2]["observation"]["results"][0]["source"]  # search found something
+    res = evs[-1]["result"]
+    assert res["success"] and (res["rounds"], res["tool_calls"], res["tokens"], res["nfe"]) == (6, 6, 18, 18)
+
+    def timed_out(messages):
+        raise APIError(504, "request timed out")
+
+    evs = []
+    run_thread(task, timed_out, req, evs.append)
+    assert evs == [
+        {"type": "round", "round": 1},
+        {"type": "fatal", "status": 504, "message": "request timed out"},
+    ]
+
+    policy = ScheduledPolicy(server, MODEL, "ar", 4, 0)
+    policy.stop.set()  # the client went away while its job waits in the queue
+    with pytest.raises(APIError, match="client closed"):
+        policy.decode("ROMEO:", 0)
+    assert server.scheduler.waiting[0].cancelled

@@ -71,6 +71,16 @@ class AgentResult:
         return d
 
 
+LIMITS = {"max_rounds": 1, "max_tokens": 1, "max_errors": 0, "max_new_tokens": 1}  # lowest values
+
+
+def check_limits(**limits: int) -> None:
+    """Refuse a limit below its lowest value (LIMITS), before any model runs."""
+    for name, v in limits.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < LIMITS[name]:
+            raise ValueError(f"{name} must be >= {LIMITS[name]} (an integer), got {v!r}")
+
+
 def run_agent(
     task: Task,
     policy: Policy,
@@ -82,13 +92,7 @@ def run_agent(
     """Run one task to its end: `finish`, a broken call (after `max_errors` tolerated ones, each
     answered with an error observation), `max_rounds` rounds or `max_tokens` generated tokens.
     `on_step(step)` after every round (the CLI prints it; a page could stream it)."""
-    for name, v, lo in (
-        ("max_rounds", max_rounds, 1),
-        ("max_tokens", max_tokens, 1),
-        ("max_errors", max_errors, 0),
-    ):
-        if v < lo:
-            raise ValueError(f"{name} must be >= {lo}, got {v}")
+    check_limits(max_rounds=max_rounds, max_tokens=max_tokens, max_errors=max_errors)
     q = task.question
     box = Toolbox(task.world)
     msgs = start_messages(q.text)
@@ -162,15 +166,14 @@ class ModelPolicy:
     `sampler="ar"` is the AR agent; a diffusion sampler (`fastdllm`, `bd3`, ...) the diffusion
     agent. Round r (0-based) decodes at most `max_new_tokens` tokens with seed `seed + r`, so a
     policy holds no state between tasks and a task replays exactly. A dialogue that no longer
-    fits the model's context raises `ContextLimit` (a failure record)."""
+    fits the model's context raises `ContextLimit` (a failure record). `decode` is the one model
+    call: the server overrides it to go through its scheduler, the rest stays the same."""
 
     def __init__(self, model, tok, sampler: str = "ar", max_new_tokens: int = 96, seed: int = 0, **options):
         self.model, self.tok, self.sampler = model, tok, sampler
         self.max_new_tokens, self.seed, self.options = max_new_tokens, seed, options
 
     def __call__(self, messages: list[dict[str, str]]) -> Reply:
-        from ..decoding import generate
-
         prompt = render(messages, self.tok)
         n, limit = len(self.tok.encode(prompt)), self.model.config.max_position_embeddings
         if n + self.max_new_tokens > limit:
@@ -179,14 +182,27 @@ class ModelPolicy:
                 f"context of {limit} tokens"
             )
         done = sum(m["role"] == "assistant" for m in messages)
+        return self.decode(prompt, self.seed + done)
+
+    def decode(self, prompt: str, seed: int) -> Reply:
+        from ..decoding import generate
+
         out = generate(
             self.model,
             self.tok,
             [prompt],
             sampler=self.sampler,
             max_new_tokens=self.max_new_tokens,
-            seed=self.seed + done,
+            seed=seed,
             **self.options,
         )
         row = out.rows[0]
         return Reply(out.texts[0], row.tokens, row.nfe)
+
+    def check(self, messages: list[dict[str, str]]) -> None:
+        """Build (not run: no forward) the decode of `messages`, so a wrong sampler, option or
+        length is one clear error before a run instead of a failure record on every task."""
+        from ..decoding import start_decoding
+
+        prompt = render(messages, self.tok)
+        start_decoding(self.model, self.tok, [prompt], self.sampler, self.max_new_tokens, **self.options)

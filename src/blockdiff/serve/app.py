@@ -24,6 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..agent.evaluate import DIFFUSION_SAMPLER
+from ..agent.world import EVAL_POOL
 from ..config import BlockdiffError
 from ..decoding import SAMPLERS, start_decoding
 from ..decoding import options as sampler_options
@@ -353,6 +355,7 @@ def create_app(server: Server) -> FastAPI:
             "samplers": {s: sorted(sampler_options.accepted(PLANS[s])) for s in SAMPLERS},
             "chat": bool(server.tok.chat_template),
             "max_batch": server.max_batch,
+            "agent": {"tasks": EVAL_POOL, "diffusion_sampler": DIFFUSION_SAMPLER},
         }
 
     @app.post("/v1/completions")
@@ -362,6 +365,10 @@ def create_app(server: Server) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
         return await server.respond(request, req, server.chat_prompt(req), chat=True)
+
+    from .agents import add_routes  # here: that module builds on this one
+
+    add_routes(app, server)
 
     @app.get("/")
     async def page():

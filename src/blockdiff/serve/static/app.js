@@ -2,7 +2,7 @@
 "use strict";
 const $ = (id) => document.getElementById(id);
 const MASK = "\u2591";
-window.blockdiffRuns = []; // every run's canvas snapshots and final text (read by the browser test)
+window.blockdiffRuns = []; // every run: canvas snapshots and text, or agent events and result (for tests)
 let info = null;
 
 async function api(path, body) {
@@ -23,18 +23,24 @@ async function init() {
     if (s === info.default) o.selected = true;
     $("sampler").append(o);
   }
+  $("task").max = info.agent.tasks - 1;
   $("chat").checked = info.chat;
   $("chat").disabled = !info.chat;
 }
 
-function request(sampler) {
-  const body = { model: $("model").textContent, stream: true, denoise: true, sampler,
-                 max_tokens: Number($("max_tokens").value), seed: Number($("seed").value) };
-  const takes = info.samplers[sampler];
+// The option fields the sampler takes, into a request body.
+function options(body, sampler) {
+  const takes = info.samplers[sampler] || [];
   for (const k of ["block_size", "steps", "threshold", "temperature", "draft_len"]) {
     const v = $(k).value;
     if (v !== "" && takes.includes(k)) body[k] = Number(v);
   }
+  return body;
+}
+
+function request(sampler) {
+  const body = options({ model: $("model").textContent, stream: true, denoise: true, sampler,
+                         max_tokens: Number($("max_tokens").value), seed: Number($("seed").value) }, sampler);
   if ($("chat").checked) body.messages = [{ role: "user", content: $("prompt").value }];
   else body.prompt = $("prompt").value;
   return body;
@@ -91,25 +97,14 @@ function draw(p, ev) {
   counters(p, false);
 }
 
-async function runPanel(p, sampler) {
-  p.run = { sampler, snapshots: [], text: null, error: null };
-  window.blockdiffRuns.push(p.run);
-  const path = $("chat").checked ? "/v1/chat/completions" : "/v1/completions";
-  const r = await api(path, request(sampler));
-  if (!r.ok) {
-    const e = await r.json().catch(() => ({ error: { message: r.statusText } }));
-    p.run.error = e.error.message;
-    p.q(".status").textContent = "error";
-    $("error").textContent = `${sampler}: ${e.error.message}`;
-    return;
-  }
-  p.q(".status").textContent = "decoding…";
+// The data of every server-sent event of a streamed response, parsed ("[DONE]" as it is).
+async function* events(r) {
   const reader = r.body.getReader();
   const dec = new TextDecoder();
   let buf = "";
   for (;;) {
     const { value, done } = await reader.read();
-    if (done) break;
+    if (done) return;
     buf += dec.decode(value, { stream: true });
     let cut;
     while ((cut = buf.indexOf("\n\n")) >= 0) {
@@ -117,27 +112,145 @@ async function runPanel(p, sampler) {
       buf = buf.slice(cut + 2);
       for (const line of lines) {
         const data = line.slice(6);
-        if (data === "[DONE]") { p.run.text = p.text; counters(p, true); return; }
-        const chunk = JSON.parse(data);
-        if (chunk.error) { p.run.error = chunk.error.message; $("error").textContent = chunk.error.message; return; }
-        if (chunk.blockdiff && chunk.blockdiff.type !== "done") draw(p, chunk.blockdiff);
-        if (chunk.blockdiff && chunk.blockdiff.type === "done") {
-          const s = chunk.blockdiff.stats[0];
-          p.nfe = s.nfe;
-        }
-        for (const c of chunk.choices) {
-          if (c.index !== 0) continue;
-          const piece = c.delta ? c.delta.content : c.text;
-          if (piece) { p.text += piece; p.q(".text").textContent = p.text; }
-        }
+        yield data === "[DONE]" ? data : JSON.parse(data);
       }
     }
+  }
+}
+
+async function errorOf(r) {
+  const e = await r.json().catch(() => ({ error: { message: r.statusText } }));
+  return e.error.message;
+}
+
+async function runPanel(p, sampler) {
+  p.run = { sampler, snapshots: [], text: null, error: null };
+  window.blockdiffRuns.push(p.run);
+  const path = $("chat").checked ? "/v1/chat/completions" : "/v1/completions";
+  const r = await api(path, request(sampler));
+  if (!r.ok) {
+    p.run.error = await errorOf(r);
+    p.q(".status").textContent = "error";
+    $("error").textContent = `${sampler}: ${p.run.error}`;
+    return;
+  }
+  p.q(".status").textContent = "decoding…";
+  for await (const chunk of events(r)) {
+    if (chunk === "[DONE]") { p.run.text = p.text; counters(p, true); return; }
+    if (chunk.error) { p.run.error = chunk.error.message; $("error").textContent = chunk.error.message; return; }
+    if (chunk.blockdiff && chunk.blockdiff.type !== "done") draw(p, chunk.blockdiff);
+    if (chunk.blockdiff && chunk.blockdiff.type === "done") p.nfe = chunk.blockdiff.stats[0].nfe;
+    for (const c of chunk.choices) {
+      if (c.index !== 0) continue;
+      const piece = c.delta ? c.delta.content : c.text;
+      if (piece) { p.text += piece; p.q(".text").textContent = p.text; }
+    }
+  }
+}
+
+// ---- agents: POST /v1/agent/run streams one agent's rounds; a race is two of them at once ----
+
+function agentBody(agent) {
+  const sampler = $("sampler").value;
+  return options({ model: $("model").textContent, agent, sampler, task: Number($("task").value),
+                   max_rounds: Number($("max_rounds").value), max_new_tokens: Number($("call_tokens").value),
+                   max_errors: Number($("max_errors").value), seed: Number($("seed").value) }, sampler);
+}
+
+function item(p, round, cls, text) {
+  const li = document.createElement("li");
+  li.value = round;
+  li.className = cls;
+  li.textContent = text;
+  p.q(".steps").append(li);
+  return li;
+}
+
+function showAgent(p, ev) {
+  const run = p.run;
+  run.events.push(ev);
+  if (ev.type === "start") {
+    Object.assign(run, { sampler: ev.sampler, task: ev.task, question: ev.question });
+    p.q(".name").textContent = `${p.agent === "ar" ? "AR agent" : "diffusion agent"} · ${ev.sampler}`;
+    p.q(".question").textContent = `${ev.task}: ${ev.question}`;
+  } else if (ev.type === "round") {
+    p.q(".round").textContent = ev.round;
+    p.q(".status").textContent = `round ${ev.round}: decoding…`;
+  } else if (ev.type === "call" || ev.type === "call_error") {
+    p.tokens += ev.tokens;
+    p.nfe += ev.nfe;
+    if (ev.type === "call") {
+      p.calls++;
+      item(p, ev.round, "call", `${ev.call.tool} ${JSON.stringify(ev.call.args)}`);
+    } else {
+      item(p, ev.round, "bad", `${ev.kind}: ${ev.message} — ${JSON.stringify(ev.text)}`);
+    }
+  } else if (ev.type === "observation") {
+    const obs = document.createElement("div");
+    obs.className = "obs";
+    obs.textContent = "→ " + JSON.stringify(ev.observation);
+    p.q(".steps").lastElementChild.append(obs);
+  } else if (ev.type === "done") {
+    const res = (run.result = ev.result);
+    Object.assign(p, { tokens: res.tokens, nfe: res.nfe, calls: res.tool_calls });
+    p.q(".round").textContent = res.rounds;
+    p.q(".status").textContent = "done";
+    const v = p.q(".verdict");
+    v.textContent = res.success ? "solved" : `failed: ${res.failure}`;
+    v.className = "verdict " + (res.success ? "solved" : "failed");
+    p.q(".answer").textContent = res.answer === null ? "" : JSON.stringify(res.answer);
+    p.q(".final").title = "expected " + JSON.stringify(res.expected);
+  }
+  p.q(".calls").textContent = p.calls;
+  p.q(".tokens").textContent = p.tokens;
+  p.q(".nfe").textContent = p.nfe;
+}
+
+function agentPanel(agent) {
+  const el = $("agent-panel").content.firstElementChild.cloneNode(true);
+  $("panels").append(el);
+  const p = { el, q: (c) => el.querySelector(c), agent, calls: 0, tokens: 0, nfe: 0, t0: performance.now() };
+  p.run = { agent, sampler: null, task: null, question: null, events: [], result: null, error: null };
+  p.q(".name").textContent = agent === "ar" ? "AR agent" : "diffusion agent";
+  return p;
+}
+
+async function runAgent(agent) {
+  const p = agentPanel(agent);
+  window.blockdiffRuns.push(p.run);
+  const tick = () => { p.q(".wall").textContent = ((performance.now() - p.t0) / 1000).toFixed(2) + " s"; };
+  const timer = setInterval(tick, 100);
+  try {
+    const r = await api("/v1/agent/run", agentBody(agent));
+    if (!r.ok) throw new Error(await errorOf(r));
+    for await (const ev of events(r)) {
+      if (ev.error) throw new Error(ev.error.message);
+      showAgent(p, ev);
+      if (ev.type === "done") return;
+    }
+    throw new Error("the stream ended before the run did");
+  } catch (e) {
+    p.run.error = e.message;
+    p.q(".status").textContent = "error";
+    $("error").textContent = `${agent} agent: ${e.message}`;
+  } finally {
+    clearInterval(timer);
+    tick();
   }
 }
 
 async function run() {
   $("error").textContent = "";
   $("panels").textContent = "";
+  if ($("mode").value === "agent") {
+    $("run").disabled = true;
+    try {
+      await Promise.all(["ar", "diffusion"].map(runAgent)); // started together
+    } finally {
+      $("run").disabled = false;
+    }
+    return;
+  }
   const samplers = $("mode").value === "race" ? ["ar", $("sampler").value] : [$("sampler").value];
   $("run").disabled = true;
   const panels = samplers.map((s) => panel(s));
@@ -149,4 +262,9 @@ async function run() {
 }
 
 $("run").addEventListener("click", run);
+$("mode").addEventListener("change", () => {
+  const agents = $("mode").value === "agent";
+  $("agent_controls").hidden = !agents;
+  $("prompt").hidden = agents; // an agent's prompt is its task
+});
 init();
