@@ -185,6 +185,187 @@ def cmd_agent_run(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_agent_eval(a: argparse.Namespace) -> int:
+    """The AR agent and the diffusion agent on held-out tasks eval:0..n-1, interleaved task by task."""
+    from . import models
+    from .agent import ModelPolicy, make_task
+    from .agent import evaluate as ev
+    from .agent.loop import check_limits
+    from .agent.trajectory import start_messages
+
+    ev.check_eval_n(a.n)
+    check_limits(max_rounds=a.max_rounds, max_tokens=a.max_tokens, max_new_tokens=a.max_new_tokens)
+    if a.sampler not in SAMPLERS:
+        raise ConfigError(f"unknown sampler '{a.sampler}'; known samplers: {', '.join(SAMPLERS)}")
+    kw = _sampler_kwargs(a)
+    seed = kw.pop("seed", 0)
+    names = {"ar": a.ar_model or a.model, "diffusion": a.diffusion_model or a.model}
+    samplers = {agent: ev.agent_sampler(agent, a.sampler) for agent in ev.AGENTS}
+    loaded: dict = {}
+    policies, settings = {}, {}
+    for agent, sampler in samplers.items():
+        opts = ev.agent_options(agent, kw)
+        if names[agent] not in loaded:  # one model object when both agents use the same weights
+            loaded[names[agent]] = load_model(names[agent], dtype=getattr(torch, a.dtype))
+        policies[agent] = ModelPolicy(*loaded[names[agent]], sampler, a.max_new_tokens, seed, **opts)
+        policies[agent].check(start_messages(make_task("eval", 0).question.text))
+        settings[agent] = {"model": names[agent] or models.DEFAULT, "sampler": sampler, "options": opts}
+    where = ev.machine(next(iter(loaded.values()))[0])
+    out = sys.stderr if a.json else sys.stdout
+    print(
+        f"held-out tasks eval:0..{a.n - 1}, agents interleaved task by task; machine: {where['cpu']}, "
+        f"{where['cpus']} CPUs, {where['torch_threads']} torch threads, device {where['device']}, "
+        f"load average {where['load_average']}",
+        file=out,
+    )
+
+    def progress(agent: str, r) -> None:
+        how = "solved" if r.success else f"failed: {r.failure}"
+        print(f"[{agent}] {r.task}: {how} ({r.rounds} rounds, {r.seconds:.2f}s)", file=sys.stderr)
+
+    limits = {"max_rounds": a.max_rounds, "max_tokens": a.max_tokens, "max_new_tokens": a.max_new_tokens}
+    results = ev.evaluate_agents(policies, a.n, a.max_rounds, a.max_tokens, on_result=progress)
+    summary = {agent: ev.summarize(rs) for agent, rs in results.items()}
+    doc = {"tasks": a.n, "machine": where, "limits": limits, "seed": seed, "agents": settings}
+    doc["summary"] = summary
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps({**doc, "records": ev.records(results)}, ensure_ascii=False))
+    if a.json:
+        print(json.dumps(doc))
+    else:
+        print(ev.markdown_table(summary, {k: v["sampler"] for k, v in settings.items()}))
+        if a.out:
+            print(f"per-task records: {a.out}")
+    return 0
+
+
+def _agent_limits(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=96, dest="max_new_tokens", help="per call [96]")
+    p.add_argument("--max-rounds", type=int, default=12, dest="max_rounds", help="[12]")
+    p.add_argument("--max-tokens", type=int, default=2048, dest="max_tokens", help="in all [2048]")
+
+
+def _reason_setup(a: argparse.Namespace):
+    from .eval import tasks
+    from .reason import stitch
+
+    tasks.check_task(a.task)
+    for name in (
+        "rollouts",
+        "batch_size",
+        *(("k",) if hasattr(a, "k") else ()),
+        *(("n",) if hasattr(a, "n") else ()),
+    ):
+        if getattr(a, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    if not a.model:
+        raise ConfigError("--model: the diffusion model that writes the rollouts")
+    model, tok = load_model(a.model, dtype=getattr(torch, a.dtype))
+    kw = _sampler_kwargs(a)
+    seed = kw.pop("seed", 0)
+    complete = stitch.diffusion_completer(model, tok, a.sampler, a.new_tokens, a.batch_size, **kw)
+    return complete, seed
+
+
+def _scorers(a: argparse.Namespace) -> list:
+    from .reason import stitch
+
+    return [
+        stitch.make_scorer(s, a.task, lambda p: load_model(p, dtype=getattr(torch, a.dtype)))
+        for s in a.scorer
+    ]
+
+
+def cmd_reason_prm_data(a: argparse.Namespace) -> int:
+    from .eval import tasks
+    from .reason import stitch
+
+    complete, seed = _reason_setup(a)
+    its = tasks.training_items(a.task, a.questions, a.question_seed)
+    rows = stitch.prm_data(a.task, its, complete, a.rollouts, a.k, a.sep, seed)
+    tasks.write_jsonl(rows, a.out)
+    good = sum(r["answer"] == stitch.PRM_GOOD for r in rows)
+    print(
+        f"{len(rows)} step labels ({good} '+', {len(rows) - good} '-') "
+        f"from {a.questions} questions -> {a.out}"
+    )
+    return 0
+
+
+def cmd_reason_solver_data(a: argparse.Namespace) -> int:
+    from .eval import tasks
+    from .reason import stitch
+
+    complete, seed = _reason_setup(a)
+    (scorer,) = _scorers(a) if len(a.scorer) == 1 else (None,)
+    if scorer is None:
+        raise ConfigError("solver-data takes one --scorer")
+    its = tasks.training_items(a.task, a.questions, a.question_seed)
+    rolls = stitch.sample_rollouts(its, complete, a.rollouts, a.sep, seed)
+    rows = stitch.solver_data(its, rolls, scorer, a.sep, a.stitch_threshold, a.cap, a.agree)
+    tasks.write_jsonl(rows, a.out)
+    print(f"{len(rows)} stitched contexts ({scorer.name}) -> {a.out}")
+    return 0
+
+
+def cmd_reason_stitch(a: argparse.Namespace) -> int:
+    import platform
+    import time
+
+    from .eval import tasks
+    from .reason import stitch
+
+    complete, seed = _reason_setup(a)
+    its = tasks.items(a.task, a.n)
+    scorers = _scorers(a)
+    solver = load_model(a.solver, dtype=getattr(torch, a.dtype)) if a.solver else None
+    alone = load_model(a.ar_model, dtype=getattr(torch, a.dtype)) if a.ar_model else None
+    t = time.perf_counter()
+    rolls = stitch.sample_rollouts(its, complete, a.rollouts, a.sep, seed)
+    secs = time.perf_counter() - t
+    res = stitch.evaluate_stitching(
+        a.task,
+        its,
+        rolls,
+        scorers,
+        solver,
+        a.sep,
+        a.stitch_threshold,
+        a.cap,
+        a.agree,
+        a.solver_tokens,
+        secs,
+        alone,
+    )
+    rows = stitch.summary(res)
+    if a.out:
+        recs = {
+            m: [{"text": r.text, "correct": r.correct, **r.cost.__dict__} for r in rs]
+            for m, rs in res.items()
+        }
+        Path(a.out).write_text(json.dumps({"summary": rows, "records": recs}, indent=1))
+    if a.json:
+        print(json.dumps(rows))
+        return 0
+    print(
+        f"{a.task}: {len(its)} held-out questions, {a.rollouts} rollouts each ({a.sampler} "
+        f"{json.dumps(_sampler_kwargs(a))}); {platform.machine()}, {torch.get_num_threads()} threads"
+    )
+    print(
+        "| method | accuracy | rollout NFEs (sum) | rollout NFEs (max) | scorer forwards | AR tokens "
+        "| s/question |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['method']} | {100 * r['accuracy']:.1f}% | {r['rollout_nfe']:.1f} "
+            f"| {r['rollout_nfe_max']:.1f} "
+            f"| {r['scorer_forwards']:.1f} | {r['solver_tokens']:.1f} | {r['seconds']:.3f} |"
+        )
+    return 0
+
+
 def cmd_info(a: argparse.Namespace) -> int:
     p = resolve(a.path)
     model, tok = load_model(p)
@@ -408,10 +589,59 @@ def build_parser() -> argparse.ArgumentParser:
     agr = ag.add_parser("run", help="one held-out task, printing each call and observation")
     _decode_args(agr)
     agr.add_argument("--task-seed", type=int, default=0, dest="task_seed", help="held-out task K [0]")
-    agr.add_argument("--max-new-tokens", type=int, default=96, dest="max_new_tokens", help="per call [96]")
-    agr.add_argument("--max-rounds", type=int, default=12, dest="max_rounds", help="[12]")
-    agr.add_argument("--max-tokens", type=int, default=2048, dest="max_tokens", help="in all [2048]")
+    _agent_limits(agr)
     agr.set_defaults(fn=cmd_agent_run, sampler="ar")
+    age = ag.add_parser(
+        "eval",
+        help="the AR and the diffusion agent on n held-out tasks, interleaved: the side-by-side table",
+        description="Decoding options (--block-size, --threshold, ...) configure the diffusion sampler; "
+        "the AR agent shares only --temperature, --top-p, --top-k and --seed.",
+    )
+    _decode_args(age)
+    age.add_argument(
+        "--diffusion-sampler", dest="sampler", help="the diffusion agent's sampler (= --sampler) [fastdllm]"
+    )
+    age.add_argument("--ar-model", dest="ar_model", help="the AR agent's model [--model]")
+    age.add_argument("--diffusion-model", dest="diffusion_model", help="the diffusion agent's [--model]")
+    age.add_argument("--n", type=int, default=50, help="held-out tasks eval:0..n-1 [50]")
+    age.add_argument("--out", help="write the summary and every task's record here (JSON)")
+    _agent_limits(age)
+    age.set_defaults(fn=cmd_agent_eval, sampler="fastdllm")
+
+    rs = sub.add_parser("reason", help="stitching diffusion reasoning rollouts").add_subparsers(
+        dest="what", required=True
+    )
+    rst = rs.add_parser(
+        "stitch", help="Sample -> Score -> Stitch -> Refine on held-out questions, costs beside"
+    )
+    rpd = rs.add_parser("prm-data", help="PRM training pairs: step labels by Monte-Carlo rollouts")
+    rsd = rs.add_parser("solver-data", help="stitched contexts of training questions -> reference answers")
+    for g in (rst, rpd, rsd):
+        _decode_args(g)  # --model is the diffusion model that writes the rollouts
+        g.add_argument("--task", required=True)
+        g.add_argument("--rollouts", type=int, default=4, help="rollouts per question [4]")
+        g.add_argument("--sep", default="\n", help="step separator, or 'sentences' [newline]")
+        g.add_argument("--new-tokens", type=int, dest="new_tokens", help="canvas (default: the model's rows)")
+        g.add_argument("--batch-size", type=int, default=64, dest="batch_size")
+        g.set_defaults(sampler="llada")
+    for g in (rpd, rsd):
+        g.add_argument("--questions", type=int, required=True, help="training questions (never held-out)")
+        g.add_argument("--question-seed", type=int, default=2_000_000, dest="question_seed")
+        g.add_argument("--out", required=True)
+    rpd.add_argument("--k", type=int, default=4, help="completions per step prefix [4]")
+    rpd.set_defaults(fn=cmd_reason_prm_data)
+    for g in (rst, rsd):
+        g.add_argument("--scorer", action="append", required=True, help="oracle | logprob:MODEL | prm:MODEL")
+        g.add_argument("--stitch-threshold", type=float, default=0.9, dest="stitch_threshold")
+        g.add_argument("--cap", type=int, default=80, help="stitched steps at most [80]")
+        g.add_argument("--agree", action="store_true", help="stitch only paths agreeing with the best")
+    rsd.set_defaults(fn=cmd_reason_solver_data)
+    rst.add_argument("--n", type=int, default=100, help="held-out questions [100]")
+    rst.add_argument("--solver", help="AR model that reads the stitched context (decoded with ar)")
+    rst.add_argument("--ar-model", dest="ar_model", help="AR model alone on the plain question [the solver]")
+    rst.add_argument("--solver-tokens", type=int, default=64, dest="solver_tokens")
+    rst.add_argument("--out", help="JSON with every record")
+    rst.set_defaults(fn=cmd_reason_stitch)
 
     sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server and the live denoising page")
     sv.add_argument("--model", help="model name or checkpoint/run dir (default: smollm2-nbdiff)")

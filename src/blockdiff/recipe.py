@@ -70,7 +70,9 @@ class TrainSpec:
     threads: int = 0  # torch threads (0 = PyTorch's default)
 
 
-BASE_OVERRIDABLE = {"logits", "layout"}  # what a recipe may change on a pretrained base model
+# What a recipe may change on a pretrained base model; positions are rotary (no learned table), so
+# the context may grow by fine-tuning on longer rows.
+BASE_OVERRIDABLE = {"logits", "layout", "max_position_embeddings"}
 
 SECTIONS = {
     "model": ModelConfig,
@@ -133,7 +135,8 @@ def from_dict(d: dict) -> Recipe:
         arch = sorted(set(d["model"]) - BASE_OVERRIDABLE - {"base"})
         if arch:
             raise ConfigError(
-                f"model.{arch[0]} comes from model.base and cannot be set; settable: logits, layout"
+                f"model.{arch[0]} comes from model.base and cannot be set; "
+                f"settable: {', '.join(sorted(BASE_OVERRIDABLE))}"
             )
     out = {"model": d["model"]}
     for name in ("tokenizer", "data", "objective", "train", "delta"):

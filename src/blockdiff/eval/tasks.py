@@ -9,6 +9,7 @@ Evaluation items use a fixed seed of their own; training data skips any question
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -18,7 +19,12 @@ from ..data.prompts import EVAL_POOL, EVAL_SEED
 # Sudoku in the layout of Ye et al. (2025): the grid's digits row by row (0 = blank), "=", and the
 # solved grid's digits; same puzzles and checker as the reasoning-gym task it is named after.
 DIGITS = {"mini_sudoku_digits": "mini_sudoku", "sudoku_digits": "sudoku"}
-REASONING = ("countdown", "mini_sudoku", "sudoku", "gsm_symbolic", "basic_arithmetic", *DIGITS)
+# Countdown in the layout of Ye et al. (2025): "n1,n2,n3,n4,target=" and the solution as a chain of
+# equations "a op b = c" joined by commas (integer intermediates); the puzzles are reasoning-gym's
+# (4 numbers of 1-100, targets 10-100) and so is the final check (the chain is substituted back into
+# one expression for it). Each equation is a step whose validity can be checked (`valid_steps`).
+CHAIN = {"countdown_chain": dict(min_numbers=4, max_numbers=4, min_target=10, max_target=100)}
+REASONING = ("countdown", "mini_sudoku", "sudoku", "gsm_symbolic", "basic_arithmetic", *DIGITS, *CHAIN)
 TASKS = (*REASONING, "humaneval")
 
 
@@ -73,6 +79,10 @@ def items(name: str, n: int, seed: int = EVAL_SEED) -> list[Item]:
 
 
 def _generate(name: str, n: int, seed: int) -> list[Item]:
+    if name in CHAIN:
+        ds = _gym().create_dataset("countdown", size=n, seed=seed, **CHAIN[name])
+        es = [ds[i] for i in range(n)]
+        return [Item(_chain_prompt(e), _chain_answer(e), e) for e in es]
     ds = _gym().create_dataset(DIGITS.get(name, name), size=n, seed=seed)
     es = [ds[i] for i in range(n)]
     if name in DIGITS:
@@ -88,7 +98,85 @@ def _as_grid(digits: str, size: int) -> str:
     return "\n".join(" ".join(digits[r * size : (r + 1) * size]) for r in range(size))
 
 
+_OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a / b}
+_EQ = re.compile(r"^\s*(\d+)\s*([-+*/])\s*(\d+)\s*=\s*(\d+)\s*$")
+
+
+def _chain_prompt(e: dict) -> str:
+    return ",".join(map(str, e["metadata"]["numbers"])) + f",{e['metadata']['target']}="
+
+
+def solve_chain(pool: list[int], target: int) -> list[str] | None:
+    """A chain of equations with positive integer results that uses every number of `pool` once
+    and ends at `target`, or None: a deterministic depth-first search (4 numbers: < 10^4 nodes)."""
+    if len(pool) == 1:
+        return [] if pool[0] == target else None
+    for i in range(len(pool)):
+        for j in range(len(pool)):
+            a, b = pool[i], pool[j]
+            if i == j:
+                continue
+            rest = [x for k, x in enumerate(pool) if k not in (i, j)]
+            for op in "+-*/":
+                if (op in "+*" and i > j) or (op == "-" and a <= b) or (op == "/" and (b == 0 or a % b)):
+                    continue
+                c = int(_OPS[op](a, b))
+                tail = solve_chain([*rest, c], target)
+                if tail is not None:
+                    return [f"{a}{op}{b}={c}", *tail]
+    return None
+
+
+def _chain_answer(e: dict) -> str:
+    chain = solve_chain(list(e["metadata"]["numbers"]), e["metadata"]["target"])
+    return ",".join(chain) if chain is not None else e["answer"]
+
+
+def valid_steps(name: str, item: Item, steps: list[str]) -> list[bool]:
+    """Whether each step of a partial solution is a true equation over numbers still available and
+    leaves the target reachable; a step after an invalid one is invalid. Only tasks whose
+    intermediate states are checkable have this (an oracle for upper bounds, never a result)."""
+    if name not in CHAIN:
+        raise ValueError(f"{name} has no checkable intermediate steps; tasks that do: {', '.join(CHAIN)}")
+    pool, target, out = list(item.entry["metadata"]["numbers"]), item.entry["metadata"]["target"], []
+    for step in steps:
+        m = _EQ.match(step)
+        ok = bool(m) and all(out)
+        if ok:
+            a, op, b, c = int(m[1]), m[2], int(m[3]), int(m[4])
+            ok = a in pool and b in pool and (a != b or pool.count(a) > 1) and _OPS[op](a, b) == c
+            if ok:
+                pool.remove(a)
+                pool.remove(b)
+                pool.append(c)
+                ok = solve_chain(pool, target) is not None
+        out.append(ok)
+    return out
+
+
+def chain_expression(text: str, numbers: list[int]) -> str | None:
+    """The chain "a op b = c, c op d = e, ..." as one expression over `numbers` (each result
+    replaced by the expression that made it), or None when an equation is false or malformed."""
+    avail: list[tuple[int, str]] = [(n, str(n)) for n in numbers]
+    last = None
+    for step in [s for s in text.split(",") if s.strip()]:  # a trailing comma is no step
+        m = _EQ.match(step)
+        if not m or _OPS[m[2]](int(m[1]), int(m[3])) != int(m[4]):
+            return None
+        exprs = []
+        for v in (int(m[1]), int(m[3])):
+            # a result of an earlier equation first (it is the newest value), else a given number
+            k = next((k for k in range(len(avail) - 1, -1, -1) if avail[k][0] == v), None)
+            exprs.append(avail.pop(k)[1] if k is not None else str(v))
+        last = (int(m[4]), f"({exprs[0]}{m[2]}{exprs[1]})")
+        avail.append(last)
+    return last[1] if last else None
+
+
 def score(name: str, item: Item, completion: str) -> float:
+    if name in CHAIN:
+        expr = chain_expression(completion, item.entry["metadata"]["numbers"])
+        completion = expr if expr is not None else ""
     if name == "humaneval":
         from .humaneval import passes, truncate
 
@@ -99,28 +187,38 @@ def score(name: str, item: Item, completion: str) -> float:
     return float(check(completion.strip(), entry=item.entry))
 
 
-def training_pairs(name: str, n: int, seed: int = 0) -> list[dict]:
-    """n prompt/answer pairs for supervised training, none of them among the evaluation questions."""
+def training_items(name: str, n: int, seed: int = 0) -> list[Item]:
+    """n distinct questions for training, none of them among the evaluation questions."""
     if name == "humaneval":
         raise ValueError("humaneval is an evaluation set only (164 problems): no training data")
     held_out = {it.prompt for it in items(name, EVAL_POOL)}
-    out, got, size = [], set(), n
+    out: list[Item] = []
+    got, size = set(), n
     for _ in range(20):  # reasoning-gym seeds item i with seed + i: each round takes fresh seeds
         for it in _generate(name, size, seed):
             if it.prompt not in held_out and it.prompt not in got and len(out) < n:
                 got.add(it.prompt)
-                out.append({"prompt": it.prompt, "answer": it.answer})
+                out.append(it)
         if len(out) == n:
             return out
         seed, size = seed + size, max(16, 2 * (n - len(out)))
     raise ValueError(f"{name}: found only {len(out)} distinct training questions outside the evaluation set")
 
 
+def training_pairs(name: str, n: int, seed: int = 0) -> list[dict]:
+    """n prompt/answer pairs for supervised training, none of them among the evaluation questions."""
+    return [{"prompt": it.prompt, "answer": it.answer} for it in training_items(name, n, seed)]
+
+
 def write_training_data(name: str, n: int, out: str | Path, seed: int = 0) -> Path:
-    """Write the pairs as JSONL via a temp file: `out` is complete or untouched, and a failed write
+    return write_jsonl(training_pairs(name, n, seed), out)
+
+
+def write_jsonl(rows: list[dict], out: str | Path) -> Path:
+    """Write rows as JSONL via a temp file: `out` is complete or untouched, and a failed write
     (disk full, permission denied) leaves no partial temp file behind."""
     out = Path(out)
-    text = "".join(json.dumps(p) + "\n" for p in training_pairs(name, n, seed))
+    text = "".join(json.dumps(p) + "\n" for p in rows)
     tmp = out.with_name(out.name + ".tmp")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

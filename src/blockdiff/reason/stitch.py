@@ -1,0 +1,466 @@
+"""Stitching noisy diffusion thoughts: Sample -> Score -> Stitch -> Refine (ALGORITHMS.md §3).
+
+Many cheap diffusion rollouts are each partly right; a step scorer finds the good steps wherever
+they are, and an AR solver reads them (stitched, with their scores) and writes the answer. Costs
+are counted per question so the result can be set against one long rollout.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Protocol
+
+import torch
+
+from ..eval import tasks as T
+
+_SENTENCE = re.compile(r"(?<=[.!?])\s+")
+
+
+def split_steps(text: str, sep: str = "\n") -> list[str]:
+    """A rollout's steps: pieces between `sep` (a string, or "sentences"), stripped, empty dropped."""
+    parts = _SENTENCE.split(text) if sep == "sentences" else text.split(sep)
+    return [p.strip() for p in parts if p.strip()]
+
+
+def join_steps(steps: Sequence[str], sep: str = "\n") -> str:
+    return (" " if sep == "sentences" else sep).join(steps)
+
+
+def path_score(scores: Sequence[float]) -> float:
+    """Geometric mean of a path's step scores (0 for a path with no steps): one bad step sinks it."""
+    if not scores:
+        return 0.0
+    if min(scores) <= 0.0:
+        return 0.0
+    return math.exp(sum(math.log(s) for s in scores) / len(scores))
+
+
+@dataclass
+class Rollout:
+    text: str
+    steps: list[str]
+    nfe: int
+    scores: list[float] = field(default_factory=list)
+
+    @property
+    def answer(self) -> str:
+        """What a vote compares: the whole solution, whitespace-normalised."""
+        return " ".join(self.text.split())
+
+    @property
+    def score(self) -> float:
+        return path_score(self.scores)
+
+
+def best_path(rollouts: Sequence[Rollout]) -> Rollout:
+    """The rollout with the highest geometric-mean step score (first one on ties)."""
+    return max(rollouts, key=lambda r: r.score)
+
+
+def majority(rollouts: Sequence[Rollout]) -> Rollout:
+    """The first rollout whose answer is the most common one (empty answers never win if others exist)."""
+    votes = Counter(r.answer for r in rollouts if r.answer) or Counter(r.answer for r in rollouts)
+    top = votes.most_common(1)[0][0]
+    return next(r for r in rollouts if r.answer == top)
+
+
+def stitched_steps(
+    rollouts: Sequence[Rollout], threshold: float = 0.9, cap: int = 80, agree: bool = False
+) -> list[tuple[int, float, str]]:
+    """(step index, score, text) for the stitched context: every step scoring above `threshold`,
+    grouped by step index (best first within an index, each text once per index), at most `cap`,
+    plus the best path's last step; with `agree`, only paths whose answer is the best path's."""
+    best = best_path(rollouts)
+    pool = [r for r in rollouts if not agree or r.answer == best.answer]
+    seen: dict[tuple[int, str], float] = {}
+    for r in pool:
+        for i, (s, c) in enumerate(zip(r.steps, r.scores, strict=True)):
+            if c > threshold and c > seen.get((i, s), -1.0):
+                seen[(i, s)] = c
+    lines = sorted(((i, c, s) for (i, s), c in seen.items()), key=lambda x: (x[0], -x[1]))[:cap]
+    if best.steps:
+        last = (len(best.steps) - 1, best.scores[-1], best.steps[-1])
+        if all((i, s) != (last[0], last[2]) for i, _, s in lines):
+            lines = [*lines[: cap - 1], last] if len(lines) >= cap else [*lines, last]
+    return lines
+
+
+def stitch_prompt(prompt: str, lines: Sequence[tuple[int, float, str]]) -> str:
+    """The solver's input: one "[c=0.xx] step" line per stitched step, then the question as the
+    task asks it (so the answer follows the question exactly as in plain training rows)."""
+    return "".join(f"[c={c:.2f}] {s}\n" for _, c, s in lines) + prompt
+
+
+class StepScorer(Protocol):
+    """Scores every step of every rollout of one question; counts its forwards."""
+
+    name: str
+    forwards: int
+
+    def score(self, item: T.Item, rollouts: Sequence[Rollout], sep: str) -> list[list[float]]: ...
+
+
+@torch.no_grad()
+def _causal_logits(model, ids: list[list[int]]) -> list[torch.Tensor]:
+    """Raw logits [len, V] of each row under the model's causal path, rows of equal length batched."""
+    from ..masks import block_causal
+
+    if not model.config.shifted:
+        raise ValueError(
+            "this scorer reads next-token probabilities: it needs a model with an AR path "
+            "(logits: shifted, trained with block size 1 or an AR loss)"
+        )
+    dev = next(model.parameters()).device
+    out: list[torch.Tensor | None] = [None] * len(ids)
+    by_len: dict[int, list[int]] = {}
+    for j, x in enumerate(ids):
+        by_len.setdefault(len(x), []).append(j)
+    for n, js in by_len.items():
+        for k in range(0, len(js), 64):
+            chunk = js[k : k + 64]
+            x = torch.tensor([ids[j] for j in chunk], device=dev)
+            logits = model(x, mask=block_causal(n, 1, len(chunk)).to(dev)).float()
+            for j, row in zip(chunk, logits, strict=True):
+                out[j] = row
+    return out  # type: ignore[return-value]
+
+
+@dataclass
+class OracleScorer:
+    """The task's own check of intermediate states: an upper bound, never a result."""
+
+    task: str
+    name: str = "oracle (upper bound)"
+    forwards: int = 0
+
+    def score(self, item: T.Item, rollouts: Sequence[Rollout], sep: str) -> list[list[float]]:
+        return [[float(v) for v in T.valid_steps(self.task, item, r.steps)] for r in rollouts]
+
+
+@dataclass
+class LogProbScorer:
+    """No training: the AR model's geometric-mean probability of a step's tokens given the question
+    and the steps before it (how unsurprising the step is to the AR path)."""
+
+    model: object
+    tok: object
+    name: str = "AR log-prob"
+    forwards: int = 0
+
+    def score(self, item: T.Item, rollouts: Sequence[Rollout], sep: str) -> list[list[float]]:
+        rows, spans = [], []
+        for r in rollouts:
+            ends = [
+                len(self.tok.encode(item.prompt + join_steps(r.steps[:i], sep)))
+                for i in range(1, len(r.steps) + 1)
+            ]
+            starts = [len(self.tok.encode(item.prompt)), *ends[:-1]][: len(ends)]  # a step owns its separator
+            rows.append(self.tok.encode(item.prompt + join_steps(r.steps, sep)))
+            spans.append(list(zip(starts, ends, strict=True)))
+        logits = _causal_logits(self.model, rows) if rows else []
+        self.forwards += len(rows)
+        out = []
+        for ids, bounds, lg in zip(rows, spans, logits, strict=True):
+            logp = torch.log_softmax(lg, -1)
+            out.append(
+                [
+                    math.exp(sum(float(logp[t - 1, ids[t]]) for t in range(a, b)) / max(1, b - a))
+                    for a, b in bounds
+                ]
+            )
+        return out
+
+
+PRM_QUERY, PRM_GOOD, PRM_BAD = "?", "+", "-"
+
+
+def prm_prompt(prompt: str, steps: Sequence[str], sep: str) -> str:
+    """The PRM's input for the last of `steps`: the question, the steps so far, and the query mark;
+    the PRM answers "+" (a correct answer is still reachable) or "-"."""
+    return prompt + join_steps(steps, sep) + PRM_QUERY
+
+
+@dataclass
+class PRMScorer:
+    """A learned process reward model: a blockdiff AR model trained to answer "+"/"-" after each
+    step (labels by Monte-Carlo rollouts, `mc_labels`); the score is P(+) / (P(+) + P(-))."""
+
+    model: object
+    tok: object
+    name: str = "learned PRM"
+    forwards: int = 0
+
+    def score(self, item: T.Item, rollouts: Sequence[Rollout], sep: str) -> list[list[float]]:
+        good, bad = (_single_token(self.tok, x) for x in (PRM_GOOD, PRM_BAD))
+        rows = [
+            self.tok.encode(prm_prompt(item.prompt, r.steps[: i + 1], sep))
+            for r in rollouts
+            for i in range(len(r.steps))
+        ]
+        logits = _causal_logits(self.model, rows) if rows else []
+        self.forwards += len(rows)
+        flat = [float(torch.softmax(lg[-1, [good, bad]], -1)[0]) for lg in logits]
+        out, k = [], 0
+        for r in rollouts:
+            out.append(flat[k : k + len(r.steps)])
+            k += len(r.steps)
+        return out
+
+
+def _single_token(tok, s: str) -> int:
+    ids = tok.encode(s)
+    if len(ids) != 1:
+        raise ValueError(f"the PRM's label {s!r} must be one token of its tokenizer, got {ids}")
+    return ids[0]
+
+
+Complete = Callable[[list[str], int], list[tuple[str, int]]]  # (prompts, seed) -> (text, NFEs)
+
+
+def diffusion_completer(model, tok, sampler: str, new_tokens: int | None, batch_size: int, **kw) -> Complete:
+    """Decode prompts with a diffusion sampler, one random stream per row. A global-block model
+    (MDLM-style) reads the canvas length as a cue, so by default its canvas ends where its
+    training rows ended; rows are grouped by prompt length for that."""
+    from ..eval.genppl import decode_all
+
+    cfg = model.config
+    rows_len = cfg.train_seq_len if cfg.has_global_block and cfg.train_seq_len else None
+    if new_tokens is None and rows_len is None:
+        raise ValueError("give new_tokens: the model has no global block whose row length to fill")
+
+    def complete(prompts: list[str], seed: int) -> list[tuple[str, int]]:
+        out: list[tuple[str, int] | None] = [None] * len(prompts)
+        groups: dict[int, list[int]] = {}
+        for j, p in enumerate(prompts):
+            n = new_tokens if new_tokens is not None else rows_len - len(tok.encode(p))
+            if n < 1:
+                raise ValueError(f"the prompt fills the model's {rows_len}-token rows: {p[:60]!r}")
+            groups.setdefault(n, []).append(j)
+        for n, js in groups.items():
+            texts, _, rows, _ = decode_all(
+                model, tok, [prompts[j] for j in js], sampler, n, batch_size, seed * 7919 + n, **kw
+            )
+            for j, t, r in zip(js, texts, rows, strict=True):
+                out[j] = (t, r.nfe)
+        return out  # type: ignore[return-value]
+
+    return complete
+
+
+def mc_labels(
+    task: str,
+    its: Sequence[T.Item],
+    rollouts: Sequence[Sequence[Rollout]],
+    complete: Complete,
+    k: int,
+    sep: str,
+    seed: int = 0,
+) -> list[dict]:
+    """Math-Shepherd-style step labels: from each step prefix, `k` completions by the policy,
+    checked by the task's checker; value = the fraction that reach a correct answer, label "+"
+    when any does (hard estimation). Returns PRM training pairs with the value beside."""
+    prompts, keys = [], []
+    for q, (it, rs) in enumerate(zip(its, rollouts, strict=True)):
+        for r in rs:
+            for i in range(len(r.steps)):
+                prefix = it.prompt + join_steps(r.steps[: i + 1], sep) + (" " if sep == "sentences" else sep)
+                prompts += [prefix] * k
+                keys.append((q, r.steps[: i + 1], prefix))
+    done = complete(prompts, seed)
+    out = []
+    for n, (q, steps, prefix) in enumerate(keys):
+        it = its[q]
+        tails = done[n * k : (n + 1) * k]
+        ok = [T.score(task, it, prefix[len(it.prompt) :] + t) == 1.0 for t, _ in tails]
+        value = sum(ok) / k
+        label = PRM_GOOD if value > 0 else PRM_BAD
+        out.append({"prompt": prm_prompt(it.prompt, steps, sep), "answer": label, "value": value})
+    return out
+
+
+@dataclass
+class Cost:
+    rollout_nfe: int = 0  # diffusion NFEs summed over rollouts
+    rollout_nfe_max: int = 0  # the longest rollout's NFEs (latency when rollouts run in parallel)
+    scorer_forwards: int = 0
+    solver_tokens: int = 0
+    solver_nfe: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class Record:
+    """One question under one method: the chosen text, its score, and what it cost."""
+
+    method: str
+    text: str
+    correct: bool
+    cost: Cost
+
+
+def sample_rollouts(
+    its: Sequence[T.Item], complete: Complete, n: int, sep: str, seed: int = 0
+) -> list[list[Rollout]]:
+    """n rollouts per question, all questions batched together, each row its own random stream."""
+    prompts = [it.prompt for it in its for _ in range(n)]
+    done = complete(prompts, seed)
+    return [
+        [Rollout(t, split_steps(t, sep), nfe) for t, nfe in done[q * n : (q + 1) * n]]
+        for q in range(len(its))
+    ]
+
+
+def solve(
+    model, tok, prompts: list[str], new_tokens: int, batch_size: int = 32
+) -> list[tuple[str, int, int]]:
+    """The AR solver: greedy `ar` decoding; (text, generated tokens, NFEs) per prompt."""
+    from ..eval.genppl import decode_all
+
+    texts, _, rows, _ = decode_all(model, tok, prompts, "ar", new_tokens, batch_size, 0, temperature=0.0)
+    return [(t, r.tokens, r.nfe) for t, r in zip(texts, rows, strict=True)]
+
+
+def evaluate_stitching(
+    task: str,
+    its: Sequence[T.Item],
+    rollouts: list[list[Rollout]],
+    scorers: Sequence[StepScorer],
+    solver: tuple[object, object] | None,
+    sep: str,
+    threshold: float = 0.9,
+    cap: int = 80,
+    agree: bool = False,
+    solver_tokens: int = 64,
+    rollout_seconds: float = 0.0,
+    alone: tuple[object, object] | None = None,
+) -> dict[str, list[Record]]:
+    """Every method on the same rollouts: single rollout (the first), majority vote, best-of-N by
+    each scorer, stitching with each scorer (when a solver is given), and an AR model alone on the
+    plain question (`alone`, default the solver)."""
+    base = [
+        Cost(sum(r.nfe for r in rs), max(r.nfe for r in rs), seconds=rollout_seconds / max(1, len(its)))
+        for rs in rollouts
+    ]
+
+    def rec(method: str, it: T.Item, text: str, cost: Cost) -> Record:
+        return Record(method, text, T.score(task, it, text) == 1.0, cost)
+
+    out: dict[str, list[Record]] = {
+        "single rollout": [
+            rec("single rollout", it, rs[0].text, Cost(rs[0].nfe, rs[0].nfe, seconds=b.seconds / len(rs)))
+            for it, rs, b in zip(its, rollouts, base, strict=True)
+        ],
+        "majority vote": [
+            rec("majority vote", it, majority(rs).text, b)
+            for it, rs, b in zip(its, rollouts, base, strict=True)
+        ],
+    }
+    for sc in scorers:
+        t0 = time.perf_counter()
+        scored = []
+        for it, rs in zip(its, rollouts, strict=True):
+            f = sc.forwards
+            s = sc.score(it, rs, sep)
+            rs = [Rollout(r.text, r.steps, r.nfe, v) for r, v in zip(rs, s, strict=True)]
+            scored.append((rs, sc.forwards - f))
+        per_q = (time.perf_counter() - t0) / max(1, len(its))
+        out[f"best-of-N, {sc.name}"] = [
+            rec(
+                f"best-of-N, {sc.name}",
+                it,
+                best_path(rs).text,
+                Cost(b.rollout_nfe, b.rollout_nfe_max, fw, seconds=b.seconds + per_q),
+            )
+            for it, (rs, fw), b in zip(its, scored, base, strict=True)
+        ]
+        if solver is not None:
+            t1 = time.perf_counter()
+            prompts = [
+                stitch_prompt(it.prompt, stitched_steps(rs, threshold, cap, agree))
+                for it, (rs, _) in zip(its, scored, strict=True)
+            ]
+            done = solve(*solver, prompts, solver_tokens)
+            per_s = (time.perf_counter() - t1) / max(1, len(its))
+            out[f"stitch, {sc.name}"] = [
+                rec(
+                    f"stitch, {sc.name}",
+                    it,
+                    text,
+                    Cost(b.rollout_nfe, b.rollout_nfe_max, fw, ntok, nfe, b.seconds + per_q + per_s),
+                )
+                for it, (_, fw), b, (text, ntok, nfe) in zip(its, scored, base, done, strict=True)
+            ]
+    alone = alone or solver
+    if alone is not None:
+        t2 = time.perf_counter()
+        done = solve(*alone, [it.prompt for it in its], solver_tokens)
+        per = (time.perf_counter() - t2) / max(1, len(its))
+        out["AR model alone"] = [
+            rec("AR model alone", it, text, Cost(solver_tokens=ntok, solver_nfe=nfe, seconds=per))
+            for it, (text, ntok, nfe) in zip(its, done, strict=True)
+        ]
+    return out
+
+
+def summary(results: dict[str, list[Record]]) -> list[dict]:
+    """One row per method: accuracy and mean costs per question."""
+    rows = []
+    for method, recs in results.items():
+        n = len(recs)
+        means = {k: round(sum(getattr(r.cost, k) for r in recs) / n, 2) for k in asdict(Cost())}
+        rows.append({"method": method, "n": n, "accuracy": sum(r.correct for r in recs) / n, **means})
+    return rows
+
+
+def make_scorer(spec: str, task: str, load: Callable[[str], tuple[object, object]]) -> StepScorer:
+    """A scorer from its CLI spec: "oracle", "logprob:MODEL" or "prm:MODEL" (`load` opens MODEL)."""
+    kind, _, where = spec.partition(":")
+    if kind == "oracle" and not where:
+        if task not in T.CHAIN:
+            raise ValueError(
+                f"{task} has no checkable intermediate steps; tasks that do: {', '.join(T.CHAIN)}"
+            )
+        return OracleScorer(task)
+    if kind in ("logprob", "prm") and where:
+        model, tok = load(where)
+        return LogProbScorer(model, tok) if kind == "logprob" else PRMScorer(model, tok)
+    raise ValueError(f"unknown scorer {spec!r}: use oracle, logprob:MODEL or prm:MODEL")
+
+
+def prm_data(
+    task: str, its: Sequence[T.Item], complete: Complete, rollouts: int, k: int, sep: str, seed: int = 0
+) -> list[dict]:
+    """PRM training pairs for training questions: the policy's own rollouts, labelled per step by
+    `k` Monte-Carlo completions each (see `mc_labels`)."""
+    rolls = sample_rollouts(its, complete, rollouts, sep, seed)
+    return mc_labels(task, its, rolls, complete, k, sep, seed + 1)
+
+
+def solver_data(
+    its: Sequence[T.Item],
+    rollouts: list[list[Rollout]],
+    scorer: StepScorer,
+    sep: str,
+    threshold: float = 0.9,
+    cap: int = 80,
+    agree: bool = False,
+) -> list[dict]:
+    """Training pairs for a stitch-reading solver: the stitched context of scored rollouts of a
+    training question as the prompt, the reference answer as the target."""
+    out = []
+    for it, rs in zip(its, rollouts, strict=True):
+        s = scorer.score(it, rs, sep)
+        scored = [Rollout(r.text, r.steps, r.nfe, v) for r, v in zip(rs, s, strict=True)]
+        out.append(
+            {
+                "prompt": stitch_prompt(it.prompt, stitched_steps(scored, threshold, cap, agree)),
+                "answer": it.answer,
+            }
+        )
+    return out

@@ -1,0 +1,271 @@
+"""Stitching (Sample -> Score -> Stitch -> Refine) and the countdown chain task it is measured on:
+the splitter, path scores, the stitched prompt from hand-made scored steps, Monte-Carlo step
+labels on a policy whose labels are known, cost counters, and end to end on tiny models."""
+
+import math
+
+import pytest
+import torch
+
+from blockdiff.config import ModelConfig
+from blockdiff.eval import tasks as T
+from blockdiff.model import BlockDiffLM
+from blockdiff.reason import stitch as S
+from blockdiff.tokenizer import byte_tokenizer
+
+pytest.importorskip("reasoning_gym")
+
+
+def _item(numbers: list[int], target: int) -> T.Item:
+    e = {"metadata": {"numbers": numbers, "target": target, "source_dataset": "countdown"}}
+    return T.Item(",".join(map(str, numbers)) + f",{target}=", "", e)
+
+
+# -- the task -------------------------------------------------------------------------------
+
+
+def test_countdown_chain_items_answers_and_checker():
+    its = T.items("countdown_chain", 20)
+    for it in its:
+        assert it.prompt.endswith("=") and len(it.prompt.split(",")) == 5
+        assert T.score("countdown_chain", it, it.answer) == 1.0, it.answer
+        assert T.valid_steps("countdown_chain", it, it.answer.split(",")) == [True] * 3
+    it = _item([3, 4, 2, 5], 9)
+    assert T.score("countdown_chain", it, "3+4=7,7*2=14,14-5=9") == 1.0
+    assert T.score("countdown_chain", it, "3+4=8,8*2=16,16-5=11") < 1.0  # false equation
+    assert T.score("countdown_chain", it, "3+4=7,7+2=9") < 1.0  # 5 unused
+    assert T.score("countdown_chain", it, "3+4=7,7*2=14,14-6=8") < 1.0  # 6 is not given
+    assert T.score("countdown_chain", it, "") < 1.0
+    assert T.chain_expression("3+4=7,7*2=14,14-5=9", [3, 4, 2, 5]) == "(((3+4)*2)-5)"
+
+
+def test_countdown_chain_valid_steps_by_hand():
+    it = _item([3, 4, 2, 5], 9)
+    assert T.valid_steps("countdown_chain", it, ["3+4=7", "7*2=14", "14-5=9"]) == [True, True, True]
+    it24 = _item([2, 3, 4, 1], 24)
+    assert T.valid_steps("countdown_chain", it24, ["2*3=6", "6*4=24", "24*1=24"]) == [True] * 3
+    assert T.valid_steps("countdown_chain", it24, ["4-3=1"]) == [False]  # true, but {2, 1, 1} cannot make 24
+    assert T.valid_steps("countdown_chain", it24, ["2*3=6", "6+4=10"]) == [True, False]  # 10 and 1: no
+    assert T.valid_steps("countdown_chain", it, ["3+4=8", "8*2=16"]) == [False, False]  # false, then after
+    assert T.valid_steps("countdown_chain", it, ["3+3=6"]) == [False]  # one 3 only
+    assert T.valid_steps("countdown_chain", it, ["three"]) == [False]
+    with pytest.raises(ValueError, match="no checkable intermediate steps"):
+        T.valid_steps("countdown", it, ["3+4=7"])
+
+
+def test_solve_chain_uses_every_number_once():
+    assert T.solve_chain([5], 5) == [] and T.solve_chain([5], 6) is None
+    chain = T.solve_chain([3, 4, 2, 5], 9)
+    assert chain is not None and T.chain_expression(",".join(chain), [3, 4, 2, 5]) is not None
+    assert T.score("countdown_chain", _item([3, 4, 2, 5], 9), ",".join(chain)) == 1.0
+    assert T.solve_chain([1, 1, 1, 1], 99) is None
+
+
+def test_countdown_chain_training_pairs_exclude_eval_questions():
+    held = {it.prompt for it in T.items("countdown_chain", 100)}
+    pairs = T.training_pairs("countdown_chain", 50, seed=0)
+    assert len(pairs) == 50 and not held & {p["prompt"] for p in pairs}
+
+
+# -- pieces of stitching ----------------------------------------------------------------------
+
+
+def test_split_and_join_steps():
+    assert S.split_steps("a+b=c, c*d=e,,", ",") == ["a+b=c", "c*d=e"]
+    assert S.split_steps("First. Then this! Done?", "sentences") == ["First.", "Then this!", "Done?"]
+    assert S.split_steps("x\n\n y \n", "\n") == ["x", "y"]
+    assert S.join_steps(["x", "y"], ",") == "x,y"
+
+
+def test_path_score_is_the_geometric_mean():
+    assert S.path_score([0.5, 0.5, 0.5]) == pytest.approx(0.5)
+    assert S.path_score([0.9, 0.1]) == pytest.approx(math.sqrt(0.09))
+    assert S.path_score([1.0, 0.0]) == 0.0 and S.path_score([]) == 0.0
+
+
+def test_best_path_majority_and_stitched_context_by_hand():
+    r = [
+        S.Rollout("a1,b1,c1", ["a1", "b1", "c1"], 4, [0.95, 0.5, 0.99]),  # gm 0.78
+        S.Rollout("a1,b2,c2", ["a1", "b2", "c2"], 5, [0.92, 0.97, 0.91]),  # gm 0.93: best
+        S.Rollout("a3,b3", ["a3", "b3"], 6, [0.2, 0.95]),
+        S.Rollout("a1,b2,c2", ["a1", "b2", "c2"], 5, [0.92, 0.97, 0.91]),
+    ]
+    assert S.best_path(r) is r[1]
+    assert S.majority(r).text == "a1,b2,c2"
+    lines = S.stitched_steps(r, threshold=0.9)
+    # step 0: a1 once (best score 0.95); step 1: b2 0.97, b3 0.95; step 2: c1 0.99, c2 0.91 (the best
+    # path's last step, also above threshold)
+    assert lines == [(0, 0.95, "a1"), (1, 0.97, "b2"), (1, 0.95, "b3"), (2, 0.99, "c1"), (2, 0.91, "c2")]
+    assert S.stitch_prompt("Q=", lines[:2]) == "[c=0.95] a1\n[c=0.97] b2\nQ="
+    # the best path's last step is added even below the threshold, and within the cap
+    low = [S.Rollout("x,y", ["x", "y"], 1, [0.99, 0.3])]
+    assert S.stitched_steps(low, 0.9) == [(0, 0.99, "x"), (1, 0.3, "y")]
+    assert S.stitched_steps(r, 0.9, cap=2) == [(0, 0.95, "a1"), (2, 0.91, "c2")]
+    # agree: only paths with the best path's answer
+    assert {s for _, _, s in S.stitched_steps(r, 0.9, agree=True)} == {"a1", "b2", "c2"}
+
+
+def test_oracle_scorer_and_mc_labels_on_a_policy_with_known_labels():
+    """A policy that completes any prefix correctly when the target is still reachable (and writes
+    nonsense otherwise): every Monte-Carlo label must equal the checker's step validity."""
+    its = [_item([3, 4, 2, 5], 9), _item([10, 2, 3, 7], 27)]
+    rolls = [
+        [S.Rollout("", ["3+4=7", "7*2=14", "14-5=9"], 3), S.Rollout("", ["3+5=8", "8+2=10", "10-4=6"], 3)],
+        [S.Rollout("", ["10*2=20", "20+7=27"], 3), S.Rollout("", ["10+2=13"], 3)],
+    ]
+    calls = []
+
+    def policy(prompts: list[str], seed: int) -> list[tuple[str, int]]:
+        calls.append(len(prompts))
+        out = []
+        for p in prompts:
+            head, _, done = p.partition("=")
+            nums = [int(x) for x in head.split(",")]
+            it = _item(nums[:-1], nums[-1])
+            steps = [s for s in done.split(",") if s]
+            ok = all(T.valid_steps("countdown_chain", it, steps))
+            pool = list(nums[:-1])
+            for s in steps if ok else []:
+                m = T._EQ.match(s)
+                pool.remove(int(m[1]))
+                pool.remove(int(m[3]))
+                pool.append(int(m[4]))
+            rest = T.solve_chain(pool, nums[-1]) if ok else None
+            out.append((",".join(rest) if rest is not None else "1+1=2", 2))
+        return out
+
+    rows = S.mc_labels("countdown_chain", its, rolls, policy, k=2, sep=",")
+    oracle = S.OracleScorer("countdown_chain")
+    want = [v for it, rs in zip(its, rolls, strict=True) for row in oracle.score(it, rs, ",") for v in row]
+    assert [r["value"] for r in rows] == want and 0 < sum(want) < len(want)
+    assert want[:6] == [1, 1, 1, 0, 0, 0]  # the first path solves it; "3+5=8" leaves {4, 2, 8}: no 9
+    assert [r["answer"] for r in rows] == ["+" if w else "-" for w in want]
+    assert rows[0]["prompt"] == "3,4,2,5,9=3+4=7?" and rows[2]["prompt"] == "3,4,2,5,9=3+4=7,7*2=14,14-5=9?"
+    assert calls == [2 * 9]  # one batched call, k per prefix
+
+
+# -- model-backed scorers and the whole pipeline ----------------------------------------------
+
+
+def _tiny(logits: str, vocab: int) -> BlockDiffLM:
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, logits=logits, mask_token_id=vocab - 1,
+        max_position_embeddings=128,
+    )  # fmt: skip
+    return BlockDiffLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def byte_tok():
+    return byte_tokenizer()
+
+
+def test_logprob_scorer_equals_hand_computed_token_probabilities(byte_tok):
+    m = _tiny("shifted", byte_tok.vocab_size)
+    it = _item([3, 4, 2, 5], 9)
+    r = S.Rollout("3+4=7,7*2=14", ["3+4=7", "7*2=14"], 1)
+    sc = S.LogProbScorer(m, byte_tok)
+    got = sc.score(it, [r], ",")[0]
+    ids = byte_tok.encode(it.prompt + "3+4=7,7*2=14")
+    with torch.no_grad():
+        logp = torch.log_softmax(
+            m(torch.tensor([ids]), mask=torch.ones(1, 1, len(ids), len(ids)).tril().bool())[0].float(), -1
+        )
+    a, b = len(byte_tok.encode(it.prompt)), len(byte_tok.encode(it.prompt + "3+4=7"))
+    want0 = math.exp(sum(float(logp[t - 1, ids[t]]) for t in range(a, b)) / (b - a))
+    want1 = math.exp(sum(float(logp[t - 1, ids[t]]) for t in range(b, len(ids))) / (len(ids) - b))
+    assert got == pytest.approx([want0, want1], rel=1e-5) and sc.forwards == 1
+    with pytest.raises(ValueError, match="AR path"):
+        S.LogProbScorer(_tiny("aligned", byte_tok.vocab_size), byte_tok).score(it, [r], ",")
+
+
+def test_prm_scorer_reads_plus_against_minus(byte_tok):
+    m = _tiny("shifted", byte_tok.vocab_size)
+    it = _item([3, 4, 2, 5], 9)
+    rs = [S.Rollout("", ["3+4=7", "7*2=14"], 1), S.Rollout("", ["3+5=8"], 1)]
+    sc = S.PRMScorer(m, byte_tok)
+    got = sc.score(it, rs, ",")
+    assert [len(g) for g in got] == [2, 1] and sc.forwards == 3
+    ids = byte_tok.encode("3,4,2,5,9=3+4=7,7*2=14?")
+    with torch.no_grad():
+        last = m(torch.tensor([ids]), mask=torch.ones(1, 1, len(ids), len(ids)).tril().bool())[0, -1].float()
+    p = torch.softmax(last[[byte_tok.encode("+")[0], byte_tok.encode("-")[0]]], -1)[0]
+    assert got[0][1] == pytest.approx(float(p), rel=1e-5)
+
+
+def test_pipeline_end_to_end_counts_costs(byte_tok):
+    """Untrained tiny models: the numbers are noise, but every method runs on the same rollouts,
+    and the cost counters add up (sum and max of rollout NFEs, scorer forwards, solver tokens)."""
+    diff = _tiny("aligned", byte_tok.vocab_size)
+    ar = _tiny("shifted", byte_tok.vocab_size)
+    its = T.items("countdown_chain", 3)
+    complete = S.diffusion_completer(diff, byte_tok, "llada", 16, 8, block_size=16, steps=4, temperature=1.0)
+    rolls = S.sample_rollouts(its, complete, 4, ",", seed=1)
+    assert [len(rs) for rs in rolls] == [4, 4, 4]
+    assert len({r.text for rs in rolls for r in rs}) > 1  # different random streams per row
+    again = S.sample_rollouts(its, complete, 4, ",", seed=1)
+    assert [r.text for rs in again for r in rs] == [r.text for rs in rolls for r in rs]  # reproducible
+    scorers = [S.OracleScorer("countdown_chain"), S.LogProbScorer(ar, byte_tok), S.PRMScorer(ar, byte_tok)]
+    res = S.evaluate_stitching("countdown_chain", its, rolls, scorers, (ar, byte_tok), ",", solver_tokens=8)
+    assert set(res) == {
+        "single rollout", "majority vote", "AR model alone",
+        *(f"{k}, {s.name}" for s in scorers for k in ("best-of-N", "stitch")),
+    }  # fmt: skip
+    for q, rs in enumerate(rolls):
+        assert res["majority vote"][q].cost.rollout_nfe == sum(r.nfe for r in rs) == 16
+        assert res["single rollout"][q].cost.rollout_nfe == rs[0].nfe == 4
+        steps = sum(len(r.steps) for r in rs)
+        assert res["stitch, learned PRM"][q].cost.scorer_forwards == steps
+        assert res["stitch, AR log-prob"][q].cost.scorer_forwards == 4 * bool(steps) or steps == 0
+        assert res["stitch, learned PRM"][q].cost.solver_tokens <= 8
+        assert res["AR model alone"][q].cost.rollout_nfe == 0
+    rows = {r["method"]: r for r in S.summary(res)}
+    assert rows["majority vote"]["rollout_nfe"] == 16 and rows["single rollout"]["n"] == 3
+
+
+def test_reason_cli_bad_input_is_a_clear_error(tmp_path, capsys):
+    from blockdiff.cli import main
+
+    cases = [
+        (
+            ["stitch", "--task", "countdown_chain", "--scorer", "oracle", "--n", "0", "--model", "x"],
+            "--n must be >= 1",
+        ),
+        (["stitch", "--task", "countdwn", "--scorer", "oracle", "--model", "x"], "did you mean"),
+        (["stitch", "--task", "countdown_chain", "--scorer", "oracle"], "--model: the diffusion model"),
+        (
+            [
+                "prm-data",
+                "--task",
+                "countdown_chain",
+                "--model",
+                "x",
+                "--questions",
+                "2",
+                "--k",
+                "0",
+                "--out",
+                "o",
+            ],
+            "--k",
+        ),
+    ]
+    for args, msg in cases:
+        assert main(["reason", *args]) == 2
+        assert msg in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown scorer"):
+        S.make_scorer("prm", "countdown_chain", lambda p: (None, None))
+    with pytest.raises(ValueError, match="no checkable intermediate steps"):
+        S.make_scorer("oracle", "gsm_symbolic", lambda p: (None, None))
+
+
+def test_a_base_models_context_may_grow_in_a_recipe_but_not_its_width():
+    from blockdiff.config import ConfigError
+    from blockdiff.recipe import from_dict
+
+    base = {"model": {"base": "x", "max_position_embeddings": 224}, "data": {"corpus": "c", "seq_len": 224}}
+    assert from_dict(base).model["max_position_embeddings"] == 224
+    with pytest.raises(ConfigError, match="settable: layout, logits, max_position_embeddings"):
+        from_dict({**base, "model": {"base": "x", "num_hidden_layers": 2}})
