@@ -265,7 +265,7 @@ def _reason_setup(a: argparse.Namespace):
     kw = _sampler_kwargs(a)
     seed = kw.pop("seed", 0)
     complete = stitch.diffusion_completer(model, tok, a.sampler, a.new_tokens, a.batch_size, **kw)
-    return complete, seed
+    return complete, seed, (model, tok)
 
 
 def _scorers(a: argparse.Namespace) -> list:
@@ -281,7 +281,7 @@ def cmd_reason_prm_data(a: argparse.Namespace) -> int:
     from .eval import tasks
     from .reason import stitch
 
-    complete, seed = _reason_setup(a)
+    complete, seed, _ = _reason_setup(a)
     its = tasks.training_items(a.task, a.questions, a.question_seed)
     rows = stitch.prm_data(a.task, its, complete, a.rollouts, a.k, a.sep, seed)
     tasks.write_jsonl(rows, a.out)
@@ -297,7 +297,7 @@ def cmd_reason_solver_data(a: argparse.Namespace) -> int:
     from .eval import tasks
     from .reason import stitch
 
-    complete, seed = _reason_setup(a)
+    complete, seed, _ = _reason_setup(a)
     (scorer,) = _scorers(a) if len(a.scorer) == 1 else (None,)
     if scorer is None:
         raise ConfigError("solver-data takes one --scorer")
@@ -316,7 +316,7 @@ def cmd_reason_stitch(a: argparse.Namespace) -> int:
     from .eval import tasks
     from .reason import stitch
 
-    complete, seed = _reason_setup(a)
+    complete, seed, diffusion = _reason_setup(a)
     its = tasks.items(a.task, a.n)
     scorers = _scorers(a)
     solver = load_model(a.solver, dtype=getattr(torch, a.dtype)) if a.solver else None
@@ -324,6 +324,13 @@ def cmd_reason_stitch(a: argparse.Namespace) -> int:
     t = time.perf_counter()
     rolls = stitch.sample_rollouts(its, complete, a.rollouts, a.sep, seed)
     secs = time.perf_counter() - t
+    long = None
+    if a.long_steps:  # the reference cost: one greedy rollout with this many steps
+        kw = {**_sampler_kwargs(a), "steps": a.long_steps, "temperature": 0.0}
+        kw.pop("seed", None)
+        one = stitch.diffusion_completer(*diffusion, a.sampler, a.new_tokens, a.batch_size, **kw)
+        t = time.perf_counter()
+        long = ([r[0] for r in stitch.sample_rollouts(its, one, 1, a.sep, seed)], time.perf_counter() - t)
     res = stitch.evaluate_stitching(
         a.task,
         its,
@@ -337,6 +344,7 @@ def cmd_reason_stitch(a: argparse.Namespace) -> int:
         a.solver_tokens,
         secs,
         alone,
+        long,
     )
     rows = stitch.summary(res)
     if a.out:
@@ -640,6 +648,9 @@ def build_parser() -> argparse.ArgumentParser:
     rst.add_argument("--solver", help="AR model that reads the stitched context (decoded with ar)")
     rst.add_argument("--ar-model", dest="ar_model", help="AR model alone on the plain question [the solver]")
     rst.add_argument("--solver-tokens", type=int, default=64, dest="solver_tokens")
+    rst.add_argument(
+        "--long-steps", type=int, dest="long_steps", help="also one greedy rollout of this many steps"
+    )
     rst.add_argument("--out", help="JSON with every record")
     rst.set_defaults(fn=cmd_reason_stitch)
 

@@ -224,10 +224,11 @@ Complete = Callable[[list[str], int], list[tuple[str, int]]]  # (prompts, seed) 
 
 
 def diffusion_completer(model, tok, sampler: str, new_tokens: int | None, batch_size: int, **kw) -> Complete:
-    """Decode prompts with a diffusion sampler, one random stream per row. A global-block model
+    """Decode prompts with a diffusion sampler. Prompt j gets its own random stream (seed *
+    1000003 + j), so a row's text never depends on the other rows of the call. A global-block model
     (MDLM-style) reads the canvas length as a cue, so by default its canvas ends where its
-    training rows ended; rows are grouped by prompt length for that."""
-    from ..eval.genppl import decode_all
+    training rows ended; rows are batched by prompt length for that."""
+    from ..decoding import generate
 
     cfg = model.config
     rows_len = cfg.train_seq_len if cfg.has_global_block and cfg.train_seq_len else None
@@ -243,11 +244,12 @@ def diffusion_completer(model, tok, sampler: str, new_tokens: int | None, batch_
                 raise ValueError(f"the prompt fills the model's {rows_len}-token rows: {p[:60]!r}")
             groups.setdefault(n, []).append(j)
         for n, js in groups.items():
-            texts, _, rows, _ = decode_all(
-                model, tok, [prompts[j] for j in js], sampler, n, batch_size, seed * 7919 + n, **kw
-            )
-            for j, t, r in zip(js, texts, rows, strict=True):
-                out[j] = (t, r.nfe)
+            for k in range(0, len(js), batch_size):
+                chunk = js[k : k + batch_size]
+                seeds = [seed * 1_000_003 + j for j in chunk]
+                res = generate(model, tok, [prompts[j] for j in chunk], sampler, n, seeds, **kw)
+                for j, t, r in zip(chunk, res.texts, res.rows, strict=True):
+                    out[j] = (t, r.nfe)
         return out  # type: ignore[return-value]
 
     return complete
@@ -339,10 +341,12 @@ def evaluate_stitching(
     solver_tokens: int = 64,
     rollout_seconds: float = 0.0,
     alone: tuple[object, object] | None = None,
+    long: tuple[list[Rollout], float] | None = None,
 ) -> dict[str, list[Record]]:
     """Every method on the same rollouts: single rollout (the first), majority vote, best-of-N by
-    each scorer, stitching with each scorer (when a solver is given), and an AR model alone on the
-    plain question (`alone`, default the solver)."""
+    each scorer, stitching with each scorer (when a solver is given), an AR model alone on the
+    plain question (`alone`, default the solver), and one long rollout per question (`long`: the
+    rollouts and their seconds) for the cost comparison."""
     base = [
         Cost(sum(r.nfe for r in rs), max(r.nfe for r in rs), seconds=rollout_seconds / max(1, len(its)))
         for rs in rollouts
@@ -361,6 +365,12 @@ def evaluate_stitching(
             for it, rs, b in zip(its, rollouts, base, strict=True)
         ],
     }
+    if long is not None:
+        per_long = long[1] / max(1, len(its))
+        out["one long rollout"] = [
+            rec("one long rollout", it, r.text, Cost(r.nfe, r.nfe, seconds=per_long))
+            for it, r in zip(its, long[0], strict=True)
+        ]
     for sc in scorers:
         t0 = time.perf_counter()
         scored = []
