@@ -26,7 +26,7 @@ mkdir -p "$OUT"
 [ -f "$OUT/prm/latest" ] || "$BIN/blockdiff" train recipes/stitch-prm-countdown.yaml --out "$OUT/prm" \
     --set model.base="$TABLE/ar" --set data.corpus="$OUT/prm.jsonl"
 [ -f "$OUT/solver.jsonl" ] || "$BIN/blockdiff" reason solver-data "${ROLL[@]}" --scorer "prm:$OUT/prm" --cap 8 \
-    --questions "$SOLVER_QUESTIONS" --question-seed 3000000 --out "$OUT/solver.jsonl"
+    --max-prompt-tokens 188 --questions "$SOLVER_QUESTIONS" --question-seed 3000000 --out "$OUT/solver.jsonl"
 [ -f "$OUT/solver/latest" ] || "$BIN/blockdiff" train recipes/stitch-solver-countdown.yaml --out "$OUT/solver" \
     --set model.base="$TABLE/ar" --set data.corpus="$OUT/solver.jsonl"
 "$BIN/blockdiff" reason stitch "${ROLL[@]}" --n "$N" --scorer "prm:$OUT/prm" --scorer "logprob:$TABLE/ar" \

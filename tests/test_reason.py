@@ -37,6 +37,11 @@ def test_countdown_chain_items_answers_and_checker():
     assert T.score("countdown_chain", it, "3+4=7,7*2=14,14-6=8") < 1.0  # 6 is not given
     assert T.score("countdown_chain", it, "") < 1.0
     assert T.chain_expression("3+4=7,7*2=14,14-5=9", [3, 4, 2, 5]) == "(((3+4)*2)-5)"
+    assert T.score("countdown_chain", it, "5/0=0,3+4=7") < 1.0  # no ZeroDivisionError either
+    assert T.score("countdown_chain", it, "50+50=100,3+4=7,7*2=14,14-5=9") < 1.0  # a made-up step
+    assert T.score("countdown_chain", it, "3+4=7,7*2=14,14-5=9,9*1=9") < 1.0  # a 1 that is not given
+    assert T.score("countdown_chain", it, "8/3=2,3+4=7") < 1.0  # inexact division
+    assert T.valid_steps("countdown_chain", _item([5, 5, 2, 3], 5), ["5-5=0", "2/0=0"]) == [True, False]
 
 
 def test_countdown_chain_valid_steps_by_hand():
@@ -51,6 +56,12 @@ def test_countdown_chain_valid_steps_by_hand():
     assert T.valid_steps("countdown_chain", it, ["three"]) == [False]
     with pytest.raises(ValueError, match="no checkable intermediate steps"):
         T.valid_steps("countdown", it, ["3+4=7"])
+
+
+def test_every_held_out_reference_is_a_chain_the_checker_accepts():
+    its = T.items("countdown_chain", 1000)
+    assert all(T.score("countdown_chain", it, it.answer) == 1.0 for it in its)
+    assert its[434].answer.split(",")[0].endswith("=0")  # 92,48,48,92 -> 48 needs a zero
 
 
 def test_solve_chain_uses_every_number_once():
@@ -101,6 +112,14 @@ def test_best_path_majority_and_stitched_context_by_hand():
     low = [S.Rollout("x,y", ["x", "y"], 1, [0.99, 0.3])]
     assert S.stitched_steps(low, 0.9) == [(0, 0.99, "x"), (1, 0.3, "y")]
     assert S.stitched_steps(r, 0.9, cap=2) == [(0, 0.95, "a1"), (2, 0.91, "c2")]
+    early = [S.Rollout("x", ["x"], 1, [0.5]), S.Rollout("a,b", ["a", "b"], 1, [0.95, 0.95])]
+    early[1].scores = [0.2, 0.99]  # now the one-step path is best: its last step goes to index 0
+    assert S.stitched_steps(early, 0.9) == [(0, 0.5, "x"), (1, 0.99, "b")]
+    # fitted to a token budget by dropping the lowest-scoring lines
+    tok = byte_tokenizer()
+    assert S.fit_lines("Q=", lines, tok, len(S.stitch_prompt("Q=", lines))) == lines
+    assert S.fit_lines("Q=", lines, tok, 35) == [(1, 0.97, "b2"), (2, 0.99, "c1")]
+    assert S.fit_lines("Q=", lines, tok, 2) == []
     # agree: only paths with the best path's answer
     assert {s for _, _, s in S.stitched_steps(r, 0.9, agree=True)} == {"a1", "b2", "c2"}
 
@@ -141,7 +160,8 @@ def test_oracle_scorer_and_mc_labels_on_a_policy_with_known_labels():
     assert want[:6] == [1, 1, 1, 0, 0, 0]  # the first path solves it; "3+5=8" leaves {4, 2, 8}: no 9
     assert [r["answer"] for r in rows] == ["+" if w else "-" for w in want]
     assert rows[0]["prompt"] == "3,4,2,5,9=3+4=7?" and rows[2]["prompt"] == "3,4,2,5,9=3+4=7,7*2=14,14-5=9?"
-    assert calls == [2 * 9]  # one batched call, k per prefix
+    solved = [s == "14-5=9" for rs in rolls for r in rs for s in r.steps]
+    assert calls == [2 * (9 - sum(solved))]  # one batched call, k per prefix; a solved prefix needs none
 
 
 # -- model-backed scorers and the whole pipeline ----------------------------------------------
@@ -170,9 +190,9 @@ def test_logprob_scorer_equals_hand_computed_token_probabilities(byte_tok):
     got = sc.score(it, [r], ",")[0]
     ids = byte_tok.encode(it.prompt + "3+4=7,7*2=14")
     with torch.no_grad():
-        logp = torch.log_softmax(
-            m(torch.tensor([ids]), mask=torch.ones(1, 1, len(ids), len(ids)).tril().bool())[0].float(), -1
-        )
+        lg = m(torch.tensor([ids]), mask=torch.ones(1, 1, len(ids), len(ids)).tril().bool())[0].float()
+        lg[:, m.config.mask_token_id] = float("-inf")  # the mask is never a prediction (SUBS)
+        logp = torch.log_softmax(lg, -1)
     a, b = len(byte_tok.encode(it.prompt)), len(byte_tok.encode(it.prompt + "3+4=7"))
     want0 = math.exp(sum(float(logp[t - 1, ids[t]]) for t in range(a, b)) / (b - a))
     want1 = math.exp(sum(float(logp[t - 1, ids[t]]) for t in range(b, len(ids))) / (len(ids) - b))
@@ -208,9 +228,12 @@ def test_pipeline_end_to_end_counts_costs(byte_tok):
     again = S.sample_rollouts(its, complete, 4, ",", seed=1)
     assert [r.text for rs in again for r in rs] == [r.text for rs in rolls for r in rs]  # reproducible
     scorers = [S.OracleScorer("countdown_chain"), S.LogProbScorer(ar, byte_tok), S.PRMScorer(ar, byte_tok)]
-    res = S.evaluate_stitching("countdown_chain", its, rolls, scorers, (ar, byte_tok), ",", solver_tokens=8)
+    long = ([rs[0] for rs in rolls], 3.0)
+    res = S.evaluate_stitching(
+        "countdown_chain", its, rolls, scorers, (ar, byte_tok), ",", solver_tokens=8, long=long
+    )
     assert set(res) == {
-        "single rollout", "majority vote", "AR model alone",
+        "single rollout", "majority vote", "AR model alone", "one long rollout",
         *(f"{k}, {s.name}" for s in scorers for k in ("best-of-N", "stitch")),
     }  # fmt: skip
     for q, rs in enumerate(rolls):
@@ -222,6 +245,10 @@ def test_pipeline_end_to_end_counts_costs(byte_tok):
         assert res["stitch, AR log-prob"][q].cost.scorer_forwards == 4 * bool(steps) or steps == 0
         assert res["stitch, learned PRM"][q].cost.solver_tokens <= 8
         assert res["AR model alone"][q].cost.rollout_nfe == 0
+        assert (
+            res["one long rollout"][q].cost.rollout_nfe == rs[0].nfe
+            and res["one long rollout"][q].cost.seconds == 1.0
+        )
     rows = {r["method"]: r for r in S.summary(res)}
     want = round(sum(r.nfe for rs in rolls for r in rs) / 3, 2)
     assert rows["majority vote"]["rollout_nfe"] == want and rows["single rollout"]["n"] == 3

@@ -297,13 +297,16 @@ def cmd_reason_solver_data(a: argparse.Namespace) -> int:
     from .eval import tasks
     from .reason import stitch
 
-    complete, seed, _ = _reason_setup(a)
+    complete, seed, diffusion = _reason_setup(a)
     (scorer,) = _scorers(a) if len(a.scorer) == 1 else (None,)
     if scorer is None:
         raise ConfigError("solver-data takes one --scorer")
     its = tasks.training_items(a.task, a.questions, a.question_seed)
     rolls = stitch.sample_rollouts(its, complete, a.rollouts, a.sep, seed)
-    rows = stitch.solver_data(its, rolls, scorer, a.sep, a.stitch_threshold, a.cap, a.agree)
+    tok = diffusion[1]
+    rows = stitch.solver_data(
+        its, rolls, scorer, a.sep, a.stitch_threshold, a.cap, a.agree, tok, a.max_prompt_tokens
+    )
     tasks.write_jsonl(rows, a.out)
     print(f"{len(rows)} stitched contexts ({scorer.name}) -> {a.out}")
     return 0
@@ -643,6 +646,9 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--stitch-threshold", type=float, default=0.9, dest="stitch_threshold")
         g.add_argument("--cap", type=int, default=80, help="stitched steps at most [80]")
         g.add_argument("--agree", action="store_true", help="stitch only paths agreeing with the best")
+    rsd.add_argument(
+        "--max-prompt-tokens", type=int, dest="max_prompt_tokens", help="the solver's context - its answer"
+    )
     rsd.set_defaults(fn=cmd_reason_solver_data)
     rst.add_argument("--n", type=int, default=100, help="held-out questions [100]")
     rst.add_argument("--solver", help="AR model that reads the stitched context (decoded with ar)")

@@ -106,9 +106,17 @@ def _chain_prompt(e: dict) -> str:
     return ",".join(map(str, e["metadata"]["numbers"])) + f",{e['metadata']['target']}="
 
 
-def solve_chain(pool: list[int], target: int) -> list[str] | None:
-    """A chain of equations with positive integer results that uses every number of `pool` once
-    and ends at `target`, or None: a deterministic depth-first search (4 numbers: < 10^4 nodes)."""
+def _true(a: int, op: str, b: int, c: int) -> bool:
+    """Integer arithmetic only: a division is true when exact (and never by zero)."""
+    if op == "/":
+        return b != 0 and a % b == 0 and a // b == c
+    return _OPS[op](a, b) == c
+
+
+def solve_chain(pool: list[int], target: int, zero: bool = False) -> list[str] | None:
+    """A chain of equations with positive (with `zero`: non-negative) integer results that uses
+    every number of `pool` once and ends at `target`, or None: a deterministic depth-first search
+    (4 numbers: < 10^4 nodes)."""
     if len(pool) == 1:
         return [] if pool[0] == target else None
     for i in range(len(pool)):
@@ -118,17 +126,21 @@ def solve_chain(pool: list[int], target: int) -> list[str] | None:
                 continue
             rest = [x for k, x in enumerate(pool) if k not in (i, j)]
             for op in "+-*/":
-                if (op in "+*" and i > j) or (op == "-" and a <= b) or (op == "/" and (b == 0 or a % b)):
+                if (op in "+*" and i > j) or (op == "-" and (a < b or (a == b and not zero))):
                     continue
-                c = int(_OPS[op](a, b))
-                tail = solve_chain([*rest, c], target)
+                if op == "/" and (b == 0 or a % b):
+                    continue
+                c = a // b if op == "/" else _OPS[op](a, b)
+                tail = solve_chain([*rest, c], target, zero)
                 if tail is not None:
                     return [f"{a}{op}{b}={c}", *tail]
     return None
 
 
 def _chain_answer(e: dict) -> str:
-    chain = solve_chain(list(e["metadata"]["numbers"]), e["metadata"]["target"])
+    nums, target = list(e["metadata"]["numbers"]), e["metadata"]["target"]
+    chain = solve_chain(nums, target)
+    chain = chain if chain is not None else solve_chain(nums, target, zero=True)  # e.g. 92,48,48,92 -> 48
     return ",".join(chain) if chain is not None else e["answer"]
 
 
@@ -144,33 +156,34 @@ def valid_steps(name: str, item: Item, steps: list[str]) -> list[bool]:
         ok = bool(m) and all(out)
         if ok:
             a, op, b, c = int(m[1]), m[2], int(m[3]), int(m[4])
-            ok = a in pool and b in pool and (a != b or pool.count(a) > 1) and _OPS[op](a, b) == c
+            ok = a in pool and b in pool and (a != b or pool.count(a) > 1) and _true(a, op, b, c)
             if ok:
                 pool.remove(a)
                 pool.remove(b)
                 pool.append(c)
-                ok = solve_chain(pool, target) is not None
+                ok = solve_chain(pool, target, zero=True) is not None
         out.append(ok)
     return out
 
 
 def chain_expression(text: str, numbers: list[int]) -> str | None:
     """The chain "a op b = c, c op d = e, ..." as one expression over `numbers` (each result
-    replaced by the expression that made it), or None when an equation is false or malformed."""
+    replaced by the expression that made it), or None when an equation is false or malformed, an
+    operand is neither a given number nor an earlier result, or a value is left unused."""
     avail: list[tuple[int, str]] = [(n, str(n)) for n in numbers]
-    last = None
     for step in [s for s in text.split(",") if s.strip()]:  # a trailing comma is no step
         m = _EQ.match(step)
-        if not m or _OPS[m[2]](int(m[1]), int(m[3])) != int(m[4]):
+        if not m or not _true(int(m[1]), m[2], int(m[3]), int(m[4])):
             return None
         exprs = []
         for v in (int(m[1]), int(m[3])):
             # a result of an earlier equation first (it is the newest value), else a given number
             k = next((k for k in range(len(avail) - 1, -1, -1) if avail[k][0] == v), None)
-            exprs.append(avail.pop(k)[1] if k is not None else str(v))
-        last = (int(m[4]), f"({exprs[0]}{m[2]}{exprs[1]})")
-        avail.append(last)
-    return last[1] if last else None
+            if k is None:
+                return None
+            exprs.append(avail.pop(k)[1])
+        avail.append((int(m[4]), f"({exprs[0]}{m[2]}{exprs[1]})"))
+    return avail[0][1] if len(avail) == 1 and len(numbers) > 1 else None
 
 
 def score(name: str, item: Item, completion: str) -> float:

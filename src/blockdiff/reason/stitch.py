@@ -83,11 +83,12 @@ def stitched_steps(
         for i, (s, c) in enumerate(zip(r.steps, r.scores, strict=True)):
             if c > threshold and c > seen.get((i, s), -1.0):
                 seen[(i, s)] = c
-    lines = sorted(((i, c, s) for (i, s), c in seen.items()), key=lambda x: (x[0], -x[1]))[:cap]
+    order = lambda x: (x[0], -x[1])  # noqa: E731
+    lines = sorted(((i, c, s) for (i, s), c in seen.items()), key=order)[:cap]
     if best.steps:
         last = (len(best.steps) - 1, best.scores[-1], best.steps[-1])
         if all((i, s) != (last[0], last[2]) for i, _, s in lines):
-            lines = [*lines[: cap - 1], last] if len(lines) >= cap else [*lines, last]
+            lines = sorted([*lines[: cap - 1], last], key=order)
     return lines
 
 
@@ -95,6 +96,17 @@ def stitch_prompt(prompt: str, lines: Sequence[tuple[int, float, str]]) -> str:
     """The solver's input: one "[c=0.xx] step" line per stitched step, then the question as the
     task asks it (so the answer follows the question exactly as in plain training rows)."""
     return "".join(f"[c={c:.2f}] {s}\n" for _, c, s in lines) + prompt
+
+
+def fit_lines(
+    prompt: str, lines: list[tuple[int, float, str]], tok, limit: int | None
+) -> list[tuple[int, float, str]]:
+    """Drop the lowest-scoring stitched lines until the solver's prompt has at most `limit`
+    tokens (the same rule for the solver's training data and at test time)."""
+    lines = list(lines)
+    while limit is not None and lines and len(tok.encode(stitch_prompt(prompt, lines))) > limit:
+        lines.remove(min(lines, key=lambda x: x[1]))
+    return lines
 
 
 class StepScorer(Protocol):
@@ -167,6 +179,8 @@ class LogProbScorer:
         self.forwards += len(rows)
         out = []
         for ids, bounds, lg in zip(rows, spans, logits, strict=True):
+            if self.model.config.mask_token_id is not None:  # never a prediction (SUBS), as in `ar`
+                lg[..., self.model.config.mask_token_id] = float("-inf")
             logp = torch.log_softmax(lg, -1)
             out.append(
                 [
@@ -266,21 +280,25 @@ def mc_labels(
 ) -> list[dict]:
     """Math-Shepherd-style step labels: from each step prefix, `k` completions by the policy,
     checked by the task's checker; value = the fraction that reach a correct answer, label "+"
-    when any does (hard estimation). Returns PRM training pairs with the value beside."""
+    when any does (hard estimation). A prefix that is already a correct solution is worth 1 with
+    no completion (continuing it could only spoil it). Returns PRM training pairs, value beside."""
     prompts, keys = [], []
     for q, (it, rs) in enumerate(zip(its, rollouts, strict=True)):
         for r in rs:
             for i in range(len(r.steps)):
+                solved = T.score(task, it, join_steps(r.steps[: i + 1], sep)) == 1.0
                 prefix = it.prompt + join_steps(r.steps[: i + 1], sep) + (" " if sep == "sentences" else sep)
-                prompts += [prefix] * k
-                keys.append((q, r.steps[: i + 1], prefix))
-    done = complete(prompts, seed)
+                keys.append((q, r.steps[: i + 1], prefix, None if solved else len(prompts)))
+                prompts += [] if solved else [prefix] * k
+    done = complete(prompts, seed) if prompts else []
     out = []
-    for n, (q, steps, prefix) in enumerate(keys):
+    for q, steps, prefix, at in keys:
         it = its[q]
-        tails = done[n * k : (n + 1) * k]
-        ok = [T.score(task, it, prefix[len(it.prompt) :] + t) == 1.0 for t, _ in tails]
-        value = sum(ok) / k
+        if at is None:
+            value = 1.0
+        else:
+            tails = done[at : at + k]
+            value = sum(T.score(task, it, prefix[len(it.prompt) :] + t) == 1.0 for t, _ in tails) / k
         label = PRM_GOOD if value > 0 else PRM_BAD
         out.append({"prompt": prm_prompt(it.prompt, steps, sep), "answer": label, "value": value})
     return out
@@ -391,8 +409,12 @@ def evaluate_stitching(
         ]
         if solver is not None:
             t1 = time.perf_counter()
+            model, tok = solver
+            room = model.config.max_position_embeddings - solver_tokens
             prompts = [
-                stitch_prompt(it.prompt, stitched_steps(rs, threshold, cap, agree))
+                stitch_prompt(
+                    it.prompt, fit_lines(it.prompt, stitched_steps(rs, threshold, cap, agree), tok, room)
+                )
                 for it, (rs, _) in zip(its, scored, strict=True)
             ]
             done = solve(*solver, prompts, solver_tokens)
@@ -460,17 +482,16 @@ def solver_data(
     threshold: float = 0.9,
     cap: int = 80,
     agree: bool = False,
+    tok=None,
+    max_prompt_tokens: int | None = None,
 ) -> list[dict]:
     """Training pairs for a stitch-reading solver: the stitched context of scored rollouts of a
-    training question as the prompt, the reference answer as the target."""
+    training question as the prompt (fitted to `max_prompt_tokens` as at test time), the
+    reference answer as the target."""
     out = []
     for it, rs in zip(its, rollouts, strict=True):
         s = scorer.score(it, rs, sep)
         scored = [Rollout(r.text, r.steps, r.nfe, v) for r, v in zip(rs, s, strict=True)]
-        out.append(
-            {
-                "prompt": stitch_prompt(it.prompt, stitched_steps(scored, threshold, cap, agree)),
-                "answer": it.answer,
-            }
-        )
+        lines = fit_lines(it.prompt, stitched_steps(scored, threshold, cap, agree), tok, max_prompt_tokens)
+        out.append({"prompt": stitch_prompt(it.prompt, lines), "answer": it.answer})
     return out
