@@ -67,6 +67,7 @@ def test_adapt_tiny_ar_base(ar_base, corpus_dir, tmp_path, capsys):
         (["--target-block-size", "3"], "block_size 3 does not divide seq_len 32"),
         (["--base", "/nonexistent"], "cannot load causal LM '/nonexistent'"),
         (["--set", "model.hidden_size=8"], "model.hidden_size comes from model.base"),
+        (["--seq-len", "4096"], "data.seq_len 4096 exceeds the base's context"),
     ],
 )
 def test_adapt_bad_input_fails_before_training(ar_base, corpus_dir, tmp_path, capsys, extra, message):

@@ -134,6 +134,13 @@ class Trainer(Checkpointing):
         if base and (ckpt is None or r.delta.rank):
             base_model, tok = load_base_model(base)
             self.tok = self.tok if ckpt else tok
+            ctx = mcfg.get("max_position_embeddings", base_model.config.max_position_embeddings)
+            if r.data.seq_len > ctx:
+                raise ConfigError(
+                    f"data.seq_len {r.data.seq_len} exceeds the base's context of {ctx}; set "
+                    "model.max_position_embeddings (rotary positions: the context can grow by "
+                    "fine-tuning) or shorten the rows"
+                )
         self.train_data, self.train_mask = encode(
             self.tok, corpus.train, corpus.train_pairs, r.data.seq_len, r.data.pad
         )
