@@ -64,6 +64,45 @@ def test_every_held_out_reference_is_a_chain_the_checker_accepts():
     assert its[434].answer.split(",")[0].endswith("=0")  # 92,48,48,92 -> 48 needs a zero
 
 
+def _all_solutions(puzzle: list[list[int]]) -> list[list[str]]:
+    """Every solution of a 4x4 puzzle by brute force over row permutations (the oracle's oracle)."""
+    from itertools import permutations
+
+    rows = ["".join(p) for p in permutations("1234")]
+    out = [[]]
+    for r in range(4):
+        out = [
+            g + [row]
+            for g in out
+            for row in rows
+            if all(puzzle[r][c] in (0, int(row[c])) for c in range(4))
+            and all(row[c] != h[c] for h in g for c in range(4))
+            and (r % 2 == 0 or set(row[:2]) | set(g[-1][:2]) == set("1234"))
+            and (r % 2 == 0 or set(row[2:]) | set(g[-1][2:]) == set("1234"))
+        ]
+    return out
+
+
+def test_sudoku_rows_as_checkable_steps():
+    """A row prefix is valid exactly when some solution starts with it (brute force), on real
+    held-out puzzles and on one with many solutions."""
+    loose = {"metadata": {"puzzle": [[1, 0, 0, 0], [0, 0, 1, 0], [0, 1, 0, 0], [0, 0, 0, 1]]}}
+    puzzles = [it.entry for it in T.items("mini_sudoku_digits", 5)] + [loose]
+    for e in puzzles:
+        it = T.Item("", "", e)
+        sols = _all_solutions(e["metadata"]["puzzle"])
+        assert sols
+        prefixes = {tuple(g[:k]) for g in sols for k in range(1, 5)}
+        for g in sols[:3]:
+            assert T.valid_steps("mini_sudoku_digits", it, g) == [True] * 4
+            for k in range(4):  # every other row in place k
+                for row in ("1234", "2143", "3412", "4321", "1243", "2134", "1111"):
+                    steps = [*g[:k], row]
+                    want = [True] * k + [tuple(steps) in prefixes]
+                    assert T.valid_steps("mini_sudoku_digits", it, steps) == want, (steps, e)
+    assert T.valid_steps("mini_sudoku_digits", T.Item("", "", loose), ["123", "1234"]) == [False, False]
+
+
 def test_solve_chain_uses_every_number_once():
     assert T.solve_chain([5], 5) == [] and T.solve_chain([5], 6) is None
     chain = T.solve_chain([3, 4, 2, 5], 9)
@@ -86,6 +125,10 @@ def test_split_and_join_steps():
     assert S.split_steps("First. Then this! Done?", "sentences") == ["First.", "Then this!", "Done?"]
     assert S.split_steps("x\n\n y \n", "\n") == ["x", "y"]
     assert S.join_steps(["x", "y"], ",") == "x,y"
+    assert S.split_steps(" 123456789 ", "chunks:4") == ["1234", "5678", "9"]
+    assert S.join_steps(["1234", "5678"], "chunks:4") == "12345678"
+    with pytest.raises(ValueError, match="chunks:N"):
+        S.split_steps("12", "chunks:0")
 
 
 def test_path_score_is_the_geometric_mean():
@@ -107,7 +150,7 @@ def test_best_path_majority_and_stitched_context_by_hand():
     # step 0: a1 once (best score 0.95); step 1: b2 0.97, b3 0.95; step 2: c1 0.99, c2 0.91 (the best
     # path's last step, also above threshold)
     assert lines == [(0, 0.95, "a1"), (1, 0.97, "b2"), (1, 0.95, "b3"), (2, 0.99, "c1"), (2, 0.91, "c2")]
-    assert S.stitch_prompt("Q=", lines[:2]) == "[c=0.95] a1\n[c=0.97] b2\nQ="
+    assert S.stitch_prompt("Q=", lines[:2]) == "1: [c=0.95] a1\n2: [c=0.97] b2\nQ="
     # the best path's last step is added even below the threshold, and within the cap
     low = [S.Rollout("x,y", ["x", "y"], 1, [0.99, 0.3])]
     assert S.stitched_steps(low, 0.9) == [(0, 0.99, "x"), (1, 0.3, "y")]
@@ -118,7 +161,7 @@ def test_best_path_majority_and_stitched_context_by_hand():
     # fitted to a token budget by dropping the lowest-scoring lines
     tok = byte_tokenizer()
     assert S.fit_lines("Q=", lines, tok, len(S.stitch_prompt("Q=", lines))) == lines
-    assert S.fit_lines("Q=", lines, tok, 35) == [(1, 0.97, "b2"), (2, 0.99, "c1")]
+    assert S.fit_lines("Q=", lines, tok, 2 * 15 + 2) == [(1, 0.97, "b2"), (2, 0.99, "c1")]
     assert S.fit_lines("Q=", lines, tok, 2) == []
     # agree: only paths with the best path's answer
     assert {s for _, _, s in S.stitched_steps(r, 0.9, agree=True)} == {"a1", "b2", "c2"}

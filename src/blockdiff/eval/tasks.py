@@ -25,6 +25,7 @@ DIGITS = {"mini_sudoku_digits": "mini_sudoku", "sudoku_digits": "sudoku"}
 # one expression for it). Each equation is a step whose validity can be checked (`valid_steps`).
 CHAIN = {"countdown_chain": dict(min_numbers=4, max_numbers=4, min_target=10, max_target=100)}
 REASONING = ("countdown", "mini_sudoku", "sudoku", "gsm_symbolic", "basic_arithmetic", *DIGITS, *CHAIN)
+STEPPED = (*CHAIN, *DIGITS)  # tasks whose partial solutions `valid_steps` can check
 TASKS = (*REASONING, "humaneval")
 
 
@@ -148,8 +149,10 @@ def valid_steps(name: str, item: Item, steps: list[str]) -> list[bool]:
     """Whether each step of a partial solution is a true equation over numbers still available and
     leaves the target reachable; a step after an invalid one is invalid. Only tasks whose
     intermediate states are checkable have this (an oracle for upper bounds, never a result)."""
+    if name in DIGITS:
+        return _valid_rows(item, steps)
     if name not in CHAIN:
-        raise ValueError(f"{name} has no checkable intermediate steps; tasks that do: {', '.join(CHAIN)}")
+        raise ValueError(f"{name} has no checkable intermediate steps; tasks that do: {', '.join(STEPPED)}")
     pool, target, out = list(item.entry["metadata"]["numbers"]), item.entry["metadata"]["target"], []
     for step in steps:
         m = _EQ.match(step)
@@ -164,6 +167,56 @@ def valid_steps(name: str, item: Item, steps: list[str]) -> list[bool]:
                 ok = solve_chain(pool, target, zero=True) is not None
         out.append(ok)
     return out
+
+
+def _valid_rows(item: Item, rows: list[str]) -> list[bool]:
+    """Sudoku digits: each step is one row of the solution; valid when it keeps the puzzle's
+    givens, breaks no rule with the rows above, and the grid can still be completed."""
+    puzzle = [list(r) for r in item.entry["metadata"]["puzzle"]]
+    n = len(puzzle)
+    grid = [[0] * n for _ in range(n)]
+    out: list[bool] = []
+    for r, row in enumerate(rows):
+        ok = all(out) and r < n and len(row) == n and row.isdigit()
+        if ok:
+            grid[r] = [int(d) for d in row]
+            ok = all(puzzle[r][c] in (0, grid[r][c]) for c in range(n)) and _completable(grid, r + 1, puzzle)
+        out.append(ok)
+    return out
+
+
+def _completable(grid: list[list[int]], filled: int, puzzle: list[list[int]]) -> bool:
+    """Whether rows `filled`.. can be filled, keeping the puzzle's givens, so that the whole grid
+    is a solution (backtracking; the first `filled` rows are taken as given and checked too)."""
+    n, box = len(grid), int(len(grid) ** 0.5)
+
+    def fits(r: int, c: int, v: int) -> bool:
+        if any(grid[r][k] == v for k in range(n) if k != c) or any(grid[k][c] == v for k in range(r)):
+            return False
+        r0, c0 = r - r % box, c - c % box
+        return all(grid[i][j] != v for i in range(r0, r) for j in range(c0, c0 + box))
+
+    if any(not 1 <= grid[r][c] <= n or not fits(r, c, grid[r][c]) for r in range(filled) for c in range(n)):
+        return False
+    cells = [(r, c) for r in range(filled, n) for c in range(n)]
+    saved = [row[:] for row in grid]
+
+    def solve(k: int) -> bool:
+        if k == len(cells):
+            return True
+        r, c = cells[k]
+        for v in [puzzle[r][c]] if puzzle[r][c] else range(1, n + 1):
+            if fits(r, c, v):
+                grid[r][c] = v
+                if solve(k + 1):
+                    return True
+        grid[r][c] = 0
+        return False
+
+    try:
+        return solve(0)
+    finally:
+        grid[:] = saved
 
 
 def chain_expression(text: str, numbers: list[int]) -> str | None:

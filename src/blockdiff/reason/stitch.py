@@ -23,13 +23,29 @@ _SENTENCE = re.compile(r"(?<=[.!?])\s+")
 
 
 def split_steps(text: str, sep: str = "\n") -> list[str]:
-    """A rollout's steps: pieces between `sep` (a string, or "sentences"), stripped, empty dropped."""
+    """A rollout's steps: pieces between `sep` (a string; "sentences"; or "chunks:N", N characters
+    each, for answers without separators such as a grid's digits), stripped, empty dropped."""
+    if sep.startswith("chunks:"):
+        n, text = _chunk(sep), text.strip()
+        return [text[i : i + n] for i in range(0, len(text), n)]
     parts = _SENTENCE.split(text) if sep == "sentences" else text.split(sep)
     return [p.strip() for p in parts if p.strip()]
 
 
+def _chunk(sep: str) -> int:
+    n = sep.removeprefix("chunks:")
+    if not n.isdigit() or int(n) < 1:
+        raise ValueError(f"splitter {sep!r}: chunks:N needs a width N >= 1")
+    return int(n)
+
+
+def _glue(sep: str) -> str:
+    """What goes between two steps when they are written back."""
+    return " " if sep == "sentences" else "" if sep.startswith("chunks:") else sep
+
+
 def join_steps(steps: Sequence[str], sep: str = "\n") -> str:
-    return (" " if sep == "sentences" else sep).join(steps)
+    return _glue(sep).join(steps)
 
 
 def path_score(scores: Sequence[float]) -> float:
@@ -93,9 +109,10 @@ def stitched_steps(
 
 
 def stitch_prompt(prompt: str, lines: Sequence[tuple[int, float, str]]) -> str:
-    """The solver's input: one "[c=0.xx] step" line per stitched step, then the question as the
-    task asks it (so the answer follows the question exactly as in plain training rows)."""
-    return "".join(f"[c={c:.2f}] {s}\n" for _, c, s in lines) + prompt
+    """The solver's input: one "i: [c=0.xx] step" line per stitched step (i = the step's index,
+    1-based: which step it is matters where steps look alike, e.g. grid rows), then the question as
+    the task asks it (so the answer follows the question exactly as in plain training rows)."""
+    return "".join(f"{i + 1}: [c={c:.2f}] {s}\n" for i, c, s in lines) + prompt
 
 
 def fit_lines(
@@ -287,7 +304,7 @@ def mc_labels(
         for r in rs:
             for i in range(len(r.steps)):
                 solved = T.score(task, it, join_steps(r.steps[: i + 1], sep)) == 1.0
-                prefix = it.prompt + join_steps(r.steps[: i + 1], sep) + (" " if sep == "sentences" else sep)
+                prefix = it.prompt + join_steps(r.steps[: i + 1], sep) + _glue(sep)
                 keys.append((q, r.steps[: i + 1], prefix, None if solved else len(prompts)))
                 prompts += [] if solved else [prefix] * k
     done = complete(prompts, seed) if prompts else []
@@ -454,9 +471,9 @@ def make_scorer(spec: str, task: str, load: Callable[[str], tuple[object, object
     """A scorer from its CLI spec: "oracle", "logprob:MODEL" or "prm:MODEL" (`load` opens MODEL)."""
     kind, _, where = spec.partition(":")
     if kind == "oracle" and not where:
-        if task not in T.CHAIN:
+        if task not in T.STEPPED:
             raise ValueError(
-                f"{task} has no checkable intermediate steps; tasks that do: {', '.join(T.CHAIN)}"
+                f"{task} has no checkable intermediate steps; tasks that do: {', '.join(T.STEPPED)}"
             )
         return OracleScorer(task)
     if kind in ("logprob", "prm") and where:
