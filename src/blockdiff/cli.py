@@ -365,14 +365,14 @@ def cmd_reason_stitch(a: argparse.Namespace) -> int:
     )
     print(
         "| method | accuracy | rollout NFEs (sum) | rollout NFEs (max) | scorer forwards | AR tokens "
-        "| s/question |"
+        "| ms/question |"
     )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['method']} | {100 * r['accuracy']:.1f}% | {r['rollout_nfe']:.1f} "
             f"| {r['rollout_nfe_max']:.1f} "
-            f"| {r['scorer_forwards']:.1f} | {r['solver_tokens']:.1f} | {r['seconds']:.3f} |"
+            f"| {r['scorer_forwards']:.1f} | {r['solver_tokens']:.1f} | {1000 * r['seconds']:.1f} |"
         )
     return 0
 

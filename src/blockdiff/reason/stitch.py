@@ -462,7 +462,7 @@ def summary(results: dict[str, list[Record]]) -> list[dict]:
     rows = []
     for method, recs in results.items():
         n = len(recs)
-        means = {k: round(sum(getattr(r.cost, k) for r in recs) / n, 2) for k in asdict(Cost())}
+        means = {k: round(sum(getattr(r.cost, k) for r in recs) / n, 5) for k in asdict(Cost())}
         rows.append({"method": method, "n": n, "accuracy": sum(r.correct for r in recs) / n, **means})
     return rows
 
