@@ -350,3 +350,44 @@ def test_a_rollout_does_not_depend_on_the_other_rows(byte_tok):
     both = complete(prompts, 5)
     alone = [complete(["x"] * j + [p], 5)[j] for j, p in enumerate(prompts)]
     assert alone == both and both[0] != both[3]  # same prompt, other index: another sample
+
+
+def test_reason_cli_end_to_end_on_saved_tiny_models(tmp_path, byte_tok, capsys):
+    """prm-data -> solver-data -> stitch from the command line on untrained saved models: the
+    files and the table come out, with every method's row."""
+    import json
+
+    from blockdiff.checkpoint import save_model
+    from blockdiff.cli import main
+
+    diff, ar = tmp_path / "diff", tmp_path / "ar"
+    for d, m in ((diff, _tiny("aligned", byte_tok.vocab_size)), (ar, _tiny("shifted", byte_tok.vocab_size))):
+        d.mkdir()
+        save_model(d, m, byte_tok)
+    roll = ["--task", "countdown_chain", "--model", str(diff), "--sampler", "llada", "--block-size", "16"]
+    roll += ["--steps", "4", "--temperature", "1.0", "--sep", ",", "--new-tokens", "16", "--rollouts", "2"]
+    prm = tmp_path / "prm.jsonl"
+    assert main(["reason", "prm-data", *roll, "--questions", "3", "--k", "2", "--out", str(prm)]) == 0
+    rows = [json.loads(x) for x in prm.read_text().splitlines()]
+    assert all(r["answer"] in "+-" and r["prompt"].endswith("?") for r in rows)
+    sol = tmp_path / "solver.jsonl"
+    args = ["reason", "solver-data", *roll, "--scorer", f"prm:{ar}", "--questions", "3", "--out", str(sol)]
+    assert main([*args, "--max-prompt-tokens", "60"]) == 0
+    pairs = [json.loads(x) for x in sol.read_text().splitlines()]
+    assert len(pairs) == 3 and all(len(byte_tok.encode(p["prompt"])) <= 60 for p in pairs)
+    capsys.readouterr()
+    out = tmp_path / "res.json"
+    st = ["reason", "stitch", *roll, "--n", "3", "--scorer", "oracle", "--scorer", f"logprob:{ar}"]
+    st += ["--solver", str(ar), "--solver-tokens", "8", "--long-steps", "8", "--cap", "4", "--out", str(out)]
+    assert main(st) == 0
+    table = capsys.readouterr().out
+    for method in (
+        "single rollout",
+        "majority vote",
+        "one long rollout",
+        "stitch, AR log-prob",
+        "AR model alone",
+    ):
+        assert f"| {method} |" in table
+    res = json.loads(out.read_text())
+    assert len(res["records"]["single rollout"]) == 3 and res["summary"][0]["method"] == "single rollout"
