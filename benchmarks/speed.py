@@ -118,6 +118,8 @@ def main() -> None:
     base32, tok = load_model(a.base)
     base16, _ = load_model(a.base, dtype=torch.bfloat16)
     ad16, atok = load_model(a.adapted, dtype=torch.bfloat16)
+    base8, _ = load_model(a.base, dtype=torch.int8)  # weight-only int8 (dynamic quantisation, fbgemm)
+    ad8, _ = load_model(a.adapted, dtype=torch.int8)
     prompts = [tok.chat(q) for q in chat_prompts("heldout")[: a.prompts]]
     print(f"command: python {' '.join(sys.argv)}")
     print(
@@ -130,7 +132,8 @@ def main() -> None:
     floor = wbytes / bw
     print(
         f"read bandwidth {bw / 1e9:.1f} GB/s; bf16 weights {wbytes / 1e6:.0f} MB -> "
-        f"floor {floor * 1e3:.1f} ms/token ({1 / floor:.0f} tokens/s)\n"
+        f"floor {floor * 1e3:.1f} ms/token ({1 / floor:.0f} tokens/s); int8 weights {wbytes / 2e6:.0f} MB -> "
+        f"floor {floor * 5e2:.1f} ms/token\n"
     )
 
     lat = forward_latency(base16)
@@ -146,6 +149,9 @@ def main() -> None:
         "blockdiff ar fp32 (base)": bd_runner(base32, tok, "ar", N),
         "blockdiff ar bf16 (base)": bd_runner(base16, tok, "ar", N),
         "blockdiff ar bf16 (adapted)": bd_runner(ad16, atok, "ar", N),
+        "blockdiff ar int8 (base)": bd_runner(base8, tok, "ar", N),
+        "blockdiff ar int8 (adapted)": bd_runner(ad8, atok, "ar", N),
+        "blockdiff spec k=3 greedy int8 (adapted)": bd_runner(ad8, atok, "spec", N, draft_len=3),
         "blockdiff bd3 B=4, 2 tok/NFE (adapted)": bd_runner(
             ad16, atok, "bd3", N, block_size=4, steps=2, order="confidence", temperature=0.0
         ),

@@ -474,7 +474,10 @@ def _decode_args(g: argparse.ArgumentParser) -> None:
     g.add_argument("--no-cache", action="store_true", dest="no_cache")
     g.add_argument("--json", action="store_true")
     g.add_argument(
-        "--dtype", default="float32", choices=["float32", "bfloat16"], help="weights for inference"
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "int8"],
+        help="weights for inference (int8: weight-only, CPU)",
     )
 
 
@@ -677,7 +680,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="require 'Authorization: Bearer KEY' (default: $BLOCKDIFF_API_KEY; none: open)",
     )
     sv.add_argument(
-        "--dtype", default="float32", choices=["float32", "bfloat16"], help="weights for inference"
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "int8"],
+        help="weights for inference (int8: weight-only, CPU)",
     )
     sv.set_defaults(fn=cmd_serve)
     return p
