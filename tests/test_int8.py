@@ -1,18 +1,19 @@
-"""Weight-only int8 inference: close to float32 (logits, greedy tokens), every sampler runs, the
-tied embedding is left intact, and the CLI accepts it."""
+"""Weight-only int8 inference: close to bfloat16 (logits, greedy tokens), the product equals the
+dequantised weights', every sampler runs, the tied embedding is left intact."""
 
 import torch
 
 from blockdiff.checkpoint import load_model
 from blockdiff.decoding import SAMPLERS, generate
 from blockdiff.masks import block_causal
+from blockdiff.quant import Int8Linear
 
 
 def test_int8_logits_track_float32_and_every_sampler_runs():
-    fp, tok = load_model("shakespeare-5m")
+    fp, tok = load_model("shakespeare-5m", dtype=torch.bfloat16)  # int8 keeps bf16 activations
     q, _ = load_model("shakespeare-5m", dtype=torch.int8)
-    assert type(q.lm_head).__module__.startswith("torch.ao.nn.quantized.dynamic")
-    assert torch.equal(q.model.embed_tokens.weight, fp.model.embed_tokens.weight)  # untouched
+    assert isinstance(q.lm_head, Int8Linear) and q.lm_head.weight.dtype == torch.int8
+    assert torch.equal(q.model.embed_tokens.weight, fp.model.embed_tokens.weight.bfloat16())  # untouched
     ids = torch.tensor([tok.encode("ROMEO:\nBut soft, what light through yonder window breaks?")])
     L = ids.shape[1]
     with torch.no_grad():
@@ -30,3 +31,14 @@ def test_int8_logits_track_float32_and_every_sampler_runs():
     for sampler in set(SAMPLERS) - {"spec"}:  # spec needs an NBDiff model; the demo model is not one
         out = generate(q, tok, "ROMEO:", sampler=sampler, max_new_tokens=8)
         assert out.rows[0].nfe >= 1, sampler
+
+
+def test_int8_linear_is_the_dequantised_product():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 96, bias=False)
+    q = Int8Linear(lin)
+    w = q.weight.float() * q.scale.float()[:, None]
+    assert (w - lin.weight).abs().max() <= q.scale.float().max()  # half a step + the bf16 scale
+    x = torch.randn(3, 5, 64)
+    want = (x.bfloat16().float() @ w.T).float()
+    assert torch.allclose(q(x).float(), want, rtol=2e-2, atol=2e-2)

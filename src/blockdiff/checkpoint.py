@@ -235,22 +235,6 @@ def load_weights(file: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"corrupt or unreadable weights file {file}: {e}") from None
 
 
-def quantize_int8(model: BlockDiffLM) -> BlockDiffLM:
-    """Weight-only int8 for CPU inference: every projection and the LM head become dynamically
-    quantised linears (int8 weights per output channel, activations quantised per call by
-    fbgemm); embeddings, norms and the KV cache stay float32. A one-token forward reads a quarter
-    of float32's weight bytes. Inference only: the model cannot be trained or saved afterwards."""
-    import warnings
-
-    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-    if model.lm_head.weight is model.model.embed_tokens.weight:  # tied: the head gets its own copy
-        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.ao's deprecation notice; the kernels are fbgemm's
-        return quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
-
-
 def load_model(
     path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
 ) -> tuple[BlockDiffLM, Tokenizer]:
@@ -275,7 +259,9 @@ def load_model(
                 f"weights in {p / 'model.safetensors'} do not match config.json: {e}"
             ) from None
     if dtype == torch.int8:
-        model = quantize_int8(model.float())
+        from .quant import quantize_int8
+
+        model = quantize_int8(model)
     elif dtype is not None:
         model.to(dtype)
     else:
