@@ -264,6 +264,8 @@ def _reason_setup(a: argparse.Namespace):
     model, tok = load_model(a.model, dtype=getattr(torch, a.dtype))
     kw = _sampler_kwargs(a)
     seed = kw.pop("seed", 0)
+    if a.sampler == "llada":  # one block = the canvas unless told: canvases differ per prompt here
+        kw.setdefault("block_size", 1 << 20)
     complete = stitch.diffusion_completer(model, tok, a.sampler, a.new_tokens, a.batch_size, **kw)
     return complete, seed, (model, tok)
 
