@@ -364,7 +364,7 @@ def test_reason_cli_end_to_end_on_saved_tiny_models(tmp_path, byte_tok, capsys):
     for d, m in ((diff, _tiny("aligned", byte_tok.vocab_size)), (ar, _tiny("shifted", byte_tok.vocab_size))):
         d.mkdir()
         save_model(d, m, byte_tok)
-    roll = ["--task", "countdown_chain", "--model", str(diff), "--sampler", "llada", "--block-size", "16"]
+    roll = ["--task", "countdown_chain", "--model", str(diff), "--sampler", "llada"]  # one block by default
     roll += ["--steps", "4", "--temperature", "1.0", "--sep", ",", "--new-tokens", "16", "--rollouts", "2"]
     prm = tmp_path / "prm.jsonl"
     assert main(["reason", "prm-data", *roll, "--questions", "3", "--k", "2", "--out", str(prm)]) == 0

@@ -54,26 +54,23 @@ def forwards(url) -> int:
     return health(url)["forwards"]
 
 
+def both(client, **kw):
+    """The same completion request answered whole and streamed: (response, chunks)."""
+    whole = client.completions.create(model=MODEL, **kw)
+    return whole, list(client.completions.create(model=MODEL, stream=True, **kw))
+
+
 def test_models_and_completions_match_generate(client):
     assert [m.id for m in client.models.list()] == [MODEL]
     model, tok = load_model(MODEL)
     for sampler, extra in [("bd3", {}), ("llada", {"steps": 12, "block_size": 8}), ("ar", {})]:
-        r = client.completions.create(
-            model=MODEL, prompt="ROMEO:", max_tokens=24, seed=5, extra_body={"sampler": sampler, **extra}
+        r, chunks = both(
+            client, prompt="ROMEO:", max_tokens=24, seed=5, extra_body={"sampler": sampler, **extra}
         )
         want = generate(model, tok, ["ROMEO:"], sampler, 24, seed=5, **extra)
         assert r.choices[0].text == want.texts[0], sampler
         assert r.usage.completion_tokens == want.rows[0].tokens
         assert r.usage.model_extra["nfe"] == want.rows[0].nfe
-        s = client.completions.create(
-            model=MODEL,
-            prompt="ROMEO:",
-            max_tokens=24,
-            seed=5,
-            stream=True,
-            extra_body={"sampler": sampler, **extra},
-        )
-        chunks = list(s)
         assert "".join(c.choices[0].text for c in chunks if c.choices) == want.texts[0]
         assert sum(1 for c in chunks if c.choices and c.choices[0].text) > 1 or sampler == "llada"
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
@@ -90,25 +87,13 @@ def test_n_choices_and_sampling_seeds(client):
 def test_list_valued_options_batch_and_decode(client):
     model, tok = load_model(MODEL)
     stages = [[8, 0.25]]
-    r = client.completions.create(
-        model=MODEL,
-        prompt="KING",
-        max_tokens=16,
-        seed=4,
-        extra_body={"sampler": "structural", "stages": stages},
+    r, chunks = both(
+        client, prompt="KING", max_tokens=16, seed=4, extra_body={"sampler": "structural", "stages": stages}
     )
     want = generate(model, tok, ["KING"], "structural", 16, seed=4, stages=stages).texts[0]
     assert r.choices[0].text == want
     # revision stages may remask committed tokens: the stream sends text only once it is final
-    s = client.completions.create(
-        model=MODEL,
-        prompt="KING",
-        max_tokens=16,
-        seed=4,
-        stream=True,
-        extra_body={"sampler": "structural", "stages": stages},
-    )
-    assert "".join(c.choices[0].text for c in s if c.choices) == want
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == want
 
 
 def test_stop_strings(client):

@@ -259,7 +259,7 @@ def diffusion_completer(model, tok, sampler: str, new_tokens: int | None, batch_
     1000003 + j), so a row's text never depends on the other rows of the call. A global-block model
     (MDLM-style) reads the canvas length as a cue, so by default its canvas ends where its
     training rows ended; rows are batched by prompt length for that."""
-    from ..decoding import generate
+    from ..eval.genppl import decode_all
 
     cfg = model.config
     rows_len = cfg.train_seq_len if cfg.has_global_block and cfg.train_seq_len else None
@@ -275,12 +275,11 @@ def diffusion_completer(model, tok, sampler: str, new_tokens: int | None, batch_
                 raise ValueError(f"the prompt fills the model's {rows_len}-token rows: {p[:60]!r}")
             groups.setdefault(n, []).append(j)
         for n, js in groups.items():
-            for k in range(0, len(js), batch_size):
-                chunk = js[k : k + batch_size]
-                seeds = [seed * 1_000_003 + j for j in chunk]
-                res = generate(model, tok, [prompts[j] for j in chunk], sampler, n, seeds, **kw)
-                for j, t, r in zip(chunk, res.texts, res.rows, strict=True):
-                    out[j] = (t, r.nfe)
+            texts, _, rows, _ = decode_all(
+                model, tok, [prompts[j] for j in js], sampler, n, batch_size, seed, index=js, **kw
+            )
+            for j, t, r in zip(js, texts, rows, strict=True):
+                out[j] = (t, r.nfe)
         return out  # type: ignore[return-value]
 
     return complete
