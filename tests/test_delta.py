@@ -50,6 +50,34 @@ def test_merged_equals_unmerged_forward(ar_base):
     assert (merged - base(x)).abs().max().item() > 1e-3
 
 
+def test_norms_delta_round_trip(ar_base):
+    """With `norms`, every RMSNorm gain trains and travels in the delta; a fresh model that loads
+    the delta's tensors and merges computes what the trained, unmerged model computes."""
+    base, _ = ar_base
+    spec = delta.DeltaSpec(rank=2, norms=True)
+    trained = BlockDiffLM(base.config)
+    trained.load_state_dict(base.state_dict())
+    _perturbed(trained, spec, seed=1)
+    sd = delta.delta_state(trained)
+    norms = [n for n in sd if n.endswith("norm.weight")]
+    assert len(norms) == 2 * base.config.num_hidden_layers + 1
+    fresh = BlockDiffLM(base.config)
+    fresh.load_state_dict(base.state_dict())
+    delta.attach(fresh, spec)
+    delta.load_delta_state(fresh, sd)
+    delta.merge(fresh)
+    x = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        assert (trained(x) - fresh(x)).abs().max().item() <= 1e-5
+        # the norms alone change the function: a delta without them would not reproduce it
+        plain = BlockDiffLM(base.config)
+        plain.load_state_dict(base.state_dict())
+        delta.attach(plain, delta.DeltaSpec(rank=2))
+        delta.load_delta_state(plain, {k: v for k, v in sd.items() if k not in norms})
+        assert (trained(x) - plain(x)).abs().max().item() > 1e-3
+    assert delta.DeltaSpec(rank=2, norms=True).as_dict()["norms"] is True
+
+
 def test_attach_freezes_base_and_starts_at_base(ar_base):
     base, _ = ar_base
     m = BlockDiffLM(base.config)

@@ -256,3 +256,81 @@ def test_mask_padding_is_never_scored(block_sizes, logits):
         other = padded.masked_fill(padded == MASK, 4)
         ref = block_diffusion_loss(model, other, torch.tensor(block_sizes), nz, loss_mask=keep)
         assert out.loss.item() == pytest.approx(ref.loss.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "logits, layout, sizes, origin, ar_weight",
+    [
+        ("aligned", "block_causal", [2, 2, 2], False, 0.0),
+        ("shifted", "block_causal", [4, 4, 4], True, 0.0),
+        ("shifted", "context_causal", [4, 4, 4], True, 0.5),
+        ("shifted", "context_causal", [2, 4, 1], False, 0.5),
+        ("shifted", "context_causal", [1, 1, 1], False, 0.0),
+        ("shifted", "context_causal", [16, 4, 4], False, 0.5),
+    ],
+)
+def test_supervised_rows_feed_only_the_scored_span(monkeypatch, logits, layout, sizes, origin, ar_weight):
+    """SFT rows (long prompt, short answer, mask padding): the loss feeds the noisy half from the
+    first masked block on and drops the padding after the last scored block. Oracle: the uncut
+    computation (scored_span forced to the whole row) gives the same loss, terms and gradients."""
+    from blockdiff import objectives
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, mask_token_id=MASK, logits=logits, layout=layout,
+    )  # fmt: skip
+    m = BlockDiffLM(cfg)
+    b, L = 3, 16
+    starts, ends = torch.tensor([8, 9, 12]), torch.tensor([11, 12, 13])  # answers [start, end)
+    col = torch.arange(L)
+    keep = (col >= starts[:, None]) & (col < ends[:, None])
+    x0 = torch.randint(0, MASK, (b, L)).masked_fill(col >= ends[:, None], MASK)  # data.pad: mask
+    bs = torch.tensor(sizes)
+    off = starts if origin else None
+    nz = noise.draw((b, L), bs, torch.Generator().manual_seed(1), offsets=off)
+    nz = noise.Noise(nz.t, nz.masked | keep, nz.offsets)  # every answer token masked: nothing trivial
+    fed = []
+    m.register_forward_pre_hook(lambda mod, args, kw: fed.append(args[0].shape[1]), with_kwargs=True)
+
+    def run():
+        m.zero_grad()
+        out = block_diffusion_loss(m, x0, bs, nz, ar_weight=ar_weight, loss_mask=keep)
+        out.loss.backward()
+        return out, [p.grad.clone() for p in m.parameters() if p.grad is not None]
+
+    cut, g_cut = run()
+    uncut = lambda keep, *a: (torch.zeros(len(keep), dtype=torch.long), keep.shape[1], keep.shape[1])  # noqa: E731
+    monkeypatch.setattr(objectives, "scored_span", uncut)
+    whole, g_whole = run()
+    # the cut fed fewer tokens (else the comparison is vacuous), except beside a one-block row
+    assert (fed[0] < fed[1]) == (L not in sizes)
+    for a, w in [(cut.loss, whole.loss), (cut.diff, whole.diff), (cut.ar, whole.ar), (cut.rows, whole.rows)]:
+        assert torch.allclose(a, w, atol=1e-6, rtol=1e-5)
+    assert cut.tokens == whole.tokens
+    assert all(torch.allclose(a, w, atol=1e-6, rtol=1e-4) for a, w in zip(g_cut, g_whole, strict=True))
+
+
+def test_scored_span_bounds():
+    """Per row: the noisy span holds whole blocks around its masked tokens, in the row's own grid;
+    hi ends the last block with a scored token."""
+    from blockdiff.objectives import scored_span
+
+    keep = torch.zeros(2, 16, dtype=torch.bool)
+    keep[0, 9:11], keep[1, 6:8] = True, True
+    masked = keep.clone()
+    masked[0, 9] = False  # row 0: masked col 10 only -> its block [8, 12)
+
+    def span(sizes, offsets=None):
+        s, n, hi = scored_span(keep, masked, torch.tensor(sizes), offsets)
+        return s.tolist(), n, hi
+
+    assert span([4, 4]) == ([8, 4], 4, 12)
+    assert span([4, 2]) == ([8, 6], 4, 12)
+    assert span([4, 4], torch.tensor([1, 3])) == ([5, 3], 8, 13)  # row 1: blocks [3, 7) and [7, 11)
+    assert span([4, 4], torch.tensor([1, 2])) == ([9, 6], 4, 13)
+    assert span([1, 1]) == ([9, 6], 2, 11)  # row 0's window ends at hi
+    assert span([16, 4]) == ([0, 0], 16, 16)  # a one-block row needs everything
+    none = torch.zeros_like(keep)
+    s, n, hi = scored_span(keep, none, torch.tensor([4, 4]), None)
+    assert (n, hi) == (1, 12) and s.tolist() == [11, 11]  # nothing masked: one column, still fed

@@ -189,10 +189,8 @@ def load_base_model(base: str) -> tuple[BlockDiffLM, Tokenizer]:
         ckpt = resolve(p)
         if "blockdiff" in json.loads((ckpt / "config.json").read_text()):
             return load_model(ckpt)
-    if base in models.IMPORTED:
-        from .hub import imported_base
-
-        return load_model(imported_base(base))
+    if base in models.NAMES:  # a bundled model (e.g. a delta over the shipped delta) or an import
+        return load_model(models.path_of(base))
     from .hub import import_causal_lm
 
     model, tok, _ = import_causal_lm(base)
@@ -215,7 +213,12 @@ def _load_delta(p: Path, cfg: ModelConfig, info: dict) -> BlockDiffLM:
             f"delta {p} was trained over a different base: '{base}' has weights sha256 {got[:12]}..., "
             f"the delta expects {str(info.get('base_sha256'))[:12]}..."
         )
-    spec = delta.DeltaSpec(rank=int(info["rank"]), alpha=float(info["alpha"]), targets=list(info["targets"]))
+    spec = delta.DeltaSpec(
+        rank=int(info["rank"]),
+        alpha=float(info["alpha"]),
+        targets=list(info["targets"]),
+        norms=bool(info.get("norms", False)),
+    )
     model.config = cfg
     delta.attach(model, spec)
     try:

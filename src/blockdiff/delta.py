@@ -3,8 +3,9 @@
 A few lines of our own rather than `peft`: no `transformers` at inference, the parameter names
 stay blockdiff's, and the merge is plain arithmetic that the tests check against the unmerged
 forward. What is trained: a rank-r pair (A, B) on each chosen projection of every block, and the
-embedding row of the mask token (the base has never seen that token). Everything else is the
-base, bit for bit; the delta names the base by a checksum of its weights.
+embedding row of the mask token (the base has never seen that token), and optionally the RMSNorm
+gains (`norms`: 0.05 % of the weights, stored whole). Everything else is the base, bit for bit;
+the delta names the base by a checksum of its weights.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class DeltaSpec:
     rank: int = 0
     alpha: float = 0.0  # scale = alpha / rank; 0 means alpha = 2 * rank
     targets: list = field(default_factory=lambda: list(TARGETS))
+    norms: bool = False  # also train every RMSNorm gain (stored whole: 576 numbers per norm)
 
     def validate(self) -> None:
         if self.rank < 0:
@@ -46,6 +48,7 @@ class DeltaSpec:
             "rank": self.rank,
             "alpha": self.alpha or 2.0 * self.rank,
             "targets": self.targets,
+            "norms": self.norms,
         }
 
 
@@ -129,6 +132,10 @@ def attach(model: nn.Module, spec: DeltaSpec) -> None:
             for name in spec.targets:
                 if hasattr(parent, name):
                     setattr(parent, name, LoRALinear(getattr(parent, name), spec.rank, spec.scale))
+    if spec.norms:
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.requires_grad_(True)
     mask_id = model.config.mask_token_id
     if mask_id is not None:
         model.model.embed_tokens = EmbeddingRows(model.model.embed_tokens, [mask_id])

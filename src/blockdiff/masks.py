@@ -97,9 +97,11 @@ def vectorised(
 
 
 def split(mask: Tensor, seq_len: int):
-    """The vectorised mask as a SplitMask, for attention that skips clean-to-noisy work."""
+    """The vectorised mask as a SplitMask, for attention that skips clean-to-noisy work; the
+    clean half is the last `seq_len` rows and keys (the noisy half may be shorter)."""
     from .model import SplitMask
 
-    if mask[..., seq_len:, :seq_len].any():
+    n = mask.shape[-2] - seq_len
+    if mask[..., n:, :n].any():
         raise ValueError("clean queries attend noisy keys: this mask cannot be split")
-    return SplitMask(noisy=mask[..., :seq_len, :], clean=mask[..., seq_len:, seq_len:])
+    return SplitMask(noisy=mask[..., :n, :], clean=mask[..., n:, n:])

@@ -70,6 +70,39 @@ def time_weights(t: Tensor, kind: str) -> Tensor:
     raise ValueError(f"time_weight must be elbo or linear, got '{kind}'")
 
 
+def scored_span(
+    keep: Tensor, masked: Tensor, block_sizes: Tensor, offsets: Tensor | None
+) -> tuple[Tensor, int, int]:
+    """(starts [b], n, hi): what of a supervised batch the loss must feed. Columns from hi on
+    (padding after every row's last scored block) are cut from both halves; row r's noisy half
+    is the n columns from starts[r], which hold every block of that row with a masked token
+    (a noisy block sees only itself and the clean half, so the others predict nothing). Whole
+    blocks only: the loss is exactly the uncut one, and a long prompt costs its clean half only."""
+    b, L = keep.shape
+    cols = torch.arange(L + 1, device=keep.device).expand(b, L + 1)
+    off = 0 if offsets is None else offsets[:, None].to(keep.device)
+    bound = ((cols - off) % block_sizes[:, None].to(keep.device)) == 0
+    bound[:, 0] = bound[:, L] = True  # the uncut layout's own ends
+
+    def edge(x: Tensor, last: bool) -> Tensor:  # first/last True column per row; -1 if none
+        i = torch.arange(L, device=x.device).expand_as(x)
+        return torch.where(x, i, -1).amax(1) if last else torch.where(x, i, L).amin(1).where(x.any(1), -1)
+
+    def up(c: Tensor) -> Tensor:  # the first boundary of each row at or after column c
+        return torch.where(bound & (cols >= c[:, None]), cols, L).amin(1)
+
+    def down(c: Tensor) -> Tensor:  # the last boundary of each row at or before column c
+        return torch.where(bound & (cols <= c[:, None]), cols, 0).amax(1)
+
+    hi = max(int(up(edge(keep, True) + 1).max()), 1)
+    has = masked.any(1)
+    first, last = edge(masked, False), edge(masked, True)
+    s, e = down(first), up(last + 1)
+    n = max(int(torch.where(has, e - s, 0).max()), 1)
+    starts = torch.where(has, s.clamp(max=hi - n), hi - n)
+    return starts, n, hi
+
+
 def block_diffusion_loss(
     model: BlockDiffLM,
     x0: Tensor,
@@ -86,11 +119,18 @@ def block_diffusion_loss(
     cfg = getattr(model, "module", model).config  # DDP wraps the model
     b, L = x0.shape
     keep = torch.ones_like(x0, dtype=torch.bool) if loss_mask is None else loss_mask.to(x0.device)
-    if loss_mask is not None:
-        noise = Noise(noise.t, noise.masked.to(x0.device) & keep, noise.offsets)
     block_sizes = block_sizes.to(torch.long)
     for B in set(block_sizes.tolist()):
         masks.check_block_size(L, B)
+    one_block = bool((block_sizes == L).all())
+    starts, n = torch.zeros(b, dtype=torch.long, device=x0.device), L  # the noisy half fed per row
+    if loss_mask is not None:
+        noise = Noise(noise.t, noise.masked.to(x0.device) & keep, noise.offsets)
+    if loss_mask is not None and not (one_block and ar_weight == 0):  # one block: all see all
+        starts, n, hi = scored_span(keep, noise.masked, block_sizes, noise.offsets)
+        x0, keep = x0[:, :hi], keep[:, :hi]
+        noise = Noise(noise.t[:, :hi], noise.masked[:, :hi], noise.offsets)
+        L = hi
     shifted = cfg.shifted
     zero = x0.new_zeros((), dtype=torch.float32)
 
@@ -104,21 +144,27 @@ def block_diffusion_loss(
     pos = torch.arange(L, device=x0.device)
     weight = noise.masked.to(x0.device) / noise.t.to(x0.device)  # 1/t on masked tokens, 0 elsewhere
     ar = zero
-    if bool((block_sizes == L).all()) and ar_weight == 0:
+    if one_block and ar_weight == 0:
         # One global block: the clean half would be seen by nobody.
         raw = model(xt, mask=None)
         pred = raw if not shifted else torch.cat([raw[:, :1], raw[:, :-1]], 1)
     else:
-        vec = masks.vectorised(L, block_sizes, layout=cfg.layout, offsets=noise.offsets)
-        mask = masks.split(vec.to(x0.device), L)
+        cols = starts[:, None] + torch.arange(n, device=x0.device)  # [b, n] noisy columns fed
+        fed = torch.cat([cols, pos.expand(b, L) + L], 1)  # and the whole clean half
+        vec = masks.vectorised(L, block_sizes, layout=cfg.layout, offsets=noise.offsets).to(x0.device)
+        vec = vec.gather(2, fed[:, None, :, None].expand(-1, 1, -1, 2 * L))
+        mask = masks.split(vec.gather(3, fed[:, None, None, :].expand(-1, 1, n + L, -1)), L)
         need_clean = shifted or ar_weight > 0  # otherwise the clean half's logits are never read
         raw = model(
-            torch.cat([xt, x0], 1),
-            positions=torch.cat([pos, pos]).expand(b, 2 * L),
+            torch.cat([xt.gather(1, cols), x0], 1),
+            positions=torch.cat([cols, pos.expand(b, L)], 1),
             mask=mask,
-            logits_slice=None if need_clean else slice(0, L),
+            logits_slice=None if need_clean else slice(0, n),
         )
-        noisy, clean = raw[:, :L], raw[:, L:]
+        noisy, clean = raw[:, :n], raw[:, n:]
+        if n < L:  # columns outside a row's fed span are never scored: any finite logits do
+            filler = clean if need_clean else noisy.new_zeros(b, L, noisy.shape[-1])
+            noisy = filler.scatter(1, cols[..., None].expand(-1, -1, noisy.shape[-1]), noisy)
         if shifted:
             # Token i comes from output i-1: inside the block from the noisy half, at a block
             # start from the clean half (the last clean token before the block).
