@@ -30,9 +30,12 @@ class TableModel(torch.nn.Module):
         )
         self.fed = None
 
-    def forward(self, ids, positions=None, mask=None, **kw):
+    def forward(self, ids, positions=None, mask=None, logits_slice=None, **kw):
         self.fed = (ids, mask)
-        return self.table[: ids.shape[1]][None].expand(ids.shape[0], -1, -1)
+        out = self.table[: ids.shape[1]][None].expand(ids.shape[0], -1, -1)
+        if logits_slice is not None:  # as the model: only these outputs
+            out = out.gather(1, logits_slice[..., None].expand(-1, -1, out.shape[-1]))
+        return out
 
 
 def ce(row: torch.Tensor, target: int) -> float:

@@ -46,12 +46,13 @@ def _ce(logits: Tensor, target: Tensor, mask_id: int) -> Tensor:
     return F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none").view(target.shape)
 
 
-def _ar_loss(logits_clean: Tensor, x0: Tensor, mask_id: int, keep: Tensor) -> tuple[Tensor, Tensor]:
-    """(mean per token, per-row mean) of the next-token loss over the targets `keep` selects:
-    clean output i predicts x0[i+1]."""
-    k = keep[:, 1:].float()
-    ce = _ce(logits_clean[:, :-1], x0[:, 1:], mask_id) * k
-    return ce.sum() / k.sum().clamp(min=1), ce.sum(1) / k.sum(1).clamp(min=1)
+def _scored(sel: Tensor, src: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per row, the selected columns first, padded to the longest row: (fed output that predicts
+    each, the column, real or padding), [b, m] each. The LM head and the cross-entropy then run
+    where a token is scored only: for SFT rows a few dozen columns, not the whole row twice."""
+    m = max(int(sel.sum(1).max()), 1)
+    tgt = torch.argsort((~sel).to(torch.int8), dim=1, stable=True)[:, :m]
+    return src.gather(1, tgt).clamp(min=0), tgt, sel.gather(1, tgt)
 
 
 def token_weights(ce: Tensor, alpha: float, gamma: float) -> Tensor:
@@ -131,66 +132,69 @@ def block_diffusion_loss(
         x0, keep = x0[:, :hi], keep[:, :hi]
         noise = Noise(noise.t[:, :hi], noise.masked[:, :hi], noise.offsets)
         L = hi
-    shifted = cfg.shifted
-    zero = x0.new_zeros((), dtype=torch.float32)
+    shifted, mask_id = cfg.shifted, cfg.mask_token_id
+    col = torch.arange(L, device=x0.device).expand(b, L)
+    after_first = keep & (col >= 1)  # targets of next-token prediction (token 0 has no context)
 
     if shifted and bool((block_sizes == 1).all()):
         # Every token starts its own block: it is predicted from the clean causal prefix alone.
-        logits = model(x0, mask=masks.block_causal(L, 1, b).to(x0.device))
-        ar, rows = _ar_loss(logits, x0, cfg.mask_token_id, keep)
-        return LossOut(ar, ar, ar, int(keep[:, 1:].sum()), rows)
+        idx, tgt, ok = _scored(after_first, col - 1)
+        logits = model(x0, mask=masks.block_causal(L, 1, b).to(x0.device), logits_slice=idx)
+        ce = _ce(logits, x0.gather(1, tgt), mask_id) * ok
+        ar = ce.sum() / ok.sum().clamp(min=1)
+        return LossOut(ar, ar, ar, int(ok.sum()), ce.sum(1) / ok.sum(1).clamp(min=1))
 
-    xt = apply(x0, noise, cfg.mask_token_id)
-    pos = torch.arange(L, device=x0.device)
-    weight = noise.masked.to(x0.device) / noise.t.to(x0.device)  # 1/t on masked tokens, 0 elsewhere
-    ar = zero
+    xt = apply(x0, noise, mask_id)
+    t = noise.t.to(x0.device)
+    weight = noise.masked.to(x0.device) / t  # 1/t on masked tokens, 0 elsewhere
+    if shifted:
+        weight[:, 0] = 0.0  # nothing precedes token 0
+    # src[i]: which fed output predicts token i (logits are computed there only)
+    src_ar = None
     if one_block and ar_weight == 0:
         # One global block: the clean half would be seen by nobody.
-        raw = model(xt, mask=None)
-        pred = raw if not shifted else torch.cat([raw[:, :1], raw[:, :-1]], 1)
+        fed, positions, mask = xt, None, None
+        src = col - 1 if shifted else col
     else:
+        if ar_weight and (cfg.layout != "context_causal" or not shifted):
+            raise ValueError("the auxiliary AR loss needs layout 'context_causal' and shifted logits")
         cols = starts[:, None] + torch.arange(n, device=x0.device)  # [b, n] noisy columns fed
-        fed = torch.cat([cols, pos.expand(b, L) + L], 1)  # and the whole clean half
+        order = torch.cat([cols, col + L], 1)  # and the whole clean half
         vec = masks.vectorised(L, block_sizes, layout=cfg.layout, offsets=noise.offsets).to(x0.device)
-        vec = vec.gather(2, fed[:, None, :, None].expand(-1, 1, -1, 2 * L))
-        mask = masks.split(vec.gather(3, fed[:, None, None, :].expand(-1, 1, n + L, -1)), L)
-        need_clean = shifted or ar_weight > 0  # otherwise the clean half's logits are never read
-        raw = model(
-            torch.cat([xt.gather(1, cols), x0], 1),
-            positions=torch.cat([cols, pos.expand(b, L)], 1),
-            mask=mask,
-            logits_slice=None if need_clean else slice(0, n),
-        )
-        noisy, clean = raw[:, :n], raw[:, n:]
-        if n < L:  # columns outside a row's fed span are never scored: any finite logits do
-            filler = clean if need_clean else noisy.new_zeros(b, L, noisy.shape[-1])
-            noisy = filler.scatter(1, cols[..., None].expand(-1, -1, noisy.shape[-1]), noisy)
+        vec = vec.gather(2, order[:, None, :, None].expand(-1, 1, -1, 2 * L))
+        mask = masks.split(vec.gather(3, order[:, None, None, :].expand(-1, 1, n + L, -1)), L)
+        fed, positions = torch.cat([xt.gather(1, cols), x0], 1), torch.cat([cols, col], 1)
+        noisy = col - starts[:, None]  # fed index of column i's noisy copy
         if shifted:
             # Token i comes from output i-1: inside the block from the noisy half, at a block
             # start from the clean half (the last clean token before the block).
             off = 0 if noise.offsets is None else noise.offsets[:, None].to(x0.device)
-            starts = ((pos - off) % block_sizes[:, None].to(x0.device)) == 0  # [b, L]
-            prev_noisy = torch.cat([noisy[:, :1], noisy[:, :-1]], 1)
-            prev_clean = torch.cat([clean[:, :1], clean[:, :-1]], 1)
-            pred = torch.where(starts[..., None], prev_clean, prev_noisy)
+            block_start = ((col - off) % block_sizes[:, None].to(x0.device)) == 0
+            src = torch.where(block_start, n + col - 1, noisy - 1)
         else:
-            pred = noisy
+            src = noisy
         if ar_weight:
-            if cfg.layout != "context_causal" or not shifted:
-                raise ValueError("the auxiliary AR loss needs layout 'context_causal' and shifted logits")
-            ar = _ar_loss(clean, x0, cfg.mask_token_id, keep)[0]
-    if shifted:
-        weight = weight.clone()
-        weight[:, 0] = 0.0  # nothing precedes token 0
-    ce = _ce(pred, x0, cfg.mask_token_id)
-    counted = keep[:, 1:] if shifted else keep  # token 0 of a shifted model is never predicted
-    per_token = ce * weight
+            src_ar = n + col - 1
+    idx, tgt, ok = _scored(weight > 0, src)
+    m = idx.shape[1]
+    if src_ar is not None:
+        idx_ar, tgt_ar, ok_ar = _scored(after_first, src_ar)
+        idx = torch.cat([idx, idx_ar], 1)
+    logits = model(fed, positions=positions, mask=mask, logits_slice=idx)
+    ce = _ce(logits[:, :m], x0.gather(1, tgt), mask_id)
+    w = weight.gather(1, tgt) * ok
+    ar = x0.new_zeros((), dtype=torch.float32)
+    if src_ar is not None:
+        ce_ar = _ce(logits[:, m:], x0.gather(1, tgt_ar), mask_id) * ok_ar
+        ar = ce_ar.sum() / ok_ar.sum().clamp(min=1)
+    counted = after_first if shifted else keep  # token 0 of a shifted model is never predicted
+    per_token = ce * w
     rows = per_token.sum(1) / counted.sum(1).clamp(min=1)
-    n = counted.sum().clamp(min=1)
-    diff = per_token.sum() / n  # = rows.mean() when rows count alike
+    total = counted.sum().clamp(min=1)
+    diff = per_token.sum() / total  # = rows.mean() when rows count alike
     obj = diff
     if token_weight is not None or time_weight != "elbo":
-        w = weight * time_weights(noise.t.to(x0.device), time_weight) * noise.t.to(x0.device)
+        tt = t.gather(1, tgt)
         tok_w = token_weights(ce, *token_weight) if token_weight is not None else 1.0
-        obj = (ce * tok_w * w).sum() / n
+        obj = (ce * tok_w * w * time_weights(tt, time_weight) * tt).sum() / total
     return LossOut(obj + ar_weight * ar, diff, ar, int(counted.sum()), rows)
