@@ -187,3 +187,38 @@ def test_page_races_the_two_agents(tmp_path, url):
         assert errors(d) == []
     finally:
         d.quit()
+
+
+def test_page_races_against_a_served_ar_model(tmp_path):
+    """With `serve --ar-model`, the race's ar panel and the AR agent run on that model (its
+    scheduler counts the forwards) and the header names it."""
+    from blockdiff.models import bundled_path
+
+    with running_server("--model", MODEL, "--ar-model", str(bundled_path(MODEL)), "--sampler", "bd3") as u:
+        d = chromium(tmp_path)
+        try:
+            d.get(u + "/")
+            wait(d, "return document.getElementById('sampler').options.length > 0")
+            assert d.execute_script("return document.getElementById('model').textContent") == (
+                f"{MODEL} · AR side: demo"
+            )
+            fill(d, mode="race", prompt="ROMEO:", max_tokens=16)
+            d.find_element("id", "run").click()
+            runs = wait(
+                d,
+                "const r = window.blockdiffRuns; return r.length == 2 && r.every(x => x.text !== null) && r",
+            )
+            assert [(r["sampler"], r["error"]) for r in runs] == [("ar", None), ("bd3", None)]
+            h = request(u, "/health")[1]
+            assert h["ar_model"]["forwards"] >= 16 and h["forwards"] > 0  # each side on its own model
+            fill(d, mode="agent", task=3, max_rounds=2, call_tokens=4, max_errors=2)
+            d.find_element("id", "run").click()
+            wait(
+                d,
+                "const r = window.blockdiffRuns;"
+                " return r.length == 4 && r.slice(2).every(x => x.result !== null)",
+            )
+            assert request(u, "/health")[1]["ar_model"]["forwards"] > h["ar_model"]["forwards"]
+            assert errors(d) == []
+        finally:
+            d.quit()

@@ -316,8 +316,8 @@ AGENT = {"model": MODEL, "task": 3, "sampler": "bd3", "block_size": 2, "max_new_
 AGENT |= {"max_rounds": 3, "max_errors": 2, "seed": 1}
 
 
-def agent_events(url, body) -> list[dict]:
-    with stream(url, "/v1/agent/run", body, KEY) as (status, lines):
+def agent_events(url, body, key=KEY) -> list[dict]:
+    with stream(url, "/v1/agent/run", body, key) as (status, lines):
         assert status == 200
         return [json.loads(line[6:]) for line in lines if line.startswith("data: ")]
 
@@ -425,3 +425,31 @@ def test_agent_thread_reports_calls_observations_and_failures():
     with pytest.raises(APIError, match="client closed"):
         policy.decode("ROMEO:", 0)
     assert server.scheduler.waiting[0].cancelled
+
+
+def test_a_second_model_serves_the_ar_side():
+    """`serve --ar-model`: both models listed and answered by name; the page's AR side (its
+    /v1/samplers `ar_model`, the AR agent by default) decodes on the AR model's own scheduler."""
+    from blockdiff.agent import ModelPolicy, make_task, run_agent
+    from blockdiff.models import bundled_path
+
+    ar_dir = bundled_path(MODEL)  # the same toy weights under a second name: "demo"
+    with running_server("--model", MODEL, "--ar-model", str(ar_dir), "--sampler", "bd3") as u:
+        assert [m["id"] for m in request(u, "/v1/models")[1]["data"]] == [MODEL, "demo"]
+        assert request(u, "/v1/samplers")[1]["ar_model"] == "demo"
+        model, tok = load_model(ar_dir)
+        want = generate(model, tok, ["ROMEO:"], sampler="ar", max_new_tokens=6, stop_at_eos=False)
+        body = {"model": "demo", "prompt": "ROMEO:", "max_tokens": 6, "sampler": "ar"}
+        code, r = request(u, "/v1/completions", body)
+        assert code == 200 and r["model"] == "demo" and r["choices"][0]["text"] == want.texts[0]
+        before = request(u, "/health")[1]
+        assert before["ar_model"]["forwards"] > 0 and before["forwards"] == 0  # it ran on the AR model
+        body = {"agent": "ar", "task": 3, "max_new_tokens": 4, "max_rounds": 2, "max_errors": 2, "seed": 1}
+        evs = agent_events(u, body, key=None)
+        assert evs[-1]["type"] == "done"
+        want = run_agent(make_task("eval", 3), ModelPolicy(model, tok, "ar", 4, 1), 2, 2048, 2)
+        assert timeless(evs[-1]["result"]) == timeless(json.loads(json.dumps(want.as_dict())))
+        after = request(u, "/health")[1]
+        assert after["forwards"] == 0 and after["ar_model"]["forwards"] > before["ar_model"]["forwards"]
+        code, r = request(u, "/v1/completions", {**body, "model": "gpt-4", "prompt": "x"})
+        assert code == 404 and f"'{MODEL}', 'demo'" in r["error"]["message"]

@@ -668,6 +668,11 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server and the live denoising page")
     sv.add_argument("--model", help="model name or checkpoint/run dir (default: smollm2-nbdiff)")
     sv.add_argument(
+        "--ar-model",
+        dest="ar_model",
+        help="also serve this model; the page's AR side (race, AR agent) uses it [the main model]",
+    )
+    sv.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
     )
     sv.add_argument("--port", type=int, default=8000)
@@ -707,7 +712,12 @@ def cmd_serve(a: argparse.Namespace) -> int:
     model, tok = load_model(a.model, dtype=getattr(torch, a.dtype))
     name = a.model if a.model in models.NAMES else Path(a.model).name if a.model else models.DEFAULT
     server = Server(model, tok, name, a.sampler, a.max_batch, a.max_queue, a.timeout, a.api_key)
-    print(f"blockdiff serve: {name} ({a.sampler}) on http://{a.host}:{a.port}/", file=sys.stderr)
+    also = ""
+    if a.ar_model:
+        ar_name = a.ar_model if a.ar_model in models.NAMES else Path(a.ar_model).name
+        server.add_ar_model(*load_model(a.ar_model, dtype=getattr(torch, a.dtype)), ar_name)
+        also = f" and {ar_name} (ar)"
+    print(f"blockdiff serve: {name} ({a.sampler}){also} on http://{a.host}:{a.port}/", file=sys.stderr)
     serve(server, a.host, a.port)
     return 0
 

@@ -55,7 +55,7 @@ class AgentRequest(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
     agent: Literal["ar", "diffusion"]
     task: int = 0
-    model: str | None = None  # default: the served model
+    model: str | None = None  # default: the served model (the AR agent: the AR model, if served)
     sampler: str | None = None  # the diffusion agent's [fastdllm]
     max_new_tokens: int = 96  # per call
     max_rounds: int = 12
@@ -129,17 +129,22 @@ def prepare(server: Server, req: AgentRequest) -> tuple[Task, ScheduledPolicy]:
     except ValueError as e:
         raise APIError(400, str(e), None, "invalid_value") from None
     task = make_task("eval", req.task)
+    own_ar = req.agent == "ar" and server.ar is not None
+    name = req.model or (server.ar.name if own_ar else server.name)
+    srv = server.route(name)
     policy = ScheduledPolicy(
-        server,
-        req.model or server.name,
+        srv,
+        name,
         sampler,
         req.max_new_tokens,
         req.seed,
         **agent_options(req.agent, extra),
     )
-    prompt = render(start_messages(task.question.text), server.tok)
-    for s, opts in ((diffusion, extra), (sampler, policy.options)):  # as the diffusion agent, and as itself
-        server.job(policy.request(prompt, req.seed, s, opts), prompt, lambda ev: None)  # builds, runs nothing
+    prompt = render(start_messages(task.question.text), srv.tok)
+    as_diffusion = policy.request(prompt, req.seed, diffusion, extra)
+    as_diffusion = as_diffusion.model_copy(update={"model": server.name})
+    server.job(as_diffusion, prompt, lambda ev: None)  # builds (runs nothing): as the diffusion agent
+    srv.job(policy.request(prompt, req.seed, sampler, policy.options), prompt, lambda ev: None)  # as itself
     return task, policy
 
 

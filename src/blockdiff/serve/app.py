@@ -112,16 +112,35 @@ class Server:
     ):
         self.model, self.tok, self.name, self.sampler = model, tokenizer, name, sampler
         self.timeout, self.api_key, self.default_max_tokens = timeout, api_key, default_max_tokens
-        self.max_batch = max_batch
+        self.max_batch, self.max_queue = max_batch, max_queue
         self.scheduler = Scheduler(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
+        self.ar: Server | None = None
+
+    def add_ar_model(self, model: BlockDiffLM, tokenizer: Tokenizer, name: str) -> None:
+        """Serve a second model beside this one, with its own scheduler (its own thread touches
+        it); the page's AR side (the race's `ar` panel, the AR agent) uses it."""
+        if name == self.name:
+            raise ValueError(f"the AR model needs a name of its own, '{name}' is the main model's")
+        self.ar = Server(
+            model, tokenizer, name, "ar", self.max_batch, self.max_queue, self.timeout, self.api_key,
+            self.default_max_tokens,
+        )  # fmt: skip
+
+    def servers(self) -> list[Server]:
+        return [self] + ([self.ar] if self.ar is not None else [])
+
+    def route(self, name: str | None) -> Server:
+        """The server of a requested model (this one for any other name: its checks answer 404)."""
+        return self.ar if self.ar is not None and name == self.ar.name else self
 
     # ---- request -> job ------------------------------------------------------------------------
 
     def job(self, req: _Common, prompt: str, emit) -> Job:
         if req.model != self.name:
+            served = ", ".join(f"'{s.name}'" for s in self.servers())
             raise APIError(
                 404,
-                f"model '{req.model}' is not served here; this server serves '{self.name}'",
+                f"model '{req.model}' is not served here; this server serves {served}",
                 "model",
                 "model_not_found",
             )
@@ -332,20 +351,25 @@ def create_app(server: Server) -> FastAPI:
 
     @app.on_event("startup")
     async def _start():
-        server.scheduler.start()
+        for s in server.servers():
+            s.scheduler.start()
 
     @app.on_event("shutdown")
     async def _stop():
-        server.scheduler.stop()
+        for s in server.servers():
+            s.scheduler.stop()
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": server.name, **server.scheduler.load()}
+        out = {"status": "ok", "model": server.name, **server.scheduler.load()}
+        if server.ar is not None:
+            out["ar_model"] = {"model": server.ar.name, **server.ar.scheduler.load()}
+        return out
 
     @app.get("/v1/models")
     async def models():
-        card = {"id": server.name, "object": "model", "created": 0, "owned_by": "blockdiff"}
-        return {"object": "list", "data": [card]}
+        card = {"object": "model", "created": 0, "owned_by": "blockdiff"}
+        return {"object": "list", "data": [{"id": s.name, **card} for s in server.servers()]}
 
     @app.get("/v1/samplers")
     async def samplers():
@@ -356,15 +380,17 @@ def create_app(server: Server) -> FastAPI:
             "chat": bool(server.tok.chat_template),
             "max_batch": server.max_batch,
             "agent": {"tasks": EVAL_POOL, "diffusion_sampler": DIFFUSION_SAMPLER},
+            "ar_model": server.ar.name if server.ar else None,  # the page's AR side, if its own
         }
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
-        return await server.respond(request, req, req.prompt, chat=False)
+        return await server.route(req.model).respond(request, req, req.prompt, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
-        return await server.respond(request, req, server.chat_prompt(req), chat=True)
+        srv = server.route(req.model)
+        return await srv.respond(request, req, srv.chat_prompt(req), chat=True)
 
     from .agents import add_routes  # here: that module builds on this one
 

@@ -16,7 +16,8 @@ async function init() {
   if (!r.ok) { $("error").textContent = "cannot read /v1/samplers: " + r.status; return; }
   info = await r.json();
   const models = await (await api("/v1/models")).json();
-  $("model").textContent = models.data[0].id;
+  info.model = models.data[0].id;
+  $("model").textContent = models.data[0].id + (info.ar_model ? ` · AR side: ${info.ar_model}` : "");
   for (const s of Object.keys(info.samplers)) {
     const o = document.createElement("option");
     o.value = o.textContent = s;
@@ -38,8 +39,14 @@ function options(body, sampler) {
   return body;
 }
 
+// The served model for a side: the AR side (the race's ar panel, the AR agent) uses the AR model
+// when the server has one of its own (blockdiff serve --ar-model).
+function modelFor(ar) {
+  return ar && info.ar_model ? info.ar_model : info.model;
+}
+
 function request(sampler) {
-  const body = options({ model: $("model").textContent, stream: true, denoise: true, sampler,
+  const body = options({ model: modelFor(sampler === "ar"), stream: true, denoise: true, sampler,
                          max_tokens: Number($("max_tokens").value), seed: Number($("seed").value) }, sampler);
   if ($("chat").checked) body.messages = [{ role: "user", content: $("prompt").value }];
   else body.prompt = $("prompt").value;
@@ -152,7 +159,7 @@ async function runPanel(p, sampler) {
 
 function agentBody(agent) {
   const sampler = $("sampler").value;
-  return options({ model: $("model").textContent, agent, sampler, task: Number($("task").value),
+  return options({ model: modelFor(agent === "ar"), agent, sampler, task: Number($("task").value),
                    max_rounds: Number($("max_rounds").value), max_new_tokens: Number($("call_tokens").value),
                    max_errors: Number($("max_errors").value), seed: Number($("seed").value) }, sampler);
 }
