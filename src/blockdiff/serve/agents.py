@@ -4,7 +4,9 @@ The agent loop (`run_agent`) runs in a thread of its own, and each of its model 
 ordinary decode request to the scheduler (`ScheduledPolicy.decode`). So the scheduler's worker
 stays the only thread that touches the model (no lock, no second copy of the weights), an agent
 never holds the worker while it runs a tool, and the AR and diffusion agents of a race are
-stepped in turn, one forward each, like the playground's two panels. A row decodes as it would
+stepped in turn, one forward each, like the playground's two panels. With `serve --ar-model`
+the AR agent runs on the second model's own worker, so the two decode at the same time and share
+the cores: wall times in such a race are not those of one agent alone. A row decodes as it would
 alone, so a streamed run ends in exactly the `AgentResult` of `run_agent` with `ModelPolicy`.
 
 The page starts a race as two requests, `"agent": "ar"` and `"agent": "diffusion"`, with the
