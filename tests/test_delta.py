@@ -95,6 +95,16 @@ def test_attach_freezes_base_and_starts_at_base(ar_base):
     assert delta.base_checksum(m) == before
 
 
+def test_a_bundled_model_is_a_base_by_name():
+    """`model.base: <bundled name>` (a delta over a shipped model) loads that model's weights."""
+    from blockdiff.checkpoint import load_base_model
+    from blockdiff.models import bundled_path
+
+    by_name, _ = load_base_model("shakespeare-5m")
+    by_path, _ = load_model(bundled_path("shakespeare-5m"))
+    assert delta.base_checksum(by_name) == delta.base_checksum(by_path)
+
+
 def test_bad_specs():
     with pytest.raises(ConfigError, match="lora:RANK"):
         delta.parse("lora")

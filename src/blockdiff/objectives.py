@@ -161,8 +161,10 @@ def block_diffusion_loss(
         cols = starts[:, None] + torch.arange(n, device=x0.device)  # [b, n] noisy columns fed
         order = torch.cat([cols, col + L], 1)  # and the whole clean half
         vec = masks.vectorised(L, block_sizes, layout=cfg.layout, offsets=noise.offsets).to(x0.device)
-        vec = vec.gather(2, order[:, None, :, None].expand(-1, 1, -1, 2 * L))
-        mask = masks.split(vec.gather(3, order[:, None, None, :].expand(-1, 1, n + L, -1)), L)
+        if n < L:  # n == L means starts == 0: the whole noisy half, the mask as built
+            vec = vec.gather(2, order[:, None, :, None].expand(-1, 1, -1, 2 * L))
+            vec = vec.gather(3, order[:, None, None, :].expand(-1, 1, n + L, -1))
+        mask = masks.split(vec, L)
         fed, positions = torch.cat([xt.gather(1, cols), x0], 1), torch.cat([cols, col], 1)
         noisy = col - starts[:, None]  # fed index of column i's noisy copy
         if shifted:
