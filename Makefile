@@ -58,9 +58,12 @@ bench: setup
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/decode.py
 
-# llama.cpp as a speed baseline (benchmarks/speed.py): built from source by pip (several minutes).
+# llama.cpp as a speed baseline (benchmarks/speed.py): built from source by pip (several minutes),
+# AVX2 + AVX-512 kernels without -march=native (a native build died of an illegal instruction here).
+LLAMA_FLAGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+	-DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON
 llama-cpp: setup
-	$(BIN)/pip install -q llama-cpp-python==0.3.36
+	CMAKE_ARGS="$(LLAMA_FLAGS)" $(BIN)/pip install -q --no-cache-dir llama-cpp-python==0.3.36
 
 clean:
 	rm -rf $(VENV) runs

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from blockdiff.checkpoint import load_model
 from blockdiff.decoding import generate
+from blockdiff.models import load_model
 
 BASE = Path.home() / ".cache" / "blockdiff" / "models" / "smollm2-135m-instruct"
 PROMPTS = [
@@ -29,7 +29,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--profile", action="store_true")
     a = ap.parse_args()
-    model, tok = load_model(BASE, dtype=torch.bfloat16)
+    model, tok = load_model(BASE, torch.bfloat16)
     generate(model, tok, PROMPTS[:1], sampler="ar", max_new_tokens=8)
     ms = []
     for _ in range(a.repeats):

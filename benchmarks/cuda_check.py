@@ -17,11 +17,10 @@ from pathlib import Path
 
 import torch
 
-from blockdiff.checkpoint import load_model
 from blockdiff.config import ModelConfig
 from blockdiff.decoding import generate
 from blockdiff.model import BlockDiffLM
-from blockdiff.models import bundled_path
+from blockdiff.models import bundled_path, load_model
 from blockdiff.noise import draw
 from blockdiff.objectives import block_diffusion_loss
 
@@ -70,7 +69,7 @@ def decoding_checks() -> None:
             for p, s in zip(PROMPTS, [1, 2, 3], strict=True)
         ]
         check(f"{sampler}: batched = unbatched on CUDA", batched == alone)
-    bf = load_model(bundled_path("shakespeare-5m"), dtype=torch.bfloat16, device=DEV)[0]
+    bf = load_model(bundled_path("shakespeare-5m"), "bfloat16", device=DEV)[0]
     out = generate(bf, tok, PROMPTS, "bd3", max_new_tokens=32, block_size=4, steps=2)
     check("bf16 CUDA decoding runs", all(len(t) > 0 for t in out.texts), repr(out.texts[0][:40]))
 

@@ -19,9 +19,8 @@ import time
 
 import torch
 
-from blockdiff.checkpoint import load_model
 from blockdiff.decoding import generate
-from blockdiff.models import bundled_path
+from blockdiff.models import bundled_path, load_model
 
 PROMPTS = ["ROMEO.\nBut soft, what light", "KING.\nWhat news", "HAMLET.\nTo be, or not to be"]
 
@@ -58,7 +57,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--only", default=None, help="rows whose label contains this (plus the ratio rows)")
     a = ap.parse_args()
-    model, tok = load_model(a.model or bundled_path("shakespeare-5m"), dtype=getattr(torch, a.dtype))
+    model, tok = load_model(a.model or bundled_path("shakespeare-5m"), a.dtype)
     prompts = (PROMPTS * a.batch)[: a.batch]
     cfgs = configs(a.max_new_tokens)
     if a.only:

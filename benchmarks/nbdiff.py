@@ -11,9 +11,9 @@ import sys
 
 import torch
 
-from blockdiff.checkpoint import load_model
 from blockdiff.eval.genppl import corpus_prompts, evaluate, reference_row
 from blockdiff.hub import import_causal_lm, load_reference
+from blockdiff.models import load_model
 
 
 def sampler_rows(block_size: int) -> list[tuple[str, str, dict]]:

@@ -20,8 +20,8 @@ from unittest import mock
 import torch
 
 from blockdiff import delta, noise, objectives
-from blockdiff.checkpoint import load_model
 from blockdiff.data.corpus import pack_pairs, read_pairs
+from blockdiff.models import load_model
 
 
 def main() -> None:
@@ -32,7 +32,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=640, dest="seq_len")
     ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args()
-    model, tok = load_model(a.model)
+    model, tok = load_model(a.model, None)
     delta.attach(model, delta.DeltaSpec(rank=16))
     model.train()
     pairs = read_pairs(Path(a.data))

@@ -14,11 +14,11 @@ import sys
 
 import torch
 
-from blockdiff.checkpoint import load_model
 from blockdiff.data.prompts import chat_prompts
 from blockdiff.eval.genppl import evaluate
 from blockdiff.eval.questions import accuracy
 from blockdiff.hub import load_reference
+from blockdiff.models import load_model
 
 
 def rows_for(adapted: bool) -> list[tuple[str, str, dict]]:
@@ -44,9 +44,9 @@ def main() -> None:
     a = ap.parse_args()
     dtype = getattr(torch, a.dtype)
     ref, ref_tok = load_reference(a.base)
-    models = [("base", *load_model(a.base, dtype=dtype), False)]
+    models = [("base", *load_model(a.base, dtype), False)]
     for p in a.adapted:
-        models.append((f"adapted {p}", *load_model(p, dtype=dtype), True))
+        models.append((f"adapted {p}", *load_model(p, dtype), True))
     tok = models[0][2]
     prompts = [tok.chat(q) for q in chat_prompts("heldout")[: a.num_prompts]]
     print(f"command: python {' '.join(sys.argv)}")

@@ -18,12 +18,13 @@ import time
 
 import torch
 
-from blockdiff.checkpoint import load_model
 from blockdiff.data.prompts import chat_prompts
 from blockdiff.decoding import generate
 from blockdiff.eval.genppl import score
 from blockdiff.hub import load_reference, smollm2_gguf
 from blockdiff.model import KVCache
+from blockdiff.models import load_model
+from blockdiff.quant import Int4Linear
 
 
 def bandwidth() -> float:
@@ -115,11 +116,12 @@ def main() -> None:
     torch.manual_seed(0)
     N = a.max_new_tokens
     ref, ref_tok = load_reference(a.base)
-    base32, tok = load_model(a.base)
-    base16, _ = load_model(a.base, dtype=torch.bfloat16)
-    ad16, atok = load_model(a.adapted, dtype=torch.bfloat16)
-    base8, _ = load_model(a.base, dtype=torch.int8)  # weight-only int8 (dynamic quantisation, fbgemm)
-    ad8, _ = load_model(a.adapted, dtype=torch.int8)
+    base32, tok = load_model(a.base, "float32")
+    base16, _ = load_model(a.base, "bfloat16")
+    ad16, atok = load_model(a.adapted, "bfloat16")
+    base8, _ = load_model(a.base, "int8")  # weight-only int8, per output channel (lossy)
+    base4, _ = load_model(a.base, "int4")  # the runtime's default: the Q4_1 weights exactly
+    ad4, _ = load_model(a.adapted, "int4")  # the same base, the delta unmerged beside it
     prompts = [tok.chat(q) for q in chat_prompts("heldout")[: a.prompts]]
     print(f"command: python {' '.join(sys.argv)}")
     print(
@@ -130,14 +132,20 @@ def main() -> None:
     bw = bandwidth()
     wbytes = sum(p.numel() for p in {id(p): p for p in base16.parameters()}.values()) * 2
     floor = wbytes / bw
+    b4 = sum(  # what a one-token step reads in the int4 runtime: the 4-bit planes and their scales
+        t.numel() * t.element_size()
+        for m in base4.modules()
+        if isinstance(m, Int4Linear)
+        for t in m.buffers()
+    )
     print(
         f"read bandwidth {bw / 1e9:.1f} GB/s; bf16 weights {wbytes / 1e6:.0f} MB -> "
-        f"floor {floor * 1e3:.1f} ms/token ({1 / floor:.0f} tokens/s); int8 weights {wbytes / 2e6:.0f} MB -> "
-        f"floor {floor * 5e2:.1f} ms/token\n"
+        f"floor {floor * 1e3:.1f} ms/token ({1 / floor:.0f} tokens/s); int4 runtime reads {b4 / 1e6:.0f} MB "
+        f"per token -> floor {b4 / bw * 1e3:.1f} ms/token\n"
     )
 
-    lat = forward_latency(base16)
-    print("| new tokens over a 64-token cached prefix (bf16) | " + " | ".join(map(str, lat)) + " |")
+    lat = forward_latency(base4)
+    print("| new tokens over a 64-token cached prefix (int4 runtime) | " + " | ".join(map(str, lat)) + " |")
     print("|---|" + "---|" * len(lat))
     print("| ms per forward | " + " | ".join(f"{v * 1e3:.1f}" for v in lat.values()) + " |")
     print("| ratio to 1 token | " + " | ".join(f"{v / lat[1]:.2f}" for v in lat.values()) + " |\n")
@@ -148,19 +156,20 @@ def main() -> None:
         "transformers bf16": hf_runner(load_reference(a.base, dtype=torch.bfloat16)[0], ref_tok, N),
         "blockdiff ar fp32 (base)": bd_runner(base32, tok, "ar", N),
         "blockdiff ar bf16 (base)": bd_runner(base16, tok, "ar", N),
-        "blockdiff ar bf16 (adapted)": bd_runner(ad16, atok, "ar", N),
         "blockdiff ar int8 (base)": bd_runner(base8, tok, "ar", N),
-        "blockdiff ar int8 (adapted)": bd_runner(ad8, atok, "ar", N),
-        "blockdiff spec k=3 greedy int8 (adapted)": bd_runner(ad8, atok, "spec", N, draft_len=3),
-        "blockdiff bd3 B=4, 2 tok/NFE (adapted)": bd_runner(
-            ad16, atok, "bd3", N, block_size=4, steps=2, order="confidence", temperature=0.0
+        "blockdiff ar int4 runtime (base)": bd_runner(base4, tok, "ar", N),
+        "blockdiff ar bf16 (adapted)": bd_runner(ad16, atok, "ar", N),
+        "blockdiff ar int4 runtime (adapted)": bd_runner(ad4, atok, "ar", N),
+        "blockdiff spec k=3 greedy int4 runtime (adapted)": bd_runner(ad4, atok, "spec", N, draft_len=3),
+        "blockdiff spec k=1 greedy int4 runtime (adapted)": bd_runner(ad4, atok, "spec", N, draft_len=1),
+        "blockdiff bd3 B=4, 2 tok/NFE int4 runtime (adapted)": bd_runner(
+            ad4, atok, "bd3", N, block_size=4, steps=2, order="confidence", temperature=0.0
         ),
-        "blockdiff spec k=3 greedy (adapted)": bd_runner(ad16, atok, "spec", N, draft_len=3),
-        f"blockdiff spec k=3 T={a.temperature} (adapted)": bd_runner(
-            ad16, atok, "spec", N, draft_len=3, temperature=a.temperature
+        f"blockdiff ar T={a.temperature} int4 runtime (adapted)": bd_runner(
+            ad4, atok, "ar", N, temperature=a.temperature
         ),
-        f"blockdiff ar T={a.temperature} (adapted)": bd_runner(
-            ad16, atok, "ar", N, temperature=a.temperature
+        f"blockdiff spec k=3 T={a.temperature} int4 runtime (adapted)": bd_runner(
+            ad4, atok, "spec", N, draft_len=3, temperature=a.temperature
         ),
     }
     skip = set(filter(None, a.skip.split(",")))
@@ -181,11 +190,11 @@ def main() -> None:
         table.append(
             (label, tps, statistics.mean(n for _, _, n, _, _ in rs), nfe, math.exp(nll / max(cnt, 1)))
         )
-        if label == "blockdiff ar bf16 (base)":
+        if label == "blockdiff ar int4 runtime (base)":
             ar_tps = tps
         if label.startswith("llama.cpp"):
             llama_tps = tps
-    print("| decoder | tokens/s (median) | mean tokens | tokens/NFE | vs blockdiff ar bf16 | vs llama.cpp | "
+    print("| decoder | tokens/s (median) | mean tokens | tokens/NFE | vs blockdiff ar int4 | vs llama.cpp | "
           "Gen PPL (base) |")  # fmt: skip
     print("|---|---|---|---|---|---|---|")
     for label, tps, ntok, nfe, ppl in table:
@@ -193,12 +202,8 @@ def main() -> None:
         r_ll = f"{tps / llama_tps:.2f}x" if llama_tps else "-"
         tpn = f"{statistics.mean(nfe):.2f}" if nfe else "-"
         print(f"| {label} | {tps:.1f} | {ntok:.0f} | {tpn} | {r_ar} | {r_ll} | {ppl:.2f} |")
-    same = [t for _, t, *_ in res.get("blockdiff spec k=3 greedy (adapted)", [])] == [
-        t for _, t, *_ in res.get("blockdiff ar bf16 (adapted)", [])
-    ]
-    print(f"\ngreedy spec output identical to greedy ar (adapted, bf16) on every prompt: {same}")
-    print("\nprofile of blockdiff ar (bf16 base, 32 tokens):\n```")
-    print(profile_ar(base16, tok, prompts[0]))
+    print("\nprofile of blockdiff ar (int4 runtime, base, 32 tokens):\n```")
+    print(profile_ar(base4, tok, prompts[0]))
     print("```")
 
 

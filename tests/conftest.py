@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from blockdiff import recipe
-from blockdiff.checkpoint import load_model
+from blockdiff.config import ModelConfig
+from blockdiff.models import load_model
 from blockdiff.tokenizer import byte_tokenizer
 from blockdiff.train import Trainer
 
@@ -17,6 +18,13 @@ The king is dead; long live the king. O, what a noble mind is here o'erthrown!
 To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer
 the slings and arrows of outrageous fortune, or to take arms against a sea of troubles.
 """
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    """A small Llama config for tests that build a model directly (override any field)."""
+    base = dict(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    return ModelConfig(**{**base, **overrides})
 
 
 @pytest.fixture(scope="session")
@@ -72,7 +80,7 @@ def trained(tmp_path_factory, corpus, logits, block_sizes):
         out = tmp_path_factory.mktemp("tiny")
         torch.manual_seed(0)
         Trainer(tiny_recipe(corpus, logits, block_sizes), out).run()
-        _MODELS[key] = (load_model(out)[0], out)
+        _MODELS[key] = (load_model(out, None)[0], out)  # the plain modules (tests reach into them)
     return _MODELS[key]
 
 

@@ -5,8 +5,8 @@ import json
 import pytest
 
 from blockdiff import cli
-from blockdiff.checkpoint import load_model
 from blockdiff.decoding import SAMPLERS, generate
+from blockdiff.models import load_model
 
 pytestmark = pytest.mark.slow
 

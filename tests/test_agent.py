@@ -25,6 +25,7 @@ from blockdiff.agent import (
     train_tasks,
     write_sft_data,
 )
+from blockdiff.agent import tasks as tasks_mod
 from blockdiff.agent import world as world_mod
 from blockdiff.agent.tools import CalcError
 from blockdiff.agent.trajectory import format_call, sft_pairs, start_messages
@@ -79,7 +80,7 @@ def test_held_out_questions_never_in_training_data(tmp_path, monkeypatch):
     assert all(is_held_out(t) for t in held_out[:5])
     # the guard: a training task that asks a held-out question is skipped
     first = make_task("train", "0:0")
-    monkeypatch.setattr(world_mod, "_held_out_questions", lambda: frozenset({first.question.text}))
+    monkeypatch.setattr(tasks_mod, "_held_out_questions", lambda: frozenset({first.question.text}))
     assert [t.seed for t in train_tasks(2, seed=0)] == ["0:1", "0:2"]
     monkeypatch.undo()
     out = tmp_path / "sft.jsonl"
@@ -298,7 +299,7 @@ def test_render_without_a_template_or_a_tool_role(task):
 
 @pytest.fixture(scope="module")
 def tiny():
-    from blockdiff.checkpoint import load_model
+    from blockdiff.models import load_model
 
     return load_model("shakespeare-5m")
 

@@ -73,6 +73,9 @@ def test_generate_no_cache_matches_cache(capsys, tiny_ckpt):
         (["--bad-utf8"], "not valid UTF-8"),
         (["--sampler", "mdlm", "--block-size", "8"], "'mdlm' does not take block_size"),
         (["--sampler", "ar", "--block-size", "8"], "block_size must be 1"),
+        (["--sampler", "ar", "--temperature", "nan"], "temperature must be a finite number"),
+        (["--dtype", "int4"], "on none"),  # the tiny model's weights are on no 4-bit grid
+        (["--device", "warp9"], "unknown --device 'warp9'"),
     ],
 )
 def test_generate_errors(capsys, tiny_ckpt, args, message):
@@ -116,6 +119,10 @@ def test_bundled_model_end_to_end():
         (["generate", "x", "--model", "nonexistent-model"], "known names: smollm2-nbdiff"),
         (["adapt", "--delta", "lora:0", "--steps", "1"], "--delta rank must be >= 1"),
         (["adapt", "--delta", "lora", "--steps", "1"], "--delta must look like lora:RANK"),
+        (["adapt", "--ar-loss-weight", "-1", "--steps", "1"], "must be a number >= 0"),
+        (["data", "distill", "--out", "{dir}"], "is a directory"),
+        (["data", "distill", "--out", "{dir}/d.jsonl", "--batch-size", "0"], "--batch-size must be >= 1"),
+        (["agent", "run", "--model", "{tiny}", "--task-seed", "-1"], "held-out task is an index in [0, 500)"),
     ],
 )
 def test_commands_fail_with_one_clear_line(capsys, tmp_path, tiny_ckpt, argv, message):

@@ -285,6 +285,8 @@ def test_infilling_keeps_given_tokens(make_model, tok):
             else:
                 assert t != tok.mask_id
         assert not c.masked.any()
+        if sampler == "mdlm":  # only the 5 blanks were decided: they are the row's tokens
+            assert out.rows[0].tokens == 5 and out.rows[0].tokens_per_nfe == 1.0
 
 
 def test_seeded_sampling_is_reproducible(make_model, tok):
@@ -294,6 +296,27 @@ def test_seeded_sampling_is_reproducible(make_model, tok):
     b = generate(m, tok, PROMPTS, seed=1, **kw)
     c = generate(m, tok, PROMPTS, seed=2, **kw)
     assert a.tokens == b.tokens and a.tokens != c.tokens
+
+
+def test_a_character_cut_by_the_end_is_dropped_not_shown_as_a_replacement(make_model, tok):
+    from blockdiff.decoding import start_decoding
+
+    m = make_model(tok)
+    ids = tok.encode("é\U0001f600")[:-2]  # é, then half of an emoji's bytes: the length limit hit
+    d = start_decoding(m, tok, ["Hi"], sampler="ar", max_new_tokens=len(ids))
+    c = d.c
+    c.tokens[0, c.G :] = torch.tensor(ids)
+    c.masked[0, c.G :] = False
+    assert tok.decode(ids).endswith("\ufffd")  # the test can tell
+    assert d.text(0) == "é"
+
+
+def test_any_integer_seed_is_legal(make_model, tok):
+    """OpenAI clients send 64-bit seeds; seed * 1000003 + row once overflowed torch's generator."""
+    m = make_model(tok)
+    a = generate(m, tok, ["To", "be"], sampler="bd3", max_new_tokens=8, temperature=1.0, seed=2**64 - 1)
+    b = generate(m, tok, ["To", "be"], sampler="bd3", max_new_tokens=8, temperature=1.0, seed=2**64 - 1)
+    assert a.tokens == b.tokens
 
 
 def test_bad_input(make_model, tok):
@@ -306,6 +329,9 @@ def test_bad_input(make_model, tok):
         generate(m, tok, "x", sampler="bd3", block_size=16, max_new_tokens=8)
     with pytest.raises(ValueError, match="exceeds the model's context"):
         generate(m, tok, "x" * 60, sampler="bd3", max_new_tokens=8)
+    for huge in (10**9, 2**63):  # refused before a canvas of that size is allocated
+        with pytest.raises(ValueError, match="exceeds the model's context"):
+            generate(m, tok, "x", sampler="ar", max_new_tokens=huge)
     with pytest.raises(ValueError, match="cache 'exact' needs block-causal"):
         generate(m, tok, "x", sampler="fastdllm", cache="exact", max_new_tokens=8, block_size=8)
     with pytest.raises(ValueError, match="block-causal decoding uses 'exact'"):
@@ -335,6 +361,8 @@ def test_bad_input(make_model, tok):
         ("bd3", {"top_k": -1}, "top_k must be an integer >= 1"),
         ("bd3", {"temperature": -1}, "temperature must be in [0.0, 100.0]"),
         ("bd3", {"top_p": 1.5}, "top_p must be in (0.0, 1.0]"),
+        ("ar", {"temperature": float("nan")}, "temperature must be a finite number"),
+        ("fastdllm", {"threshold": float("inf")}, "threshold must be a finite number"),
         ("bd3", {"block_size": 4, "block_length": 4}, "given twice"),
         ("dcd", {"windw": 4}, "does not take windw (did you mean 'window'?)"),
     ],
@@ -348,9 +376,20 @@ def test_bad_option_values_are_errors(make_model, tok, sampler, kw, message):
 
 
 def test_score_is_taken_where_it_means_something(make_model, tok):
+    """The margin p1 - p2 never exceeds p1, so under one threshold it commits no more tokens per
+    forward than the probability does: never fewer NFEs, and on this prompt strictly more. AR
+    commits its one token whatever the score says."""
     m = make_model(tok)
-    for sampler in ("ar", "fastdllm", "dcd"):
-        generate(m, tok, "x", sampler=sampler, max_new_tokens=8, score="margin")
+    kw = dict(max_new_tokens=16, stop_at_eos=False, threshold=0.2)
+    for sampler in ("fastdllm", "dcd"):
+        prob = generate(m, tok, PROMPTS[0], sampler=sampler, score="prob", **kw).rows[0].nfe
+        margin = generate(m, tok, PROMPTS[0], sampler=sampler, score="margin", **kw).rows[0].nfe
+        assert margin > prob, (sampler, margin, prob)
+    ar = [
+        generate(m, tok, PROMPTS[0], sampler="ar", max_new_tokens=8, score=s).tokens
+        for s in ("prob", "margin")
+    ]
+    assert ar[0] == ar[1]
 
 
 def test_dcd_block_expansion(make_model, tok):

@@ -9,9 +9,10 @@ import torch
 from safetensors.torch import load_file
 
 from blockdiff import cli, delta
-from blockdiff.checkpoint import CheckpointError, load_model
+from blockdiff.checkpoint import CheckpointError
 from blockdiff.config import ConfigError
 from blockdiff.model import BlockDiffLM
+from blockdiff.models import load_model
 
 
 def _perturbed(model: BlockDiffLM, spec: delta.DeltaSpec, seed: int = 0) -> BlockDiffLM:
@@ -97,11 +98,10 @@ def test_attach_freezes_base_and_starts_at_base(ar_base):
 
 def test_a_bundled_model_is_a_base_by_name():
     """`model.base: <bundled name>` (a delta over a shipped model) loads that model's weights."""
-    from blockdiff.checkpoint import load_base_model
-    from blockdiff.models import bundled_path
+    from blockdiff.models import bundled_path, load_base_model
 
     by_name, _ = load_base_model("shakespeare-5m")
-    by_path, _ = load_model(bundled_path("shakespeare-5m"))
+    by_path, _ = load_model(bundled_path("shakespeare-5m"), None)  # the stored weights, unfused
     assert delta.base_checksum(by_name) == delta.base_checksum(by_path)
 
 

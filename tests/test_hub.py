@@ -82,7 +82,7 @@ def test_import_a_local_hf_directory(tmp_path, capsys):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     from blockdiff import cli, masks
-    from blockdiff.checkpoint import load_model
+    from blockdiff.models import load_model
 
     words = ["</s>", "a", "b", "c", "d", "e"]
     backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="e"))

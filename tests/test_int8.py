@@ -3,15 +3,15 @@ dequantised weights', every sampler runs, the tied embedding is left intact."""
 
 import torch
 
-from blockdiff.checkpoint import load_model
 from blockdiff.decoding import SAMPLERS, generate
 from blockdiff.masks import block_causal
+from blockdiff.models import load_model
 from blockdiff.quant import Int8Linear
 
 
 def test_int8_logits_track_float32_and_every_sampler_runs():
-    fp, tok = load_model("shakespeare-5m", dtype=torch.bfloat16)  # int8 keeps bf16 activations
-    q, _ = load_model("shakespeare-5m", dtype=torch.int8)
+    fp, tok = load_model("shakespeare-5m", torch.bfloat16)  # int8 keeps bf16 activations
+    q, _ = load_model("shakespeare-5m", torch.int8)
     assert isinstance(q.lm_head, Int8Linear) and q.lm_head.weight.dtype == torch.int8
     assert torch.equal(q.model.embed_tokens.weight, fp.model.embed_tokens.weight.bfloat16())  # untouched
     ids = torch.tensor([tok.encode("ROMEO:\nBut soft, what light through yonder window breaks?")])

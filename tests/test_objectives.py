@@ -9,6 +9,7 @@ from blockdiff import noise
 from blockdiff.config import ModelConfig
 from blockdiff.model import BlockDiffLM
 from blockdiff.objectives import block_diffusion_loss
+from tests.conftest import tiny_config
 
 V, MASK = 6, 5
 
@@ -100,16 +101,8 @@ def test_nbdiff_ar_term_hand_computed():
 
 def _real_model(logits):
     torch.manual_seed(0)
-    cfg = ModelConfig(
-        vocab_size=V,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        mask_token_id=MASK,
-        logits=logits,
-    )
+    cfg = tiny_config(vocab_size=V, hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                      num_key_value_heads=1, mask_token_id=MASK, logits=logits)  # fmt: skip
     return BlockDiffLM(cfg).eval()
 
 

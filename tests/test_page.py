@@ -54,9 +54,9 @@ def errors(d) -> list[str]:
     return [e["message"] for e in d.get_log("browser") if e["level"] == "SEVERE"]
 
 
-def api_text(url, sampler, **extra) -> str:
+def api_text(url, sampler, key=None, **extra) -> str:
     body = {"model": MODEL, "prompt": "ROMEO:", "max_tokens": 16, "seed": 0, "sampler": sampler, **extra}
-    code, r = request(url, "/v1/completions", body)
+    code, r = request(url, "/v1/completions", body, key)
     assert code == 200, r
     return r["choices"][0]["text"]
 
@@ -107,6 +107,37 @@ def test_page_draws_the_denoising_and_races(tmp_path, url):
         assert errors(d) == []
     finally:
         d.quit()
+
+
+def test_page_on_a_keyed_server_narrow_window(tmp_path):
+    """--api-key: the page asks for the key, works once it is typed, remembers it for the tab;
+    agent controls only in agents mode; nothing overflows a 420 px window."""
+    key = "page-key"
+    with running_server("--model", MODEL, "--sampler", "bd3", "--api-key", key) as url:
+        d = chromium(tmp_path)
+        try:
+            d.set_window_size(420, 900)
+            d.get(url + "/")
+            wait(d, "return document.getElementById('error').textContent.includes('needs an API key')")
+            assert not d.find_element("id", "agent_controls").is_displayed()
+            fill(d, key=key)
+            d.execute_script("document.getElementById('key').dispatchEvent(new Event('change'))")
+            wait(d, "return document.getElementById('sampler').options.length > 0")
+            assert d.execute_script("return document.getElementById('error').textContent") == ""
+            fill(d, prompt="ROMEO:", max_tokens=16)
+            d.find_element("id", "run").click()
+            run = wait(d, "const r = window.blockdiffRuns[0]; return r && r.text !== null && r")
+            assert run["error"] is None and run["text"] == api_text(url, "bd3", key=key)
+            fill(d, mode="agent")
+            assert d.find_element("id", "agent_controls").is_displayed()
+            width = "return [document.documentElement.scrollWidth, window.innerWidth]"
+            scroll, inner = d.execute_script(width)
+            assert scroll <= inner, (scroll, inner)
+            d.refresh()  # the key is remembered for the tab
+            wait(d, "return document.getElementById('sampler').options.length > 0")
+            assert errors(d) == [] or all("401" in e for e in errors(d))
+        finally:
+            d.quit()
 
 
 def api_agent(url, body) -> dict:

@@ -5,14 +5,15 @@ The bundled 5.4M model keeps these fast; the chat tests use the shipped SmolLM2 
 
 from __future__ import annotations
 
+import http.client
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from blockdiff.checkpoint import load_model
 from blockdiff.decoding import generate
+from blockdiff.models import load_model
 from tests.serving import request, running_server, stream
 
 openai = pytest.importorskip("openai")
@@ -190,12 +191,25 @@ def test_bad_input_is_a_clear_4xx_and_the_server_keeps_serving(url, client):
         ({**ok, "stop": [""]}, 400, "stop"),
         ({**ok, "logprobs": 2}, 400, "not supported"),
         ({**ok, "steps": -1}, 400, "steps"),
+        ({**ok, "max_tokens": 0}, 400, "max_tokens must be >= 1"),
+        ({**ok, "max_tokens": 2**63}, 400, "context"),
+        ({**ok, "prompt": "\ud800"}, 400, "not valid Unicode"),
+        ({**ok, "response_format": {"type": "json_object"}}, 400, "not supported"),
     ]
     for body, status, words in cases:
         code, r = post(url, body)
         assert code == status, (body, r)
         err = r["error"]
         assert words in err["message"] and err["type"], (body, err)
+        assert err["param"] or "JSON" in err["message"] or status != 400, (body, err)
+    neutral = dict(logprobs=False, response_format={"type": "text"}, tools=[], tool_choice="none")
+    neutral |= dict(store=True, metadata={"a": "b"}, parallel_tool_calls=False, user="u", seed=2**64 - 1)
+    code, r = post(url, {**ok, **neutral})
+    assert code == 200, r
+    conn = http.client.HTTPConnection("127.0.0.1", int(url.rsplit(":", 1)[1]), timeout=60)
+    headers = {"authorization": f"bearer {KEY}", "content-type": "application/json"}
+    conn.request("POST", "/v1/completions", json.dumps(ok), headers)
+    assert conn.getresponse().status == 200  # the scheme is case-insensitive
     code, r = post(
         url, {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}, "/v1/chat/completions"
     )
@@ -213,6 +227,63 @@ def test_bad_input_is_a_clear_4xx_and_the_server_keeps_serving(url, client):
     assert post(url, ok)[0] == 200
 
 
+def test_streams_fit_openais_client_loop(client):
+    """Every chunk has a choice (OpenAI's loop reads chunk.choices[0]) unless the usage chunk is
+    asked for; blockdiff's stats ride on the last choice chunk."""
+    kw = dict(model=MODEL, prompt="ROMEO:", max_tokens=12, seed=3)
+    plain = list(client.completions.create(stream=True, **kw))
+    assert plain and all(c.choices for c in plain)
+    assert plain[-1].model_extra["blockdiff"]["type"] == "done"
+    text = "".join(c.choices[0].text for c in plain)
+    with_usage = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    assert with_usage[-1].choices == [] and all(c.choices for c in with_usage[:-1])
+    assert with_usage[-1].usage.completion_tokens == client.completions.create(**kw).usage.completion_tokens
+    assert "".join(c.choices[0].text for c in with_usage[:-1]) == text
+
+
+def test_chat_messages_in_openais_newer_shapes():
+    from blockdiff.serve.protocol import Message
+
+    m = Message(
+        role="developer", content=[{"type": "text", "text": "Be "}, {"type": "text", "text": "brief."}]
+    )
+    assert m.as_turn() == {"role": "system", "content": "Be brief."}
+    assert Message(role="assistant", content=None).as_turn() == {"role": "assistant", "content": ""}
+
+
+def test_port_zero_announces_the_real_port_and_a_taken_port_is_one_clear_error():
+    import re
+    import socket
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "blockdiff", "serve", "--model", MODEL]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = subprocess.run([*cmd, "--port", str(port)], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and f"cannot listen on 127.0.0.1:{port}" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and "http://" not in r.stderr  # no other server announced
+    proc = subprocess.Popen([*cmd, "--port", "0"], stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline()
+        m = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
+        assert m and int(m.group(1)) != 0, line
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if request(f"http://127.0.0.1:{m.group(1)}", "/health", timeout=1)[0] == 200:
+                    break
+            except OSError:
+                time.sleep(0.2)
+        else:
+            raise AssertionError("the announced port does not answer")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+
+
 def test_disconnect_frees_the_row(url):
     body = {**SLOW, "stream": True}
     with stream(url, "/v1/completions", body, KEY) as (status, lines):
@@ -226,6 +297,24 @@ def test_disconnect_frees_the_row(url):
     assert h["running_rows"] == 0
     time.sleep(0.3)
     assert health(url)["forwards"] == h["forwards"]  # nothing decodes any more
+
+
+def test_a_whole_response_client_that_disconnects_frees_its_row(url):
+    """Not streamed, behind the key check: the server notices the closed socket and stops."""
+    before = forwards(url)
+    conn = http.client.HTTPConnection("127.0.0.1", int(url.rsplit(":", 1)[1]), timeout=60)
+    headers = {"authorization": f"Bearer {KEY}", "content-type": "application/json"}
+    conn.request("POST", "/v1/completions", json.dumps(SLOW), headers)
+    deadline = time.time() + 30
+    while not health(url)["running_rows"] and time.time() < deadline:
+        time.sleep(0.05)
+    assert health(url)["running_rows"] == 1
+    conn.close()  # the client goes away without reading the answer
+    deadline = time.time() + 10
+    while health(url)["running_rows"] and time.time() < deadline:
+        time.sleep(0.1)
+    assert health(url)["running_rows"] == 0
+    assert forwards(url) - before < SLOW["steps"]  # stopped early, not decoded to the end
 
 
 def test_queue_full_and_timeout():
@@ -308,6 +397,47 @@ def test_a_failing_batch_fails_its_requests_not_the_server(monkeypatch):
         assert ask(False)[-1]["type"] == "done" and calls["n"] == 1
     finally:
         s.stop()
+
+
+def test_a_poisoned_request_leaves_its_batch_unharmed(monkeypatch):
+    """A request whose decode cannot start, batched with good ones: it alone gets the 500."""
+    import asyncio
+
+    from blockdiff.serve import scheduler as sch
+
+    real = sch.start_decoding
+
+    def picky(model, tok, prompts, *a, **kw):
+        if "POISON" in prompts:
+            raise RuntimeError("poisoned row")
+        return real(model, tok, prompts, *a, **kw)
+
+    monkeypatch.setattr(sch, "start_decoding", picky)
+    model, tok = load_model(MODEL)
+    s = sch.Scheduler(model, tok, max_batch=8)
+    loop = asyncio.new_event_loop()
+    queues = []
+    for prompt in ["ROMEO:", "POISON", "JULIET:", "KING"]:  # same settings: one batch
+        q: asyncio.Queue = asyncio.Queue()
+        s.submit(sch.Job(prompt, 1, "bd3", {}, 8, 0, [], time.monotonic() + 60, sch.emitter(loop, q)))
+        queues.append(q)
+    s.start()  # after the submissions: the worker takes all four together
+    try:
+
+        async def last(q):
+            ev = None
+            while ev is None or ev["type"] not in ("done", "error"):
+                ev = await asyncio.wait_for(q.get(), 60)
+            return ev
+
+        ends = [loop.run_until_complete(last(q)) for q in queues]
+    finally:
+        s.stop()
+        loop.close()
+    assert [e["type"] for e in ends] == ["done", "error", "done", "done"]
+    assert ends[1]["status"] == 500 and "poisoned row" in ends[1]["message"]
+    want = generate(model, tok, ["ROMEO:"], "bd3", 8, seed=0).texts[0]
+    assert ends[0]["texts"] == [want]
 
 
 # ---- agents: POST /v1/agent/run ----------------------------------------------------------------

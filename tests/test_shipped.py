@@ -8,16 +8,16 @@ import shutil
 import pytest
 import torch
 
-from blockdiff.checkpoint import CheckpointError, load_model
+from blockdiff.checkpoint import CheckpointError
 from blockdiff.decoding import generate
-from blockdiff.models import bundled_path
+from blockdiff.models import bundled_path, load_model
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def shipped():
-    return load_model("smollm2-nbdiff", dtype=torch.bfloat16)
+    return load_model("smollm2-nbdiff", torch.bfloat16)
 
 
 def test_delta_is_small_and_names_its_base():
@@ -36,7 +36,7 @@ def test_answers_a_question_with_a_diffusion_sampler(shipped):
 
 
 def test_greedy_spec_equals_greedy_ar_on_the_real_model():
-    model, tok = load_model("smollm2-nbdiff")  # float32: bf16 shapes round differently
+    model, tok = load_model("smollm2-nbdiff", "float32")  # bf16 shapes round differently
     prompts = [tok.chat(q) for q in ("Name three colors.", "Why is the sky blue?")]
     ar = generate(model, tok, prompts, sampler="ar", max_new_tokens=48)
     sp = generate(model, tok, prompts, sampler="spec", max_new_tokens=48)

@@ -27,7 +27,7 @@ def nbdiff(corpus_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("nbdiff")
     torch.manual_seed(0)
     Trainer(r, out).run()
-    from blockdiff.checkpoint import load_model
+    from blockdiff.models import load_model
 
     return load_model(out)
 
@@ -129,7 +129,7 @@ def test_spec_refuses_models_without_an_ar_path(make_model, tok, nbdiff):
     with pytest.raises(ValueError, match="layout|never trained"):
         generate(ar_only, tok, "To be", sampler="spec", max_new_tokens=8)
     model, _ = nbdiff
-    for bad in (0, -2):
+    for bad in (0, -2, 64):  # 64 drafts would feed 4225 tokens per forward
         with pytest.raises(ValueError, match="draft_len must be"):
             generate(model, tok, "To be", sampler="spec", max_new_tokens=8, draft_len=bad)
     with pytest.raises(ValueError, match="blanks"):

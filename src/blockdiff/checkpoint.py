@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import BlockdiffError, ConfigError, ModelConfig
+from .config import BlockdiffError
 from .model import BlockDiffLM
 from .tokenizer import Tokenizer
 
@@ -179,56 +179,6 @@ def save_delta(
     tokenizer.save(directory)
 
 
-def load_base_model(base: str) -> tuple[BlockDiffLM, Tokenizer]:
-    """A delta's or an adaptation's base: a blockdiff checkpoint dir, a known model name (imported
-    once into the cache), or anything `blockdiff import` reads."""
-    from . import models
-
-    p = Path(base)
-    if p.is_dir() and ((p / "config.json").exists() or (p / "latest").exists()):
-        ckpt = resolve(p)
-        if "blockdiff" in json.loads((ckpt / "config.json").read_text()):
-            return load_model(ckpt)
-    if base in models.NAMES:  # a bundled model (e.g. a delta over the shipped delta) or an import
-        return load_model(models.path_of(base))
-    from .hub import import_causal_lm
-
-    model, tok, _ = import_causal_lm(base)
-    return model, tok
-
-
-def _load_delta(p: Path, cfg: ModelConfig, info: dict) -> BlockDiffLM:
-    from . import delta
-
-    base = info.get("base")
-    if not base:
-        raise CheckpointError(f"{p / 'config.json'}: the delta names no base model")
-    try:
-        model, _ = load_base_model(str(base))
-    except (ConfigError, CheckpointError, RuntimeError) as e:
-        raise CheckpointError(f"delta {p}: cannot load its base '{base}': {e}") from None
-    got = delta.base_checksum(model)
-    if got != info.get("base_sha256"):
-        raise CheckpointError(
-            f"delta {p} was trained over a different base: '{base}' has weights sha256 {got[:12]}..., "
-            f"the delta expects {str(info.get('base_sha256'))[:12]}..."
-        )
-    spec = delta.DeltaSpec(
-        rank=int(info["rank"]),
-        alpha=float(info["alpha"]),
-        targets=list(info["targets"]),
-        norms=bool(info.get("norms", False)),
-    )
-    model.config = cfg
-    delta.attach(model, spec)
-    try:
-        delta.load_delta_state(model, load_weights(p / "delta.safetensors"))
-    except ConfigError as e:
-        raise CheckpointError(f"{p / 'delta.safetensors'}: {e}") from None
-    delta.merge(model)
-    return model
-
-
 def load_weights(file: Path) -> dict[str, torch.Tensor]:
     if not file.exists():
         raise CheckpointError(f"missing weights file {file}")
@@ -236,44 +186,6 @@ def load_weights(file: Path) -> dict[str, torch.Tensor]:
         return load_file(str(file))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"corrupt or unreadable weights file {file}: {e}") from None
-
-
-def load_model(
-    path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
-) -> tuple[BlockDiffLM, Tokenizer]:
-    """Load a blockdiff checkpoint (or the newest one in a run dir) for inference."""
-    from . import models
-
-    p = resolve(models.path_of(path))
-    try:
-        raw = json.loads((p / "config.json").read_text())
-        cfg = ModelConfig.from_dict(raw)
-    except (ConfigError, TypeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"bad config {p / 'config.json'}: {e}") from None
-    if "delta" in raw:
-        model = _load_delta(p, cfg, raw["delta"])
-    else:
-        sd = load_weights(p / "model.safetensors")
-        model = BlockDiffLM(cfg)
-        try:
-            model.load_llama_state_dict(sd)
-        except ValueError as e:
-            raise CheckpointError(
-                f"weights in {p / 'model.safetensors'} do not match config.json: {e}"
-            ) from None
-    if dtype == torch.int8:
-        from .quant import quantize_int8
-
-        model = quantize_int8(model)
-    elif dtype is not None:
-        model.to(dtype)
-    else:
-        model.float()
-    try:
-        tok = Tokenizer.load(p)
-    except Exception as e:  # tokenizers raises its own exception types
-        raise CheckpointError(f"tokenizer in {p} cannot be loaded: {e}") from None
-    return model.to(device).eval(), tok
 
 
 def read_trainer_meta(path: Path) -> dict:

@@ -11,10 +11,12 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_model, read_trainer_meta, resolve
+from .checkpoint import read_trainer_meta, resolve
 from .config import BlockdiffError, ConfigError
 from .decoding.samplers import SAMPLERS
+from .models import load_model
 from .recipe import adapt_defaults
+from .runtime import PRECISIONS
 
 
 def cmd_train(a: argparse.Namespace) -> int:
@@ -67,7 +69,7 @@ def cmd_eval_genppl(a: argparse.Namespace) -> int:
         if getattr(a, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
     genppl.check_lengths(a.model, a.prompt_tokens, a.max_new_tokens)
-    model, tok = load_model(a.model, dtype=getattr(torch, a.dtype))
+    model, tok = load(a, a.model)
     corpus, source = (a.corpus, "--corpus") if a.corpus else genppl.trained_corpus(a.model)
     prompts, real = genppl.corpus_prompts(tok, corpus, a.num_samples, a.prompt_tokens, a.max_new_tokens)
     ref, ref_tok = load_reference(a.evaluator)
@@ -98,7 +100,7 @@ def cmd_eval_task(a: argparse.Namespace) -> int:
     from .eval.tasks import as_dict, check_task, evaluate_task
 
     check_task(a.task)
-    model, tok = load_model(a.model, dtype=getattr(torch, a.dtype))
+    model, tok = load(a, a.model)
     kw = _sampler_kwargs(a)
     seed = kw.pop("seed", 0)
     res = evaluate_task(model, tok, a.task, a.sampler, a.n, a.max_new_tokens, a.batch_size, seed=seed, **kw)
@@ -161,7 +163,7 @@ def cmd_agent_run(a: argparse.Namespace) -> int:
     from .agent import ModelPolicy, make_task, run_agent
 
     task = make_task("eval", a.task_seed)
-    model, tok = load_model(a.model, dtype=getattr(torch, a.dtype))
+    model, tok = load(a, a.model)
     kw = _sampler_kwargs(a)
     policy = ModelPolicy(model, tok, a.sampler, a.max_new_tokens, kw.pop("seed", 0), **kw)
     out = sys.stderr if a.json else sys.stdout
@@ -206,7 +208,7 @@ def cmd_agent_eval(a: argparse.Namespace) -> int:
     for agent, sampler in samplers.items():
         opts = ev.agent_options(agent, kw)
         if names[agent] not in loaded:  # one model object when both agents use the same weights
-            loaded[names[agent]] = load_model(names[agent], dtype=getattr(torch, a.dtype))
+            loaded[names[agent]] = load(a, names[agent])
         policies[agent] = ModelPolicy(*loaded[names[agent]], sampler, a.max_new_tokens, seed, **opts)
         policies[agent].check(start_messages(make_task("eval", 0).question.text))
         settings[agent] = {"model": names[agent] or models.DEFAULT, "sampler": sampler, "options": opts}
@@ -261,7 +263,7 @@ def _reason_setup(a: argparse.Namespace):
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
     if not a.model:
         raise ConfigError("--model: the diffusion model that writes the rollouts")
-    model, tok = load_model(a.model, dtype=getattr(torch, a.dtype))
+    model, tok = load(a, a.model)
     kw = _sampler_kwargs(a)
     seed = kw.pop("seed", 0)
     if a.sampler == "llada":  # one block = the canvas unless told: canvases differ per prompt here
@@ -273,10 +275,7 @@ def _reason_setup(a: argparse.Namespace):
 def _scorers(a: argparse.Namespace) -> list:
     from .reason import stitch
 
-    return [
-        stitch.make_scorer(s, a.task, lambda p: load_model(p, dtype=getattr(torch, a.dtype)))
-        for s in a.scorer
-    ]
+    return [stitch.make_scorer(s, a.task, lambda p: load(a, p)) for s in a.scorer]
 
 
 def cmd_reason_prm_data(a: argparse.Namespace) -> int:
@@ -324,8 +323,8 @@ def cmd_reason_stitch(a: argparse.Namespace) -> int:
     complete, seed, diffusion = _reason_setup(a)
     its = tasks.items(a.task, a.n)
     scorers = _scorers(a)
-    solver = load_model(a.solver, dtype=getattr(torch, a.dtype)) if a.solver else None
-    alone = load_model(a.ar_model, dtype=getattr(torch, a.dtype)) if a.ar_model else None
+    solver = load(a, a.solver) if a.solver else None
+    alone = load(a, a.ar_model) if a.ar_model else None
     t = time.perf_counter()
     rolls = stitch.sample_rollouts(its, complete, a.rollouts, a.sep, seed)
     secs = time.perf_counter() - t
@@ -381,7 +380,7 @@ def cmd_reason_stitch(a: argparse.Namespace) -> int:
 
 def cmd_info(a: argparse.Namespace) -> int:
     p = resolve(a.path)
-    model, tok = load_model(p)
+    model, tok = load_model(p, None)
     cfg, meta = model.config, read_trainer_meta(p)
     card = p / "model_card.json"
     if card.exists():
@@ -423,7 +422,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     from .decoding import generate
     from .decoding.display import LiveCanvas
 
-    model, tok = load_model(a.model, dtype=getattr(torch, a.dtype))
+    model, tok = load(a, a.model)
     kwargs = _sampler_kwargs(a)
     if a.max_new_tokens is not None:
         kwargs["max_new_tokens"] = a.max_new_tokens
@@ -475,12 +474,29 @@ def _decode_args(g: argparse.ArgumentParser) -> None:
     g.add_argument("--cache", choices=["none", "prefix", "dual", "exact"])
     g.add_argument("--no-cache", action="store_true", dest="no_cache")
     g.add_argument("--json", action="store_true")
+    add_precision(g)
+
+
+def load(a: argparse.Namespace, path):
+    """A model for one of the decoding commands, in their --dtype on their --device."""
+    try:
+        device = torch.device(a.device)
+    except RuntimeError:
+        raise ConfigError(f"unknown --device '{a.device}' (cpu, cuda, cuda:N, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {a.device}: this machine has no CUDA device")
+    return load_model(path, a.dtype, device)
+
+
+def add_precision(g) -> None:
     g.add_argument(
         "--dtype",
-        default="float32",
-        choices=["float32", "bfloat16", "int8"],
-        help="weights for inference (int8: weight-only, CPU)",
+        default="auto",
+        choices=PRECISIONS,
+        help="weights for inference: auto = int4 where the weights are on a 4-bit grid (exact: "
+        "SmolLM2 and deltas over it), else float32; int8 = weight-only, lossy (README: Precision)",
     )
+    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (int4/int8 are CPU kernels)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -686,19 +702,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("BLOCKDIFF_API_KEY"),
         help="require 'Authorization: Bearer KEY' (default: $BLOCKDIFF_API_KEY; none: open)",
     )
-    sv.add_argument(
-        "--dtype",
-        default="float32",
-        choices=["float32", "bfloat16", "int8"],
-        help="weights for inference (int8: weight-only, CPU)",
-    )
+    add_precision(sv)
     sv.set_defaults(fn=cmd_serve)
     return p
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
     try:
-        from .serve import Server, serve
+        from .serve import Server, bind, serve
     except ImportError as e:
         raise ConfigError(f"the server needs its extra: pip install 'blockdiff[serve]' ({e})") from None
     from . import models
@@ -709,16 +720,19 @@ def cmd_serve(a: argparse.Namespace) -> int:
         raise ConfigError(f"--port must be in [0, 65535], got {a.port}")
     if a.max_batch < 1 or a.max_queue < 1 or a.timeout <= 0:
         raise ConfigError("--max-batch and --max-queue must be >= 1 and --timeout > 0")
-    model, tok = load_model(a.model, dtype=getattr(torch, a.dtype))
+    sock = bind(a.host, a.port)  # before the model loads: a taken port fails at once
+    model, tok = load(a, a.model)
     name = a.model if a.model in models.NAMES else Path(a.model).name if a.model else models.DEFAULT
     server = Server(model, tok, name, a.sampler, a.max_batch, a.max_queue, a.timeout, a.api_key)
     also = ""
     if a.ar_model:
         ar_name = a.ar_model if a.ar_model in models.NAMES else Path(a.ar_model).name
-        server.add_ar_model(*load_model(a.ar_model, dtype=getattr(torch, a.dtype)), ar_name)
+        server.add_ar_model(*load(a, a.ar_model), ar_name)
         also = f" and {ar_name} (ar)"
-    print(f"blockdiff serve: {name} ({a.sampler}){also} on http://{a.host}:{a.port}/", file=sys.stderr)
-    serve(server, a.host, a.port)
+    host, port = sock.getsockname()[:2]
+    host = f"[{host}]" if ":" in host else host
+    print(f"blockdiff serve: {name} ({a.sampler}){also} on http://{host}:{port}/", file=sys.stderr)
+    serve(server, sock)
     return 0
 
 

@@ -68,11 +68,29 @@ class ModelConfig:
     pad_token_id: int | None = None
 
     def __post_init__(self) -> None:
-        if self.head_dim is None:
-            self.head_dim = self.hidden_size // self.num_attention_heads
+        width, heads = self.hidden_size, self.num_attention_heads
+        if self.head_dim is None and isinstance(width, int) and isinstance(heads, int) and heads > 0:
+            self.head_dim = width // heads
         self.validate()
 
     def validate(self) -> None:
+        for f in dataclasses.fields(self):  # a hand-edited config.json: each field's type by name
+            v, kind = getattr(self, f.name), str(f.type)
+            ok = (
+                (v is None and "None" in kind)
+                or (kind.startswith("int") and isinstance(v, int) and not isinstance(v, bool))
+                or (kind.startswith("float") and isinstance(v, int | float) and not isinstance(v, bool))
+                or (kind.startswith("bool") and isinstance(v, bool))
+                or (kind.startswith("str") and isinstance(v, str))
+                or (kind.startswith("list") and isinstance(v, list) and all(isinstance(x, int) for x in v))
+            )
+            if not ok:
+                raise ConfigError(f"config field {f.name} must be {kind.replace(' | None', '')}, got {v!r}")
+        positive = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads", "num_key_value_heads", "max_position_embeddings")  # fmt: skip
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"config field {name} must be >= 1, got {getattr(self, name)}")
         if self.logits not in LOGIT_CONVENTIONS:
             raise ConfigError(f"logits must be one of {LOGIT_CONVENTIONS}, got '{self.logits}'")
         if self.layout not in LAYOUTS:

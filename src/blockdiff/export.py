@@ -15,12 +15,12 @@ from safetensors.torch import save_file
 from .checkpoint import (
     CheckpointError,
     atomic_dir,
-    load_model,
     load_weights,
     read_trainer_meta,
     resolve,
     save_model,
 )
+from .models import load_model
 
 
 def export(run: str | Path, out: str | Path, dtype: str = "bfloat16", force: bool = False) -> Path:
@@ -35,7 +35,7 @@ def export(run: str | Path, out: str | Path, dtype: str = "bfloat16", force: boo
             raise CheckpointError(f"export target {out} holds the checkpoint being exported ({src})")
     if "delta" in json.loads((src / "config.json").read_text()):
         return _export_delta(src, out, dtype)
-    model, tok = load_model(src)
+    model, tok = load_model(src, None)
     meta = read_trainer_meta(src)
     recipe = meta.get("recipe") or {}
     if model.config.train_seq_len is None and recipe.get("data", {}).get("seq_len"):

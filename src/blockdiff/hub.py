@@ -13,6 +13,7 @@ from urllib.parse import urlparse
 
 import torch
 
+from .checkpoint import atomic_dir, save_model
 from .config import ConfigError
 from .convert import config_from_hf, from_hf_state_dict
 from .data.cache import cache_dir, extract_member
@@ -118,8 +119,6 @@ def import_causal_lm(id_or_path: str) -> tuple[BlockDiffLM, Tokenizer, object]:
 
 def import_checkpoint(id_or_path: str, out: str | Path, dtype: torch.dtype = torch.float32) -> Path:
     """An external causal LM saved as a blockdiff checkpoint directory (complete or not there)."""
-    from .checkpoint import atomic_dir, save_model
-
     model, tok, _ = import_causal_lm(id_or_path)
     with atomic_dir(Path(out)) as d:
         save_model(d, model, tok, dtype=dtype)

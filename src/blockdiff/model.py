@@ -22,11 +22,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: Tensor) -> Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+    def forward(self, x: Tensor) -> Tensor:  # normalised in float32, scaled in the input's dtype
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
 def rope_cos_sin(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -160,13 +157,23 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=False)
+        self.qkv_proj: nn.Module | None = None  # the inference runtime's fused q|k|v
+
+    def fuse(self, qkv: nn.Module) -> None:
+        """Use one projection for q|k|v (runtime.prepare builds it from the three)."""
+        self.qkv_proj, self.q_proj, self.k_proj, self.v_proj = qkv, None, None, None
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int, write: bool) -> Tensor:
         b, q, _ = x.shape
-        qh = self.q_proj(x).view(b, q, self.n_heads, self.hd).transpose(1, 2)
-        kh = self.k_proj(x).view(b, q, self.n_kv, self.hd).transpose(1, 2)
-        vh = self.v_proj(x).view(b, q, self.n_kv, self.hd).transpose(1, 2)
-        qh, kh = apply_rope(qh, cos, sin), apply_rope(kh, cos, sin)
+        if self.qkv_proj is None:
+            qh = self.q_proj(x).view(b, q, self.n_heads, self.hd).transpose(1, 2)
+            kh = self.k_proj(x).view(b, q, self.n_kv, self.hd).transpose(1, 2)
+            vh = self.v_proj(x).view(b, q, self.n_kv, self.hd).transpose(1, 2)
+            qh, kh = apply_rope(qh, cos, sin), apply_rope(kh, cos, sin)
+        else:  # one RoPE call rotates q and k together
+            h = self.qkv_proj(x).view(b, q, self.n_heads + 2 * self.n_kv, self.hd).transpose(1, 2)
+            qk = apply_rope(h[:, : self.n_heads + self.n_kv], cos, sin)
+            qh, kh, vh = qk[:, : self.n_heads], qk[:, self.n_heads :], h[:, self.n_heads + self.n_kv :]
         k_all, v_all = kh, vh
         if isinstance(write, Tensor):  # explicit per-row slots [b, n] for the first n fed
             pk, pv = cache.get(layer)
@@ -207,9 +214,16 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj: nn.Module | None = None  # the inference runtime's fused gate|up
+
+    def fuse(self, gate_up: nn.Module) -> None:
+        self.gate_up_proj, self.gate_proj, self.up_proj = gate_up, None, None
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is None:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):

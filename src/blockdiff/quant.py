@@ -1,16 +1,102 @@
-"""Weight-only int8 for CPU inference.
+"""Weight storage for CPU inference: 4-bit groups where the weights are 4-bit, int8, bfloat16.
 
 A one-token decoding step is a chain of matrix-vector products bound by reading the weights, so
-storing them in int8 (one scale per output channel) halves the bytes of bfloat16. Activations stay
-bfloat16 (no activation quantisation: that is what cost quality in dynamic int8), and the product
-runs in torch's int8-weight kernel (`_weight_int8pack_mm`). Embeddings, norms and the KV cache stay
-bfloat16. Inference only.
+fewer bytes per weight is speed. SmolLM2's weights come from a Q4_1 GGUF: every projection is
+already on a 4-bit grid per group of 32 (a step and a minimum per group), and the tied embedding
+is Q8_0 (a step per group of 32, 255 levels). `Int4Linear` recovers that grid and stores the
+very same weights in torch's int4 CPU kernel layout (`_weight_int4pack_mm_for_cpu`), 255-level
+groups as two 4-bit planes: no rounding of any weight, only the per-group step and offset are held
+in bfloat16 as the kernel wants. A low-rank delta (LoRA) over such a base stays unmerged beside
+it in bfloat16, so the adapted model keeps the base's exact 4-bit weights.
+
+The int4 kernel's cost grows with the rows of a forward, a bfloat16 GEMM's barely (the measured
+table: BENCHMARKS.md, `benchmarks/cost_table.py`), so `ByWidth` keeps both and picks by rows.
+`Int8Linear` (per-output-channel int8, any weights) is the lossy option for weights on no grid.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+
+GROUP = 32
+# Forwards with at most this many rows (batch x fed tokens) take the 4-bit kernel, wider ones
+# bfloat16: the crossover of the measured per-forward cost table (benchmarks/cost_table.py).
+NARROW_ROWS = 8
+
+
+class NotOnGrid(ValueError):
+    """The weights are not on a 4-bit (or 255-level) grid per group: int4 would round them."""
+
+
+def _grid(w: Tensor, levels: int) -> tuple[Tensor, Tensor, Tensor] | None:
+    """(integer codes [N, K] in 0..levels, step [N, K/G], offset [N, K/G]) with
+    w = offset + step * code exactly (to float32 rounding), or None if w is on no such grid.
+
+    Q4_1 puts a group's minimum at code 0 and its maximum at code 15; Q8_0 is symmetric, its
+    absolute maximum at code ±127: both grids follow from the group's own extremes."""
+    n, k = w.shape
+    g = w.reshape(n, k // GROUP, GROUP).double()
+    if levels == 15:
+        lo, hi = g.amin(-1), g.amax(-1)
+    else:
+        hi = g.abs().amax(-1)
+        lo = -hi
+    step = (hi - lo) / levels
+    safe = torch.where(step > 0, step, torch.ones_like(step))
+    code = torch.round((g - lo[..., None]) / safe[..., None])
+    back = lo[..., None] + code * step[..., None]
+    tol = 1e-5 * g.abs().amax(-1, keepdim=True).clamp(min=1e-12)
+    if not bool(((back - g).abs() <= tol).all()) or bool((code < 0).any() | (code > levels).any()):
+        return None
+    return code.reshape(n, k).long(), step.float(), lo.float()
+
+
+class Int4Linear(nn.Module):
+    """y = x W^T (+ x A^T B^T, a low-rank delta) with W held exactly as 4-bit codes per group
+    of 32 (one or two planes), multiplied in bfloat16 by torch's int4 CPU kernel."""
+
+    def __init__(self, weight: Tensor, low_rank: tuple[Tensor, Tensor] | None = None):
+        super().__init__()
+        w = weight.detach().float()
+        self.out_features, self.in_features = w.shape
+        if self.in_features % GROUP:
+            raise NotOnGrid(f"in_features {self.in_features} is not a multiple of {GROUP}")
+        planes = []
+        if (grid := _grid(w, 15)) is not None:
+            code, step, lo = grid
+            planes.append((code, step, lo + 8 * step))  # the kernel computes (q - 8) * s + z
+        elif (grid := _grid(w, 254)) is not None:  # Q8_0: code = 16 h + l, two 4-bit planes
+            code, step, lo = grid
+            planes.append((code // 16, 16 * step, lo + 128 * step))
+            planes.append((code % 16, step, 8 * step))
+        else:
+            raise NotOnGrid("weights are not on a 4-bit or 8-bit grid per group of 32")
+        self.pad = pad = -self.out_features % 16  # the kernel packs rows in sixteens
+        for i, (q, s, z) in enumerate(planes):
+            q, s, z = (nn.functional.pad(t, (0, 0, 0, pad)) for t in (q, s, z))
+            packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
+            self.register_buffer(f"q{i}", packed)
+            self.register_buffer(f"sz{i}", torch.stack([s.t(), z.t()], -1).to(torch.bfloat16).contiguous())
+        self.planes = len(planes)
+        self.low_rank = None
+        if low_rank is not None:
+            a, b = low_rank
+            # float32: small bfloat16 products go through a far slower path on CPU (~5x)
+            self.register_buffer("lr_a", a.detach().float().t().contiguous())
+            self.register_buffer("lr_b", b.detach().float().t().contiguous())
+            self.low_rank = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        y = torch._weight_int4pack_mm_for_cpu(flat, self.q0, GROUP, self.sz0)
+        if self.planes == 2:
+            y = y + torch._weight_int4pack_mm_for_cpu(flat, self.q1, GROUP, self.sz1)
+        if self.pad:
+            y = y[:, : self.out_features]
+        if self.low_rank:
+            y = y + (x.reshape(-1, self.in_features).float() @ self.lr_a @ self.lr_b).to(y.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
 
 class Int8Linear(nn.Module):
@@ -30,6 +116,18 @@ class Int8Linear(nn.Module):
         flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
         y = torch._weight_int8pack_mm(flat, self.weight, self.scale)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+
+class ByWidth(nn.Module):
+    """The narrow kernel for forwards of at most `rows` rows, the wide one (bfloat16) above."""
+
+    def __init__(self, narrow: nn.Module, wide: nn.Module, rows: int = NARROW_ROWS):
+        super().__init__()
+        self.narrow, self.wide, self.rows = narrow, wide, rows
+        self.in_features, self.out_features = wide.in_features, wide.out_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (self.narrow if x.numel() <= self.rows * self.in_features else self.wide)(x)
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:

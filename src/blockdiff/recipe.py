@@ -7,6 +7,7 @@ are parsed as YAML scalars, so `--set train.steps=10` gives an int.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -190,6 +191,9 @@ def validate(r: Recipe) -> None:
         and tw[0] > 0
     ):
         raise ConfigError(f"objective.token_weight must be [alpha > 0, gamma >= 0], got {tw}")
+    aw = r.objective.ar_weight
+    if isinstance(aw, bool) or not isinstance(aw, int | float) or not math.isfinite(aw) or aw < 0:
+        raise ConfigError(f"objective.ar_weight (--ar-loss-weight) must be a number >= 0, got {aw!r}")
     if r.objective.time_weight not in TIME_WEIGHTS:
         raise ConfigError(
             f"objective.time_weight must be one of {', '.join(TIME_WEIGHTS)}, got '{r.objective.time_weight}'"

@@ -24,10 +24,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from . import delta as delta_mod
 from . import noise as noise_mod
 from . import recipe as recipe_mod
-from .checkpoint import load_base_model
 from .config import ConfigError, ModelConfig
 from .data.corpus import load_corpus, pack, pack_pairs
 from .model import BlockDiffLM
+from .models import load_base_model
 from .objectives import block_diffusion_loss
 from .tokenizer import Tokenizer, byte_tokenizer, train_bpe
 from .trainer_state import Checkpointing

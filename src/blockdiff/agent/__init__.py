@@ -3,9 +3,10 @@
 loop that runs any policy — a scripted one or a model with any sampler — on a task (`loop`)."""
 
 from .loop import AgentResult, ContextLimit, ModelPolicy, Reply, Step, replay_policy, run_agent
+from .tasks import eval_tasks, is_held_out, make_task, train_tasks
 from .tools import TOOLS, Toolbox, calculate
 from .trajectory import Call, CallError, parse_call, render, scripted_trajectory, write_sft_data
-from .world import Question, Task, World, eval_tasks, is_held_out, make_task, train_tasks
+from .world import Question, Task, World
 
 __all__ = [
     "AgentResult",

@@ -16,7 +16,8 @@ from statistics import fmean
 from typing import Any
 
 from .loop import AgentResult, Policy, run_agent
-from .world import EVAL_POOL, make_task
+from .tasks import make_task
+from .world import EVAL_POOL
 
 AGENTS = ("ar", "diffusion")
 DIFFUSION_SAMPLER = "fastdllm"

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..tokenizer import Tokenizer
+from .tasks import train_tasks
 from .tools import SIGNATURES, TOOLS, Toolbox
-from .world import Task, search_query, train_tasks
+from .world import Task, search_query
 
 SYSTEM = (
     "You answer questions about an invented world by calling tools. Each turn, reply with exactly "

@@ -10,16 +10,13 @@ C × D?": A and B single out one entity (they appear in its description, so `sea
 C and D are numbers only `lookup` returns, and the product needs `calculate`. The question keeps
 its checkable answer (`Question.check`).
 
-Held-out split: a task is a pure function of (split, seed). Training data is drawn from the
-"train" stream, evaluation from the "eval" stream; the two seed streams are disjoint strings, and
-`is_held_out` lets training data skip anything that matches an evaluation question anyway.
+Tasks (a world, its toolbox and one question) are made in `tasks.py`.
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from functools import lru_cache
 
 SPLITS = ("train", "eval")
 EVAL_POOL = 500  # evaluation tasks eval:0..EVAL_POOL-1 are never written as training data
@@ -205,42 +202,3 @@ def make_question(world: World, rng: random.Random, found) -> Question:
         value = int(target.fields[c]) * int(target.fields[d])
         return Question(text, kind, cons, (c, d), target.name, value)
     raise RuntimeError("no uniquely answerable question found in 1000 tries (world too small?)")
-
-
-def make_task(split: str, seed: int | str) -> Task:
-    """Task `seed` of a split: a world and one question, a pure function of (split, seed)."""
-    from .tools import Toolbox
-
-    if split not in SPLITS:
-        raise ValueError(f"unknown split '{split}'; splits: {', '.join(SPLITS)}")
-    rng = random.Random(f"blockdiff-agent:{split}:{seed}")
-    world = make_world(rng)
-    box = Toolbox(world)
-    question = make_question(world, rng, box.finds)
-    return Task(split, str(seed), world, question)
-
-
-def eval_tasks(n: int) -> list[Task]:
-    """The held-out evaluation tasks eval:0..n-1 (a fixed set; never training data)."""
-    return [make_task("eval", i) for i in range(n)]
-
-
-def train_tasks(n: int, seed: int = 0) -> list[Task]:
-    """n training tasks from stream `seed`, skipping any that matches a held-out question."""
-    out, i = [], 0
-    while len(out) < n:
-        t = make_task("train", f"{seed}:{i}")
-        i += 1
-        if not is_held_out(t):
-            out.append(t)
-    return out
-
-
-@lru_cache(maxsize=1)
-def _held_out_questions() -> frozenset[str]:
-    return frozenset(t.question.text for t in eval_tasks(EVAL_POOL))
-
-
-def is_held_out(task: Task) -> bool:
-    """Whether a task asks one of the held-out evaluation questions (same text)."""
-    return task.question.text in _held_out_questions()

@@ -14,8 +14,6 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
 from ..config import ConfigError
 from .prompts import chat_prompts
 
@@ -30,13 +28,17 @@ def distill(
     dtype: str = "bfloat16",
     log=print,
 ) -> Path:
-    from ..checkpoint import load_model
     from ..decoding import generate
+    from ..models import load_model
 
-    if n < 1:
-        raise ConfigError(f"--n must be >= 1, got {n}")
+    for name, v in (("--n", n), ("--max-new-tokens", max_new_tokens), ("--batch-size", batch_size),
+                    ("--seq-len", seq_len)):  # fmt: skip
+        if v < 1:
+            raise ConfigError(f"{name} must be >= 1, got {v}")
     out = Path(out)
-    model, tok = load_model(model_name, dtype=getattr(torch, dtype))
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a directory; name the .jsonl file to write")
+    model, tok = load_model(model_name, dtype)
     if not tok.chat_template:
         raise ConfigError(f"{model_name} has no chat template; self-distillation needs a chat model")
     questions = chat_prompts("train")[:n]
@@ -66,6 +68,11 @@ def distill(
             log(f"distill: {i + len(qs)}/{len(todo)} prompts, {toks / (time.time() - t0):.0f} tokens/s")
     rows = [json.loads(ln) for ln in partial.read_text().splitlines() if ln.strip()]
     rows = [r for r in rows if not r.get("dropped")]
+    if not rows:
+        partial.unlink()
+        raise ConfigError(
+            f"no pair fits: every answer was empty or longer than --seq-len {seq_len} tokens; nothing written"
+        )
     tmp = out.with_name(out.name + ".tmp")
     keys = ("prompt", "answer", "complete")
     tmp.write_text("".join(json.dumps({k: r.get(k, True) for k in keys}) + "\n" for r in rows))

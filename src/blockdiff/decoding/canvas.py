@@ -179,6 +179,7 @@ class Canvas:
         out = []
         for r in range(self.batch):
             n = len(self.generated(r)) + int(self.eos_at[r] < self.T)
+            n += int((self.commit_step[r, : self.G] > 0).sum())  # blanks filled in the prompt
             sec = float(self.finished_at[r]) if not torch.isnan(self.finished_at[r]) else total
             out.append(RowStats(int(self.nfe[r]), n, sec, bool(self.eos_at[r] < self.T)))
         return out

@@ -186,11 +186,15 @@ class Decoding:
         return GenerateOutput(texts, c.stats(), toks, c, self.notes)
 
     def text(self, r: int) -> str:
-        """Row r's text: its generated tokens, or for a prompt with blanks the whole text filled."""
+        """Row r's text: its generated tokens, or for a prompt with blanks the whole text filled.
+        A character cut by the end (EOS or the length limit inside its bytes) is dropped, not
+        shown as U+FFFD."""
         c = self.c
         if (c.commit_step[r, : c.G] > 0).any():
-            return self.tok.decode(c.tokens[r, c.valid[r] & (torch.arange(c.T) < c.eos_at[r])].tolist())
-        return self.tok.decode(c.generated(r).tolist())
+            ids = c.tokens[r, c.valid[r] & (torch.arange(c.T) < c.eos_at[r])].tolist()
+        else:
+            ids = c.generated(r).tolist()
+        return self.tok.decode(ids).rstrip("\ufffd")
 
     def final_prefix(self, r: int) -> list[int]:
         """Row r's generated tokens that can no longer change: those before its first undecided
@@ -227,15 +231,16 @@ def start_decoding(
     plan = build_plan(model, sampler, max_new_tokens, notes, kwargs)
     cfg = model.config
     ids = [tokenizer.encode(p) for p in prompts]
+    longest = max((len(i) for i in ids), default=0)
+    if longest + max_new_tokens > cfg.max_position_embeddings:  # before anything is allocated
+        raise ValueError(
+            f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context "
+            f"of {cfg.max_position_embeddings} tokens"
+        )
     grid = plan.window.grid_size()  # None: the whole canvas is one block
     round_to = grid or 1
     c = Canvas.build(ids, max_new_tokens, cfg.mask_token_id, tokenizer.eos_id, tokenizer.pad_id, round_to)
     c.set_grid(grid or c.T)
-    if c.G + max_new_tokens > cfg.max_position_embeddings:
-        raise ValueError(
-            f"prompt ({c.G} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context "
-            f"of {cfg.max_position_embeddings} tokens"
-        )
     if round_to > max_new_tokens > 0:
         raise ValueError(f"block_size {round_to} is larger than the canvas ({max_new_tokens} new tokens)")
     c.stop_at_eos = plan.stop_at_eos
@@ -244,7 +249,8 @@ def start_decoding(
     seeds = list(seed) if isinstance(seed, list | tuple) else [seed * 1_000_003 + r for r in range(c.batch)]
     if len(seeds) != c.batch:
         raise ValueError(f"got {len(seeds)} seeds for {c.batch} prompts")
-    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    # any integer seed is legal (OpenAI clients send 64-bit ones); torch takes 63 bits
+    gens = [torch.Generator().manual_seed(int(s) % 2**63) for s in seeds]
     c.started = time.perf_counter()
     return Decoding(model, tokenizer, c, plan, gens, notes)
 

@@ -7,6 +7,7 @@ spellings (LLaDA's `gen_length`, `block_length`, Dream's `alg`) are mapped here 
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -24,12 +25,13 @@ CHOICES = {
 SCORE_SET_BY = {"bd3": "order", "mdlm": None, "llada": "remasking"}
 
 
-def _int(name: str, lo: int, none_ok: bool = True) -> Callable[[Any], Any]:
+def _int(name: str, lo: int, hi: int | None = None) -> Callable[[Any], Any]:
     def check(v):
-        if v is None and none_ok:
+        if v is None:
             return v
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+            within = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+            raise ValueError(f"{name} must be an integer {within}, got {v!r}")
         return v
 
     return check
@@ -39,8 +41,8 @@ def _float(name: str, lo: float, hi: float, lo_open: bool = False) -> Callable[[
     def check(v):
         if v is None:
             return v
-        if isinstance(v, bool) or not isinstance(v, int | float):
-            raise ValueError(f"{name} must be a number, got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+            raise ValueError(f"{name} must be a finite number, got {v!r}")
         if v < lo or v > hi or (lo_open and v == lo):
             left = "(" if lo_open else "["
             raise ValueError(f"{name} must be in {left}{lo}, {hi}], got {v}")
@@ -63,7 +65,8 @@ CHECKS: dict[str, Callable[[Any], Any]] = {
     "block_size": _int("block_size", 1),
     "steps": _int("steps", 1),
     "top_k": _int("top_k", 1),
-    "draft_len": _int("draft_len", 1),
+    # a spec forward feeds (k + 1) + (k + 1)^2 tokens: past 8 drafts it costs more than it saves
+    "draft_len": _int("draft_len", 1, 8),
     "window": _int("window", 1),
     "max_span": _int("max_span", 1),
     "expand_step": _int("expand_step", 1),

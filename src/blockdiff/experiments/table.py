@@ -282,7 +282,7 @@ def train_one(recipe: dict, out: Path) -> dict:
 def run_table(path: str | Path, out: str | Path | None = None, sets: list[str] | None = None) -> Path:
     import torch
 
-    from ..checkpoint import load_model
+    from ..models import load_model
 
     d = load_table_recipe(path, sets)
     out = Path(out or Path("runs") / f"table-{Path(path).stem}")

@@ -44,7 +44,8 @@ from ..agent.evaluate import DIFFUSION_SAMPLER, agent_options, agent_sampler
 from ..agent.loop import Policy, check_limits
 from ..agent.trajectory import render, start_messages
 from ..agent.world import EVAL_POOL, Task
-from .app import APIError, CompletionRequest, Server
+from .app import Server
+from .protocol import APIError, CompletionRequest
 from .scheduler import QueueFull, emitter
 
 # completion fields that are not sampler options: an agent sets them itself

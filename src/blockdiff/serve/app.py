@@ -8,19 +8,20 @@ OpenAI's error shape before it reaches a batch; the same checks as `blockdiff ge
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-import os
+import re
 import secrets
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -32,69 +33,19 @@ from ..decoding import options as sampler_options
 from ..decoding.samplers import PLANS
 from ..model import BlockDiffLM
 from ..tokenizer import Tokenizer
+from .protocol import (
+    IGNORED,
+    NEUTRAL,
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    _Common,
+    _error,
+    include_usage,
+)
 from .scheduler import Job, QueueFull, Scheduler, emitter
 
 STATIC = Path(__file__).parent / "static"
-# OpenAI fields blockdiff does not implement: accepted only at their neutral value.
-NEUTRAL = {
-    "frequency_penalty": 0,
-    "presence_penalty": 0,
-    "logprobs": None,
-    "top_logprobs": None,
-    "echo": False,
-    "best_of": None,
-    "logit_bias": None,
-    "suffix": None,
-    "tools": None,
-    "tool_choice": None,
-    "response_format": None,
-}
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-
-def _error(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
-    kind = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}.get(
-        status, "invalid_request_error" if status < 500 else "server_error"
-    )
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status)
-
-
-class _Common(BaseModel):
-    """OpenAI's fields; any other field is a blockdiff sampler option (block_size, steps, ...)."""
-
-    model_config = ConfigDict(extra="allow", strict=True)
-    model: str
-    max_tokens: int | None = Field(default=None)
-    max_completion_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    n: int = 1
-    stream: bool = False
-    stream_options: dict | None = None
-    user: str | None = None
-    sampler: str | None = None
-    denoise: bool = False  # blockdiff: stream every canvas step (what the page draws)
-
-
-class CompletionRequest(_Common):
-    prompt: str
-
-
-class Message(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str
-
-
-class ChatRequest(_Common):
-    messages: list[Message]
 
 
 class Server:
@@ -146,14 +97,14 @@ class Server:
             )
         for k, neutral in NEUTRAL.items():
             v = (req.model_extra or {}).get(k)
-            if v is not None and v != neutral:
+            if not any(v == n and isinstance(v, bool) == isinstance(n, bool) for n in neutral):
                 raise APIError(400, f"{k} is not supported by blockdiff", k, "unsupported_parameter")
-        extra = {k: v for k, v in (req.model_extra or {}).items() if k not in NEUTRAL}
+        extra = {k: v for k, v in (req.model_extra or {}).items() if k not in NEUTRAL and k not in IGNORED}
         sampler = req.sampler or self.sampler
         max_tokens = req.max_tokens if req.max_tokens is not None else req.max_completion_tokens
         max_tokens = self.default_max_tokens if max_tokens is None else max_tokens
-        if max_tokens < 0:
-            raise APIError(400, f"max_tokens must be >= 0, got {max_tokens}", "max_tokens")
+        if max_tokens < 1:  # as OpenAI: a completion has at least one token
+            raise APIError(400, f"max_tokens must be >= 1, got {max_tokens}", "max_tokens")
         if not 1 <= req.n <= self.max_batch:
             raise APIError(400, f"n must be between 1 and {self.max_batch} (the server's max batch)", "n")
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
@@ -161,12 +112,17 @@ class Server:
             raise APIError(400, "stop takes up to 4 non-empty strings", "stop")
         if "\x00" in prompt:
             raise APIError(400, "the prompt contains a NUL character", "prompt")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as e:
+            why = f"the prompt is not valid Unicode text ({e.reason} at {e.start})"
+            raise APIError(400, why, "prompt") from None
         opts = {**extra, "temperature": req.temperature, "top_p": req.top_p}
         opts = {k: v for k, v in opts.items() if v is not None}
         try:
             d = start_decoding(self.model, self.tok, [prompt], sampler, max_tokens, seed=0, **opts)
         except (ValueError, TypeError, BlockdiffError) as e:
-            raise APIError(400, str(e), None, "invalid_value") from None
+            raise APIError(400, str(e), _param(str(e), [*opts, "sampler"]), "invalid_value") from None
         del d
         seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
         return Job(
@@ -189,13 +145,14 @@ class Server:
             raise APIError(400, f"model '{self.name}' has no chat template; use /v1/completions", "messages")
         if not req.messages:
             raise APIError(400, "messages must not be empty", "messages")
-        return self.tok.chat([m.model_dump() for m in req.messages])
+        return self.tok.chat([m.as_turn() for m in req.messages])
 
     # ---- responses -----------------------------------------------------------------------------
 
     async def respond(self, request: Request, req: _Common, prompt: str, chat: bool):
         queue: asyncio.Queue = asyncio.Queue()
-        job = self.job(req, prompt, emitter(asyncio.get_running_loop(), queue))
+        # the checks tokenize and build a canvas: off the event loop, which keeps serving
+        job = await asyncio.to_thread(self.job, req, prompt, emitter(asyncio.get_running_loop(), queue))
         try:
             self.scheduler.submit(job)
         except QueueFull as e:
@@ -206,7 +163,9 @@ class Server:
         n_prompt = len(self.tok.encode(prompt))
         if req.stream:
             return EventSourceResponse(
-                self._stream(job, queue, rid, created, obj, n_prompt, chat), ping=15, sep="\n"
+                self._stream(job, queue, rid, created, obj, n_prompt, chat, include_usage(req)),
+                ping=15,
+                sep="\n",
             )
         try:
             while True:
@@ -244,65 +203,64 @@ class Server:
             }
         )
 
-    async def _stream(self, job: Job, queue: asyncio.Queue, rid, created, obj, n_prompt, chat):
+    async def _stream(self, job: Job, queue: asyncio.Queue, rid, created, obj, n_prompt, chat, usage=False):
+        """OpenAI's chunks: every chunk carries choices, except the usage chunk that
+        `stream_options.include_usage` asks for; blockdiff's per-row stats ride on the last one."""
         chunk_obj = "chat.completion.chunk" if chat else "text_completion"
 
         def chunk(choices, **extra) -> dict:
-            return {
-                "data": json.dumps(
-                    {
-                        "id": rid,
-                        "object": chunk_obj,
-                        "created": created,
-                        "model": self.name,
-                        "choices": choices,
-                        **extra,
-                    }
-                )
-            }
+            return {"id": rid, "object": chunk_obj, "created": created, "model": self.name,
+                    "choices": choices, **extra}  # fmt: skip
 
+        def sse(payload: dict) -> dict:
+            return {"data": json.dumps(payload)}
+
+        held = None  # the latest finish chunk: the last one carries the stats
         try:
             if chat:
-                yield chunk(
-                    [
-                        {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-                        for i in range(job.n)
-                    ]
-                )
+                yield sse(chunk([
+                    {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                    for i in range(job.n)
+                ]))  # fmt: skip
             while True:
                 ev = await queue.get()
                 t = ev["type"]
                 if t == "error":
-                    yield {
-                        "data": json.dumps(
-                            {
-                                "error": {
-                                    "message": ev["message"],
-                                    "type": "server_error",
-                                    "code": ev["status"],
-                                }
-                            }
-                        )
-                    }
+                    err = {"message": ev["message"], "type": "server_error", "code": ev["status"]}
+                    yield sse({"error": err})
                     return
-                if t in ("start", "denoise") and job.denoise:
-                    yield chunk([], blockdiff={k: v for k, v in ev.items()})
+                if t in ("start", "denoise") and job.denoise:  # blockdiff's own, asked for by name
+                    yield sse(chunk([], blockdiff={k: v for k, v in ev.items()}))
                 elif t == "delta":
                     d = {"content": ev["text"]} if chat else None
                     c = {"index": ev["index"], "finish_reason": None}
                     c.update({"delta": d} if chat else {"text": ev["text"], "logprobs": None})
-                    yield chunk([c])
+                    yield sse(chunk([c]))
                 elif t == "finish":
+                    if held is not None:
+                        yield sse(held)
                     c = {"index": ev["index"], "finish_reason": ev["reason"]}
                     c.update({"delta": {}} if chat else {"text": "", "logprobs": None})
-                    yield chunk([c])
+                    held = chunk([c])
                 elif t == "done":
-                    usage = _usage(n_prompt, ev["stats"])
-                    yield chunk([], usage=usage, blockdiff={"type": "done", "stats": ev["stats"]})
+                    if held is not None:
+                        yield sse({**held, "blockdiff": {"type": "done", "stats": ev["stats"]}})
+                    if usage:
+                        yield sse(chunk([], usage=_usage(n_prompt, ev["stats"])))
                     yield {"data": "[DONE]"}
                     return
         finally:
             job.cancelled = True  # a client that went away frees its rows (no effect once done)
+
+
+def _param(message: str, names: list[str]) -> str | None:
+    """The request field an engine error is about (OpenAI names it in every 400)."""
+    if "max_new_tokens" in message or "context" in message:
+        return "max_tokens"
+    if "unknown sampler" in message:
+        return "sampler"
+    named = [n for n in names if re.search(rf"\b{re.escape(n)}\b", message)]
+    return named[0] if named else None
 
 
 def _usage(n_prompt: int, stats: list[dict]) -> dict[str, Any]:
@@ -317,8 +275,38 @@ def _usage(n_prompt: int, stats: list[dict]) -> dict[str, Any]:
     }
 
 
-def create_app(server: Server) -> FastAPI:
-    app = FastAPI(title="blockdiff", docs_url="/docs", redoc_url=None)
+class KeyAuth:
+    """`Authorization: Bearer KEY` on /v1/ (the page, /health and /docs stay open). Plain ASGI,
+    not BaseHTTPMiddleware: that one hides a client's disconnect from the endpoint, which then
+    decodes on for nobody."""
+
+    def __init__(self, app, key: str):
+        self.app, self.key = app, key
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            scheme, _, key = auth.partition(" ")
+            given = key.strip().encode("latin-1")
+            if scheme.lower() != "bearer" or not secrets.compare_digest(given, self.key.encode()):
+                msg = "missing or wrong API key (Authorization: Bearer KEY)"
+                await _error(401, msg, None, "invalid_api_key")(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def create_app(server: Server, *routes: Callable[[FastAPI, Server], None]) -> FastAPI:
+    """The OpenAI API and the page; `routes` add more (the agent routes: `main.build_app`)."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        for s in server.servers():
+            s.scheduler.start()
+        yield
+        for s in server.servers():
+            s.scheduler.stop()
+
+    app = FastAPI(title="blockdiff", docs_url="/docs", redoc_url=None, lifespan=lifespan)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
@@ -339,25 +327,8 @@ def create_app(server: Server) -> FastAPI:
     async def _http(request: Request, e: StarletteHTTPException):
         return _error(e.status_code, str(e.detail))
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if server.api_key and request.url.path.startswith("/v1/"):
-            got = request.headers.get("authorization", "")
-            if not secrets.compare_digest(got, f"Bearer {server.api_key}"):
-                return _error(
-                    401, "missing or wrong API key (Authorization: Bearer KEY)", None, "invalid_api_key"
-                )
-        return await call_next(request)
-
-    @app.on_event("startup")
-    async def _start():
-        for s in server.servers():
-            s.scheduler.start()
-
-    @app.on_event("shutdown")
-    async def _stop():
-        for s in server.servers():
-            s.scheduler.stop()
+    if server.api_key:
+        app.add_middleware(KeyAuth, key=server.api_key)
 
     @app.get("/health")
     async def health():
@@ -392,9 +363,8 @@ def create_app(server: Server) -> FastAPI:
         srv = server.route(req.model)
         return await srv.respond(request, req, srv.chat_prompt(req), chat=True)
 
-    from .agents import add_routes  # here: that module builds on this one
-
-    add_routes(app, server)
+    for add in routes:
+        add(app, server)
 
     @app.get("/")
     async def page():
@@ -402,10 +372,3 @@ def create_app(server: Server) -> FastAPI:
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
-
-
-def serve(server: Server, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
-    import uvicorn
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    uvicorn.run(create_app(server), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

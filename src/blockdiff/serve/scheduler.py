@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import time
 from collections import deque
@@ -25,6 +26,8 @@ from ..decoding import start_decoding
 from ..decoding.engine import Decoding, StepEvent
 from ..model import BlockDiffLM
 from ..tokenizer import Tokenizer
+
+log = logging.getLogger("blockdiff.serve")
 
 
 class QueueFull(Exception):
@@ -131,6 +134,7 @@ class Scheduler:
                 try:
                     new = self._take()
                 except Exception as e:  # never let the worker die: fail what waits, go on
+                    log.exception("scheduling failed")
                     new = []
                     for j in self.waiting:
                         j.emit({"type": "error", "status": 500, "message": f"scheduling failed: {e!r}"})
@@ -141,6 +145,7 @@ class Scheduler:
                 try:
                     self._step(b)
                 except Exception as e:  # a failed batch fails its requests, never the server
+                    log.exception("decoding failed")
                     for j in b.jobs:
                         if any(f is None for f in j.finish):
                             j.emit({"type": "error", "status": 500, "message": f"decoding failed: {e!r}"})
@@ -187,8 +192,12 @@ class Scheduler:
                 self.model, self.tok, prompts, j0.sampler, j0.max_new_tokens, seed=seeds, **j0.options
             )
         except Exception as e:  # checked at submission; anything left is the server's fault
-            for j in jobs:
-                j.emit({"type": "error", "status": 500, "message": f"could not start decoding: {e}"})
+            if len(jobs) > 1:  # one bad request must not fail the others: start each alone
+                for j in jobs:
+                    self._start([j])
+                return
+            log.exception("could not start decoding")
+            j0.emit({"type": "error", "status": 500, "message": f"could not start decoding: {e}"})
             return
         c = d.c
         for j in jobs:

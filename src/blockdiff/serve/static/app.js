@@ -11,10 +11,19 @@ async function api(path, body) {
   return fetch(path, body ? { method: "POST", headers, body: JSON.stringify(body) } : { headers });
 }
 
+// Reads what the server offers; on a server with --api-key that waits for the key (kept for the tab).
 async function init() {
   const r = await api("/v1/samplers");
-  if (!r.ok) { $("error").textContent = "cannot read /v1/samplers: " + r.status; return; }
+  if (r.status === 401) {
+    $("error").textContent = $("key").value
+      ? "the API key was refused: check it and press Run"
+      : "this server needs an API key: type it in the API key field and press Run";
+    return false;
+  }
+  if (!r.ok) { $("error").textContent = "cannot read /v1/samplers: " + r.status; return false; }
+  $("error").textContent = "";
   info = await r.json();
+  $("sampler").textContent = "";
   const models = await (await api("/v1/models")).json();
   info.model = models.data[0].id;
   $("model").textContent = models.data[0].id + (info.ar_model ? ` · AR side: ${info.ar_model}` : "");
@@ -27,6 +36,7 @@ async function init() {
   $("task").max = info.agent.tasks - 1;
   $("chat").checked = info.chat;
   $("chat").disabled = !info.chat;
+  return true;
 }
 
 // The option fields the sampler takes, into a request body.
@@ -248,6 +258,7 @@ async function runAgent(agent) {
 
 async function run() {
   $("error").textContent = "";
+  if (!info && !(await init())) return; // no key yet, or a wrong one: init said so
   $("panels").textContent = "";
   if ($("mode").value === "agent") {
     $("run").disabled = true;
@@ -269,6 +280,12 @@ async function run() {
 }
 
 $("run").addEventListener("click", run);
+$("key").value = sessionStorage.getItem("blockdiff-key") || "";
+$("key").addEventListener("change", () => {
+  sessionStorage.setItem("blockdiff-key", $("key").value);
+  info = null;
+  init();
+});
 $("mode").addEventListener("change", () => {
   const agents = $("mode").value === "agent";
   $("agent_controls").hidden = !agents;

@@ -1,0 +1,154 @@
+"""The inference runtime: fused projections give the unfused logits in float32; int4 holds weights
+on a 4-bit (or 255-level) grid exactly, a delta beside them, and refuses weights on no grid;
+forwards pick the 4-bit or the bfloat16 copy by width; decoding runs on every path."""
+
+import pytest
+import torch
+
+from blockdiff import delta
+from blockdiff.config import ConfigError
+from blockdiff.decoding import generate
+from blockdiff.model import BlockDiffLM, KVCache
+from blockdiff.models import load_model
+from blockdiff.quant import GROUP, ByWidth, Int4Linear, NotOnGrid
+from blockdiff.runtime import prepare
+from tests.conftest import tiny_config
+
+
+def q4_1(w: torch.Tensor) -> torch.Tensor:
+    """w snapped to a Q4_1 grid: per group of 32, min + step * code, code in 0..15."""
+    g = w.reshape(w.shape[0], -1, GROUP)
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    step = (hi - lo) / 15
+    return (lo + step * torch.round((g - lo) / step)).reshape(w.shape)
+
+
+def q8_0(w: torch.Tensor) -> torch.Tensor:
+    g = w.reshape(w.shape[0], -1, GROUP)
+    step = g.abs().amax(-1, keepdim=True) / 127
+    return (step * torch.round(g / step)).reshape(w.shape)
+
+
+def on_grid_model(vocab: int = 70, tied: bool = True) -> BlockDiffLM:
+    """A small Llama whose projections are Q4_1 and whose embedding is Q8_0, as SmolLM2's GGUF."""
+    torch.manual_seed(0)
+    m = BlockDiffLM(tiny_config(vocab_size=vocab, tie_word_embeddings=tied, mask_token_id=vocab - 1))
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith("proj.weight"):
+                p.copy_(q4_1(p))
+            elif name.endswith("embed_tokens.weight"):
+                p.copy_(q8_0(p))
+                p[vocab - 1] = torch.randn(p.shape[1])  # a trained mask row: on no grid
+    return m.eval()
+
+
+def test_fused_float32_logits_equal_the_unfused_model(tiny_ckpt, tok):
+    plain, _ = load_model(tiny_ckpt, None)
+    fused, _ = load_model(tiny_ckpt, "float32")
+    assert fused.model.layers[0].self_attn.q_proj is None  # it is fused: the test can tell
+    assert plain.model.layers[0].self_attn.qkv_proj is None
+    ids = torch.randint(0, 200, (2, 30))
+    with torch.no_grad():
+        a, b = plain(ids), fused(ids)
+    assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), (a - b).abs().max()
+    g1 = generate(plain, tok, ["To be", "Shall I"], sampler="bd3", max_new_tokens=12).tokens
+    g2 = generate(fused, tok, ["To be", "Shall I"], sampler="bd3", max_new_tokens=12).tokens
+    assert g1 == g2
+
+
+@pytest.mark.parametrize("snap,planes", [(q4_1, 1), (q8_0, 2)])
+def test_int4_holds_grid_weights_exactly(snap, planes):
+    torch.manual_seed(1)
+    w = snap(torch.randn(40, 96))  # 40 rows: not a multiple of the kernel's 16 (padded)
+    lin = Int4Linear(w)
+    assert lin.planes == planes
+    x = torch.randn(3, 96).bfloat16()
+    want = x.float() @ w.T
+    got = lin(x).float()
+    # only the per-group step and offset are rounded (to bfloat16): far below a 4-bit step
+    assert (got - want).abs().max() < 2e-2 * want.abs().max(), (got - want).abs().max()
+    with pytest.raises(NotOnGrid):
+        Int4Linear(w + 1e-3 * torch.randn_like(w))
+
+
+def test_int4_low_rank_delta_stays_beside_the_exact_base():
+    torch.manual_seed(2)
+    w = q4_1(torch.randn(64, 64))
+    a, b = torch.randn(4, 64) * 0.1, torch.randn(64, 4) * 0.1
+    lin = Int4Linear(w, (a, b))
+    x = torch.randn(2, 64).bfloat16()
+    want = x.float() @ (w + b @ a).T
+    assert (lin(x).float() - want).abs().max() < 2e-2 * want.abs().max()
+
+
+def test_by_width_picks_the_narrow_kernel_for_narrow_forwards():
+    calls = []
+
+    class Spy(torch.nn.Linear):
+        def forward(self, x):
+            calls.append(self.tag)
+            return super().forward(x)
+
+    narrow, wide = Spy(8, 8, bias=False), Spy(8, 8, bias=False)
+    narrow.tag, wide.tag = "narrow", "wide"
+    bw = ByWidth(narrow, wide, rows=4)
+    bw(torch.randn(1, 4, 8))
+    bw(torch.randn(2, 3, 8))
+    assert calls == ["narrow", "wide"]
+
+
+def test_int4_model_tracks_bfloat16_and_decodes(tok):
+    m = on_grid_model(vocab=tok.vocab_size + 1)
+    ref = prepare(on_grid_model(vocab=tok.vocab_size + 1), "bfloat16")
+    q = prepare(m, "int4")
+    attn = q.model.layers[0].self_attn
+    assert isinstance(attn.qkv_proj, ByWidth) and isinstance(attn.qkv_proj.narrow, Int4Linear)
+    ids = torch.randint(0, 200, (1, 12))
+    with torch.no_grad():  # one token at a time over a cache: the 4-bit path
+        ca, cb = KVCache(2), KVCache(2)
+        outs = []
+        for t in range(12):
+            a = ref(ids[:, t : t + 1], cache=ca, write_cache=True).float()
+            b = q(ids[:, t : t + 1], cache=cb, write_cache=True).float()
+            outs.append((a, b))
+    for a, b in outs:
+        a, b = a[..., : tok.vocab_size], b[..., : tok.vocab_size]
+        assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min() > 0.999
+        assert torch.equal(a.argmax(-1), b.argmax(-1))
+    out = generate(q, tok, ["To be"], sampler="ar", max_new_tokens=6)
+    assert out.rows[0].nfe >= 1
+
+
+def test_int4_with_a_delta_equals_the_merged_model():
+    m = on_grid_model()
+    delta.attach(m, delta.DeltaSpec(rank=4))
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    merged = BlockDiffLM(m.config)
+    twin = on_grid_model()
+    delta.attach(twin, delta.DeltaSpec(rank=4))
+    twin.load_state_dict(m.state_dict())
+    delta.merge(twin)
+    merged.load_state_dict(twin.state_dict())
+    q = prepare(m, "int4")
+    assert q.model.layers[0].mlp.down_proj.narrow.low_rank
+    ids = torch.randint(0, 60, (1, 5))  # 5 rows: the 4-bit path
+    with torch.no_grad():
+        want, got = merged(ids).float()[..., :69], q(ids).float()[..., :69]
+    cos = torch.nn.functional.cosine_similarity(want, got, dim=-1)
+    assert cos.min() > 0.999, cos
+    assert torch.equal(want.argmax(-1), got.argmax(-1))
+
+
+def test_int4_refuses_weights_on_no_grid_and_auto_falls_back():
+    torch.manual_seed(0)
+    cfg = tiny_config(vocab_size=40, num_hidden_layers=1)
+    with pytest.raises(ConfigError, match="grid"):
+        prepare(BlockDiffLM(cfg), "int4")
+    assert prepare(BlockDiffLM(cfg), "auto").precision == "float32"
+    assert prepare(on_grid_model(), "auto").precision == "int4"
+    with pytest.raises(ConfigError, match="unknown precision"):
+        prepare(BlockDiffLM(cfg), "int3")
