@@ -23,16 +23,13 @@ from blockdiff.data.prompts import chat_prompts
 from blockdiff.decoding import generate
 from blockdiff.model import KVCache
 from blockdiff.models import load_model
-from blockdiff.quant import ByWidth
 
 ROWS = (1, 2, 4, 8, 16, 32)
 
 
 def forced(model, rows: int):
-    """The int4 model with every ByWidth forced to one side (rows = its switch point)."""
-    for m in model.modules():
-        if isinstance(m, ByWidth):
-            m.rows = rows
+    """The int4 model with its width switch forced to one side (rows = its switch point)."""
+    model.width_switch.rows = rows
     return model
 
 

@@ -311,6 +311,39 @@ def test_a_character_cut_by_the_end_is_dropped_not_shown_as_a_replacement(make_m
     assert d.text(0) == "é"
 
 
+def test_a_models_own_sampler_defaults_apply_and_the_callers_options_win(make_model, tok):
+    from blockdiff.config import ConfigError, ModelConfig
+
+    m = make_model(tok)
+    kw = dict(sampler="bd3", max_new_tokens=16, stop_at_eos=False)
+    assert generate(m, tok, "To be", seed=1, **kw).tokens != generate(m, tok, "To be", seed=2, **kw).tokens
+    m.config.sampler_defaults = {"bd3": {"order": "confidence", "temperature": 0.0}}
+    try:
+        a, b = (generate(m, tok, "To be", seed=s, **kw) for s in (1, 2))
+        assert a.tokens == b.tokens  # greedy now
+        assert "bd3: this model's defaults order=confidence, temperature=0.0" in a.notes
+        hot = [generate(m, tok, "To be", seed=s, temperature=1.0, **kw).tokens for s in (1, 2)]
+        assert hot[0] != hot[1]  # the caller's temperature wins
+        with pytest.raises(ValueError, match="order 'sideways' is not one of"):
+            m.config.sampler_defaults = {"bd3": {"order": "sideways"}}
+            generate(m, tok, "To be", **kw)
+    finally:
+        m.config.sampler_defaults = {}
+    cfg = ModelConfig(sampler_defaults={"bd3": {"order": "confidence"}})
+    assert ModelConfig.from_dict(cfg.to_dict()).sampler_defaults == {"bd3": {"order": "confidence"}}
+    assert "sampler_defaults" not in ModelConfig().to_dict()["blockdiff"]
+    with pytest.raises(ConfigError, match="sampler_defaults"):
+        ModelConfig(sampler_defaults={"bd3": 3})
+    m.config.sampler_notes = {"mdlm": "measured poor on this model"}
+    try:
+        assert (
+            "mdlm: measured poor on this model"
+            in generate(m, tok, "To", sampler="mdlm", max_new_tokens=8).notes
+        )
+    finally:
+        m.config.sampler_notes = {}
+
+
 def test_any_integer_seed_is_legal(make_model, tok):
     """OpenAI clients send 64-bit seeds; seed * 1000003 + row once overflowed torch's generator."""
     m = make_model(tok)

@@ -10,7 +10,7 @@ from blockdiff.config import ConfigError
 from blockdiff.decoding import generate
 from blockdiff.model import BlockDiffLM, KVCache
 from blockdiff.models import load_model
-from blockdiff.quant import GROUP, ByWidth, Int4Linear, NotOnGrid
+from blockdiff.quant import GROUP, ByWidth, Int4Linear, NotOnGrid, WidthSwitch
 from blockdiff.runtime import prepare
 from tests.conftest import tiny_config
 
@@ -82,7 +82,7 @@ def test_int4_low_rank_delta_stays_beside_the_exact_base():
     assert (lin(x).float() - want).abs().max() < 2e-2 * want.abs().max()
 
 
-def test_by_width_picks_the_narrow_kernel_for_narrow_forwards():
+def test_the_switch_reads_fed_tokens_over_a_cache_never_the_batch():
     calls = []
 
     class Spy(torch.nn.Linear):
@@ -92,10 +92,20 @@ def test_by_width_picks_the_narrow_kernel_for_narrow_forwards():
 
     narrow, wide = Spy(8, 8, bias=False), Spy(8, 8, bias=False)
     narrow.tag, wide.tag = "narrow", "wide"
-    bw = ByWidth(narrow, wide, rows=4)
-    bw(torch.randn(1, 4, 8))
-    bw(torch.randn(2, 3, 8))
-    assert calls == ["narrow", "wide"]
+    sw = WidthSwitch(rows=4)
+    bw = ByWidth(narrow, wide, sw)
+    for fed, cached, batch in ((4, 10, 1), (5, 10, 1), (1, 10, 6), (3, 0, 1)):
+        sw.set(fed, cached)
+        bw(torch.randn(batch, fed, 8))
+    assert calls == ["narrow", "wide", "narrow", "wide"]  # a prompt (no cache) is always wide
+
+
+def test_int4_rows_decode_batched_as_alone(tok):
+    q = prepare(on_grid_model(vocab=tok.vocab_size + 1), "int4")
+    prompts = ["To be", "Shall I compare thee to a summer's day?", "O"]
+    together = generate(q, tok, prompts, sampler="ar", max_new_tokens=10, stop_at_eos=False)
+    for p, t in zip(prompts, together.tokens, strict=True):
+        assert generate(q, tok, [p], sampler="ar", max_new_tokens=10, stop_at_eos=False).tokens[0] == t
 
 
 def test_int4_model_tracks_bfloat16_and_decodes(tok):
@@ -135,9 +145,15 @@ def test_int4_with_a_delta_equals_the_merged_model():
     merged.load_state_dict(twin.state_dict())
     q = prepare(m, "int4")
     assert q.model.layers[0].mlp.down_proj.narrow.low_rank
-    ids = torch.randint(0, 60, (1, 5))  # 5 rows: the 4-bit path
-    with torch.no_grad():
-        want, got = merged(ids).float()[..., :69], q(ids).float()[..., :69]
+    ids = torch.randint(0, 60, (1, 5))
+    cache = KVCache(2)
+    causal = torch.ones(5, 5, dtype=torch.bool).tril()[None, None]
+    with torch.no_grad():  # a first token (no cache: bfloat16), then 4 over the cache: 4-bit + delta
+        first = q(ids[:, :1], cache=cache, write_cache=True)
+        rest = q(ids[:, 1:], mask=causal[:, :, 1:], cache=cache, write_cache=True)
+        assert not q.width_switch.wide  # the test can tell which path it read
+        want = merged(ids, mask=causal).float()[..., :69]
+        got = torch.cat([first, rest], 1).float()[..., :69]
     cos = torch.nn.functional.cosine_similarity(want, got, dim=-1)
     assert cos.min() > 0.999, cos
     assert torch.equal(want.argmax(-1), got.argmax(-1))

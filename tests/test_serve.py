@@ -70,7 +70,7 @@ def test_models_and_completions_match_generate(client):
         )
         want = generate(model, tok, ["ROMEO:"], sampler, 24, seed=5, **extra)
         assert r.choices[0].text == want.texts[0], sampler
-        assert r.usage.completion_tokens == want.rows[0].tokens
+        assert r.usage.completion_tokens == len(want.tokens[0])  # the returned text's, no EOS
         assert r.usage.model_extra["nfe"] == want.rows[0].nfe
         assert "".join(c.choices[0].text for c in chunks if c.choices) == want.texts[0]
         assert sum(1 for c in chunks if c.choices and c.choices[0].text) > 1 or sampler == "llada"
@@ -103,6 +103,12 @@ def test_stop_strings(client):
     assert "\n" in full.choices[0].text
     assert r.choices[0].text == full.choices[0].text.split("\n")[0]
     assert r.choices[0].finish_reason == "stop"
+    # usage counts the tokens of the text returned, not the ones decoded past the stop string
+    model, tok = load_model(MODEL)
+    ids = generate(model, tok, ["ROMEO:"], "bd3", 48, seed=1).tokens[0]
+    k = r.usage.completion_tokens
+    assert k < full.usage.completion_tokens
+    assert len(tok.decode(ids[:k])) >= len(r.choices[0].text) > len(tok.decode(ids[: k - 1]))
     s = client.completions.create(
         model=MODEL, prompt="ROMEO:", max_tokens=48, seed=1, stop=["\n"], stream=True
     )

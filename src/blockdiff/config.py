@@ -66,6 +66,11 @@ class ModelConfig:
     eos_token_id: int | None = None
     bos_token_id: int | None = None
     pad_token_id: int | None = None
+    # per sampler, option defaults measured to suit this model (e.g. NBDiff: bd3 in confidence
+    # order, greedy); a caller's own options win (decoding.samplers.build_plan)
+    sampler_defaults: dict = field(default_factory=dict)
+    # per sampler, a one-line warning its model card measured (e.g. "poor text on this model")
+    sampler_notes: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         width, heads = self.hidden_size, self.num_attention_heads
@@ -83,9 +88,17 @@ class ModelConfig:
                 or (kind.startswith("bool") and isinstance(v, bool))
                 or (kind.startswith("str") and isinstance(v, str))
                 or (kind.startswith("list") and isinstance(v, list) and all(isinstance(x, int) for x in v))
+                or (
+                    kind == "dict"
+                    and isinstance(v, dict)
+                    and all(isinstance(x, dict | str) for x in v.values())
+                )
             )
             if not ok:
                 raise ConfigError(f"config field {f.name} must be {kind.replace(' | None', '')}, got {v!r}")
+        for name, kind in (("sampler_defaults", dict), ("sampler_notes", str)):
+            if not all(isinstance(x, kind) for x in getattr(self, name).values()):
+                raise ConfigError(f"config field {name} maps sampler names to {kind.__name__}s")
         positive = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                     "num_attention_heads", "num_key_value_heads", "max_position_embeddings")  # fmt: skip
         for name in positive:
@@ -135,9 +148,10 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         diff_keys = ["block_size", "block_sizes", "logits", "layout", "train_seq_len", "ar_weight"]
+        diff_keys += ["sampler_defaults", "sampler_notes"]
         out = {k: v for k, v in d.items() if k not in diff_keys}
         out.update(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu")
-        out["blockdiff"] = {k: d[k] for k in diff_keys}
+        out["blockdiff"] = {k: d[k] for k in diff_keys if not k.startswith("sampler_") or d[k]}
         return out
 
     def save(self, path: Path) -> None:

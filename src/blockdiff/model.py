@@ -258,6 +258,7 @@ class BlockDiffLM(nn.Module):
         self.apply(self._init)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.width_switch = None  # the int4 runtime's choice of weights per forward (quant.WidthSwitch)
 
     @staticmethod
     def _init(m: nn.Module) -> None:
@@ -299,6 +300,8 @@ class BlockDiffLM(nn.Module):
         if positions is None:
             start = len(cache) if cache is not None else 0
             positions = torch.arange(start, start + q, device=input_ids.device).expand(b, q)
+        if self.width_switch is not None:
+            self.width_switch.set(q, len(cache) if cache is not None else 0)
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         for i, layer in enumerate(self.model.layers):

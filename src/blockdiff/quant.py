@@ -10,7 +10,8 @@ in bfloat16 as the kernel wants. A low-rank delta (LoRA) over such a base stays 
 it in bfloat16, so the adapted model keeps the base's exact 4-bit weights.
 
 The int4 kernel's cost grows with the rows of a forward, a bfloat16 GEMM's barely (the measured
-table: BENCHMARKS.md, `benchmarks/cost_table.py`), so `ByWidth` keeps both and picks by rows.
+table: BENCHMARKS.md, `benchmarks/cost_table.py`), so `ByWidth` keeps both and a `WidthSwitch`
+picks per forward.
 `Int8Linear` (per-output-channel int8, any weights) is the lossy option for weights on no grid.
 """
 
@@ -20,8 +21,8 @@ import torch
 from torch import Tensor, nn
 
 GROUP = 32
-# Forwards with at most this many rows (batch x fed tokens) take the 4-bit kernel, wider ones
-# bfloat16: the crossover of the measured per-forward cost table (benchmarks/cost_table.py).
+# Forwards over a cache feeding at most this many tokens per sequence take the 4-bit kernel,
+# others bfloat16: the crossover of the measured per-forward cost table (benchmarks/cost_table.py).
 NARROW_ROWS = 8
 
 
@@ -118,16 +119,30 @@ class Int8Linear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
-class ByWidth(nn.Module):
-    """The narrow kernel for forwards of at most `rows` rows, the wide one (bfloat16) above."""
+class WidthSwitch:
+    """Which copy a forward uses, set once per forward by the model (`BlockDiffLM.forward`): the
+    4-bit kernel for a forward over a cache that feeds at most `NARROW_ROWS` tokens per sequence,
+    bfloat16 for anything else (a prompt, a wide step). The rule reads neither the batch size nor
+    the padding, so a row takes the same kernels alone or batched: batching never changes its
+    numbers (the engine's batched = unbatched rule)."""
 
-    def __init__(self, narrow: nn.Module, wide: nn.Module, rows: int = NARROW_ROWS):
+    def __init__(self, rows: int = NARROW_ROWS):
+        self.rows, self.wide = rows, True
+
+    def set(self, fed: int, cached: int) -> None:
+        self.wide = cached == 0 or fed > self.rows
+
+
+class ByWidth(nn.Module):
+    """A projection held twice: `narrow` (4-bit) and `wide` (bfloat16), picked by the switch."""
+
+    def __init__(self, narrow: nn.Module, wide: nn.Module, switch: WidthSwitch):
         super().__init__()
-        self.narrow, self.wide, self.rows = narrow, wide, rows
+        self.narrow, self.wide, self.switch = narrow, wide, switch
         self.in_features, self.out_features = wide.in_features, wide.out_features
 
     def forward(self, x: Tensor) -> Tensor:
-        return (self.narrow if x.numel() <= self.rows * self.in_features else self.wide)(x)
+        return (self.wide if self.switch.wide else self.narrow)(x)
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:

@@ -6,8 +6,9 @@ RoPE call for q and k together); each fused projection is stored as the precisio
 * float32 / bfloat16 — one dense matrix (a delta merged into it);
 * int8  — per-output-channel int8, any weights (lossy: `quant.Int8Linear`);
 * int4  — the weights' own 4-bit grid (exact for SmolLM2's Q4_1 base, `quant.Int4Linear`), a
-  delta unmerged beside it, for forwards of up to `quant.NARROW_ROWS` rows; a bfloat16 copy for
-  wider forwards, where the dense GEMM is cheaper (`quant.ByWidth`). Refused for weights on no grid;
+  delta unmerged beside it, for forwards over a cache of up to `quant.NARROW_ROWS` tokens per
+  sequence; a bfloat16 copy for the others, where the dense GEMM is cheaper (`quant.ByWidth`,
+  `quant.WidthSwitch`). Refused for weights on no grid;
 * auto  — on a CPU, int4 where it is exact, float32 otherwise (the default: never rounds a
   stored weight; activations are bfloat16 in int4); float32 on other devices.
 
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 
 from .config import ConfigError
 from .delta import EmbeddingRows, LoRALinear
-from .quant import ByWidth, Int4Linear, Int8Linear, NotOnGrid
+from .quant import ByWidth, Int4Linear, Int8Linear, NotOnGrid, WidthSwitch
 
 PRECISIONS = ("auto", "float32", "bfloat16", "int8", "int4")
 
@@ -56,7 +57,7 @@ def _dense(w: Tensor, dtype: torch.dtype) -> nn.Linear:
     return lin
 
 
-def _store(w: Tensor, low: tuple[Tensor, Tensor] | None, precision: str, narrow_w: Tensor | None = None):
+def _store(w: Tensor, low, precision: str, switch: WidthSwitch, narrow_w: Tensor | None = None):
     """One projection in the precision's storage (`narrow_w`: the weights the 4-bit copy holds,
     when they differ from `w` in rows no output is read from)."""
     merged = w if low is None else w + low[1] @ low[0]
@@ -64,7 +65,8 @@ def _store(w: Tensor, low: tuple[Tensor, Tensor] | None, precision: str, narrow_
         return _dense(merged, getattr(torch, precision))
     if precision == "int8":
         return Int8Linear(_dense(merged, torch.float32))
-    return ByWidth(Int4Linear(w if narrow_w is None else narrow_w, low), _dense(merged, torch.bfloat16))
+    narrow = Int4Linear(w if narrow_w is None else narrow_w, low)
+    return ByWidth(narrow, _dense(merged, torch.bfloat16), switch)
 
 
 def _head_narrow(model) -> Tensor:
@@ -102,17 +104,18 @@ def prepare(model, precision: str = "auto", device: str | torch.device = "cpu"):
             "none (not imported from a 4-bit file): use int8 or bfloat16"
         )
     act = torch.float32 if precision == "float32" else torch.bfloat16
+    sw = model.width_switch = WidthSwitch() if precision == "int4" else None
     for layer in model.model.layers:
         a, m = layer.self_attn, layer.mlp
-        a.fuse(_store(*_parts([a.q_proj, a.k_proj, a.v_proj]), precision))
-        a.o_proj = _store(*_parts([a.o_proj]), precision)
-        m.fuse(_store(*_parts([m.gate_proj, m.up_proj]), precision))
-        m.down_proj = _store(*_parts([m.down_proj]), precision)
+        a.fuse(_store(*_parts([a.q_proj, a.k_proj, a.v_proj]), precision, sw))
+        a.o_proj = _store(*_parts([a.o_proj]), precision, sw)
+        m.fuse(_store(*_parts([m.gate_proj, m.up_proj]), precision, sw))
+        m.down_proj = _store(*_parts([m.down_proj]), precision, sw)
     if isinstance(model.model.embed_tokens, EmbeddingRows):
         model.model.embed_tokens = model.model.embed_tokens.merged()
     head = model.lm_head.weight.detach().float()
     narrow = _head_narrow(model) if precision == "int4" else None
-    model.lm_head = _store(head, None, precision, narrow)
+    model.lm_head = _store(head, None, precision, sw, narrow)
     for p in model.parameters():
         p.requires_grad_(False)
         if p.is_floating_point() and p.dtype != act:

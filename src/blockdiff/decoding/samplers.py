@@ -290,5 +290,16 @@ def build_plan(
     extra: tuple[str, ...] = ()
     if sampler == "structural":  # it passes the draft sampler's options on
         extra = tuple(options.accepted(PLANS.get(kwargs.get("draft"), PLANS["bd3"])))
-    kwargs = options.check(sampler, kwargs, options.accepted(PLANS[sampler], extra))
+    allowed = options.accepted(PLANS[sampler], extra)
+    kwargs = options.check(sampler, kwargs, allowed)
+    # the model's own defaults for this sampler (its config, measured on its model card); what
+    # the caller sets wins. structural takes its draft sampler's too.
+    if sampler in model.config.sampler_notes:
+        notes.append(f"{sampler}: {model.config.sampler_notes[sampler]}")
+    own = model.config.sampler_defaults
+    mine = {**own.get(kwargs.get("draft", "bd3"), {})} if sampler == "structural" else {}
+    mine = {k: v for k, v in {**mine, **own.get(sampler, {})}.items() if k not in kwargs and k in allowed}
+    if mine:
+        notes.append(f"{sampler}: this model's defaults " + ", ".join(f"{k}={v}" for k, v in mine.items()))
+        kwargs = {**kwargs, **options.check(sampler, mine, allowed)}
     return PLANS[sampler](model, max_new_tokens, notes, **kwargs)

@@ -199,7 +199,7 @@ class Server:
                 "created": created,
                 "model": self.name,
                 "choices": choices,
-                "usage": _usage(n_prompt, ev["stats"]),
+                "usage": _usage(n_prompt, ev["stats"], ev["tokens"]),
             }
         )
 
@@ -246,7 +246,7 @@ class Server:
                     if held is not None:
                         yield sse({**held, "blockdiff": {"type": "done", "stats": ev["stats"]}})
                     if usage:
-                        yield sse(chunk([], usage=_usage(n_prompt, ev["stats"])))
+                        yield sse(chunk([], usage=_usage(n_prompt, ev["stats"], ev["tokens"])))
                     yield {"data": "[DONE]"}
                     return
         finally:
@@ -263,15 +263,18 @@ def _param(message: str, names: list[str]) -> str | None:
     return named[0] if named else None
 
 
-def _usage(n_prompt: int, stats: list[dict]) -> dict[str, Any]:
-    n = sum(s["tokens"] for s in stats)
+def _usage(n_prompt: int, stats: list[dict], returned: list[int]) -> dict[str, Any]:
+    """OpenAI's usage (completion_tokens: the tokens of the returned texts, no EOS, nothing past
+    a stop string) and blockdiff's NFE figures (over every committed token, as the page shows)."""
+    n = sum(returned)
+    committed = sum(s["tokens"] for s in stats)
     nfe = max((s["nfe"] for s in stats), default=0)
     return {
         "prompt_tokens": n_prompt,
         "completion_tokens": n,
         "total_tokens": n_prompt + n,
         "nfe": nfe,
-        "tokens_per_nfe": round(n / max(1, nfe), 4),
+        "tokens_per_nfe": round(committed / max(1, nfe), 4),
     }
 
 

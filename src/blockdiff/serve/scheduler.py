@@ -270,4 +270,21 @@ class Scheduler:
                 j.emit({"type": "finish", "index": i, "reason": j.finish[i]})
         if all(f is not None for f in j.finish):
             stats = [s.as_dict() for s in (c.stats()[r] for r in j.rows)]
-            j.emit({"type": "done", "texts": j.texts, "finish": j.finish, "stats": stats})
+            counts = [
+                st["tokens"] - st["stopped_at_eos"] if j.infill else self._returned(d, r, t)
+                for r, t, st in zip(j.rows, j.texts, stats, strict=True)
+            ]
+            j.emit({"type": "done", "texts": j.texts, "finish": j.finish, "stats": stats, "tokens": counts})
+
+    def _returned(self, d: Decoding, r: int, text: str) -> int:
+        """Tokens of the text returned (OpenAI's completion_tokens): the row's generated tokens,
+        without EOS, up to the shortest prefix that covers a stop-cut text."""
+        ids = d.c.generated(r).tolist()
+        lo, hi = 0, len(ids)
+        while lo < hi:  # decoded length grows with the prefix: the first prefix as long as text
+            mid = (lo + hi) // 2
+            if len(self.tok.decode(ids[:mid]).rstrip("\ufffd")) >= len(text):
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
