@@ -23,10 +23,14 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(*args: str, ready_s: float = 180.0):
+def running_server(*args: str, ready_s: float = 180.0, limit_as: int | None = None):
+    """`limit_as`: an address-space limit in bytes (`prlimit --as`), so that a request that would
+    allocate without bound fails inside the server instead of taking the machine's memory."""
     port = free_port()
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "blockdiff", "serve", "--port", str(port), *args]
+    if limit_as is not None and shutil.which("prlimit"):
+        cmd = ["prlimit", f"--as={limit_as}", *cmd]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -34,7 +34,10 @@ PROMPTS = ["ROMEO:", "JULIET:\nO", "First Citizen:\nBefore we proceed", "KING", 
 
 @pytest.fixture(scope="module")
 def url():
-    with running_server("--model", MODEL, "--sampler", "bd3", "--api-key", KEY, "--max-batch", "8") as u:
+    """The server the hostile requests go to, under a 4 GiB address-space limit (it peaks at ~1 GB):
+    a request that allocated before checking its length would fail there, not take the machine."""
+    args = ("--model", MODEL, "--sampler", "bd3", "--api-key", KEY, "--max-batch", "8")
+    with running_server(*args, limit_as=4 * 2**30) as u:
         yield u
 
 
