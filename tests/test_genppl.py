@@ -97,13 +97,13 @@ def test_eval_genppl_cli_on_bundled_model(capsys):
 
 def test_genppl_checks_the_context_before_loading_anything(tiny_ckpt, monkeypatch, capsys):
     """--max-new-tokens beyond the model's context: one clear line, no model or evaluator loaded."""
-    from blockdiff import cli, hub, models
+    from blockdiff import cli, hub
+    from blockdiff.cli import common
 
     def heavy(*a, **k):
         raise AssertionError("loaded before the arguments were checked")
 
-    monkeypatch.setattr(cli, "load_model", heavy)
-    monkeypatch.setattr(models, "load_model", heavy)
+    monkeypatch.setattr(common, "load_model", heavy)  # what the decoding commands load through
     monkeypatch.setattr(hub, "load_reference", heavy)
     args = ["eval", "genppl", "--model", str(tiny_ckpt), "--max-new-tokens", "5000", "--json"]
     assert cli.main(args) == 2
