@@ -1,7 +1,8 @@
 """The decoding engine: one canvas loop, composable policies, every sampler as a named plan."""
 
+from .batch import decode_all
 from .canvas import Canvas, RowStats
-from .engine import Decoding, GenerateOutput, StepEvent, generate, start_decoding
+from .engine import Decoding, GenerateOutput, StepEvent, generate, row_seeds, start_decoding
 from .policies import Plan
 from .samplers import SAMPLERS
 
@@ -13,6 +14,8 @@ __all__ = [
     "RowStats",
     "SAMPLERS",
     "StepEvent",
+    "decode_all",
     "generate",
+    "row_seeds",
     "start_decoding",
 ]

@@ -16,7 +16,7 @@ The engine knows no sampler by name and no window by type: what differs is in th
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -209,6 +209,12 @@ class Decoding:
         return c.tokens[r, cols[c.valid[r, cols]]].tolist()
 
 
+def row_seeds(seed: int, rows: Iterable[int]) -> list[int]:
+    """Each row's own random stream: what makes a row decode the same alone, in any batch, at
+    any position (`generate`, the server's jobs and `decode_all` all seed through here)."""
+    return [seed * 1_000_003 + r for r in rows]
+
+
 def start_decoding(
     model: BlockDiffLM,
     tokenizer: Tokenizer,
@@ -246,7 +252,7 @@ def start_decoding(
     c.stop_at_eos = plan.stop_at_eos
     if trace:
         c.trace = []
-    seeds = list(seed) if isinstance(seed, list | tuple) else [seed * 1_000_003 + r for r in range(c.batch)]
+    seeds = list(seed) if isinstance(seed, list | tuple) else row_seeds(seed, range(c.batch))
     if len(seeds) != c.batch:
         raise ValueError(f"got {len(seeds)} seeds for {c.batch} prompts")
     # any integer seed is legal (OpenAI clients send 64-bit ones); torch takes 63 bits

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
+
+from ..decoding import decode_all
 
 DEGENERATE_ENTROPY = 3.0  # nats; a sample below this is flagged (BD3-LM uses 4 on 256 tokens)
 
@@ -87,34 +88,6 @@ def score(
         s, c = continuation_nll(ref_model, bos + ctx, cont, window, stride)
         nll, n = nll + s, n + c
     return nll, n
-
-
-def decode_all(
-    model,
-    tok,
-    prompts: list[str],
-    sampler: str,
-    max_new_tokens: int,
-    batch_size: int,
-    seed: int,
-    index: list[int] | None = None,
-    **kw,
-) -> tuple[list[str], list[list[int]], list, float]:
-    """(texts, token ids, per-row stats, decoding seconds) for prompts decoded in batches; row i
-    has its own random stream (seed * 1_000_003 + index[i], index = 0, 1, ... unless given), so
-    neither the batch size nor the other rows change a sample."""
-    from ..decoding import generate
-
-    index = list(range(len(prompts))) if index is None else index
-    texts, toks, rows, secs = [], [], [], 0.0
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i : i + batch_size]
-        t = time.perf_counter()
-        seeds = [seed * 1_000_003 + k for k in index[i : i + batch_size]]
-        out = generate(model, tok, chunk, sampler=sampler, max_new_tokens=max_new_tokens, seed=seeds, **kw)
-        secs += time.perf_counter() - t
-        texts, toks, rows = texts + out.texts, toks + out.tokens, rows + out.rows
-    return texts, toks, rows, secs
 
 
 def evaluate(

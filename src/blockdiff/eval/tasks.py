@@ -322,7 +322,7 @@ def evaluate_task(
     seed: int = 0,
     **kw,
 ) -> TaskResult:
-    from .genppl import decode_all
+    from ..decoding import decode_all
 
     its = items(name, n)
     cfg = model.config

@@ -259,7 +259,7 @@ def diffusion_completer(model, tok, sampler: str, new_tokens: int | None, batch_
     1000003 + j), so a row's text never depends on the other rows of the call. A global-block model
     (MDLM-style) reads the canvas length as a cue, so by default its canvas ends where its
     training rows ended; rows are batched by prompt length for that."""
-    from ..eval.genppl import decode_all
+    from ..decoding import decode_all
 
     cfg = model.config
     rows_len = cfg.train_seq_len if cfg.has_global_block and cfg.train_seq_len else None
@@ -356,7 +356,7 @@ def solve(
     model, tok, prompts: list[str], new_tokens: int, batch_size: int = 32
 ) -> list[tuple[str, int, int]]:
     """The AR solver: greedy `ar` decoding; (text, generated tokens, NFEs) per prompt."""
-    from ..eval.genppl import decode_all
+    from ..decoding import decode_all
 
     texts, _, rows, _ = decode_all(model, tok, prompts, "ar", new_tokens, batch_size, 0, temperature=0.0)
     return [(t, r.tokens, r.nfe) for t, r in zip(texts, rows, strict=True)]

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..decoding import start_decoding
+from ..decoding import row_seeds, start_decoding
 from ..decoding.engine import Decoding, StepEvent
 from ..model import BlockDiffLM
 from ..tokenizer import Tokenizer
@@ -64,7 +64,7 @@ class Job:
     @property
     def seeds(self) -> list[int]:
         # as generate(prompts=[prompt] * n, seed=seed): the same texts as a request alone
-        return [self.seed * 1_000_003 + i for i in range(self.n)]
+        return row_seeds(self.seed, range(self.n))
 
 
 @dataclass
