@@ -117,8 +117,8 @@ if __name__ == "__main__":
         rss0 = rss_mb(port)
         con, con_wall = run(url, args.model, prompts, lengths, args.concurrency, args.n, args.hostile)
         rss1 = rss_mb(port)
-    same = sum(a[2] == b[2] for a, b in zip(seq, con, strict=True) if b[4] in ("good", "seed"))
-    good = sum(b[4] in ("good", "seed") for b in con)
+    same = sum(a[2] == b[2] for a, b in zip(seq, con, strict=True) if b[4] == "good")
+    good = sum(b[4] == "good" for b in con)  # (a 64-bit seed is another seed: another text)
     print(
         f"model {args.model}, sampler {args.sampler}, {args.dtype}, {args.n} requests, "
         f"max_tokens cycling {lengths}, greedy; {len(prompts)} distinct held-out prompts\n"
