@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from blockdiff import cli
 from blockdiff.decoding import SAMPLERS
@@ -146,3 +147,9 @@ def test_commands_fail_with_one_clear_line(capsys, tmp_path, tiny_ckpt, argv, me
 def test_serve_argument_errors(capsys, args, message):
     code, _, err = run_cli(capsys, "serve", "--model", "no-such-model-dir/x", *args)
     assert code == 2 and message in err and err.count("\n") == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: the command would run")
+def test_a_device_the_machine_lacks_is_one_clear_line(capsys, tiny_ckpt):
+    code, _, err = run_cli(capsys, "generate", "x", "--model", str(tiny_ckpt), "--device", "cuda")
+    assert code == 2 and "this machine has no CUDA device" in err and err.count("\n") == 1
