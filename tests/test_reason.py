@@ -10,6 +10,8 @@ import torch
 from blockdiff.config import ModelConfig
 from blockdiff.eval import tasks as T
 from blockdiff.model import BlockDiffLM
+from blockdiff.reason import scorers as Sc
+from blockdiff.reason import steps as P
 from blockdiff.reason import stitch as S
 from blockdiff.tokenizer import byte_tokenizer
 
@@ -121,41 +123,41 @@ def test_countdown_chain_training_pairs_exclude_eval_questions():
 
 
 def test_split_and_join_steps():
-    assert S.split_steps("a+b=c, c*d=e,,", ",") == ["a+b=c", "c*d=e"]
-    assert S.split_steps("First. Then this! Done?", "sentences") == ["First.", "Then this!", "Done?"]
-    assert S.split_steps("x\n\n y \n", "\n") == ["x", "y"]
-    assert S.join_steps(["x", "y"], ",") == "x,y"
-    assert S.split_steps(" 123456789 ", "chunks:4") == ["1234", "5678", "9"]
-    assert S.join_steps(["1234", "5678"], "chunks:4") == "12345678"
+    assert P.split_steps("a+b=c, c*d=e,,", ",") == ["a+b=c", "c*d=e"]
+    assert P.split_steps("First. Then this! Done?", "sentences") == ["First.", "Then this!", "Done?"]
+    assert P.split_steps("x\n\n y \n", "\n") == ["x", "y"]
+    assert P.join_steps(["x", "y"], ",") == "x,y"
+    assert P.split_steps(" 123456789 ", "chunks:4") == ["1234", "5678", "9"]
+    assert P.join_steps(["1234", "5678"], "chunks:4") == "12345678"
     with pytest.raises(ValueError, match="chunks:N"):
-        S.split_steps("12", "chunks:0")
+        P.split_steps("12", "chunks:0")
 
 
 def test_path_score_is_the_geometric_mean():
-    assert S.path_score([0.5, 0.5, 0.5]) == pytest.approx(0.5)
-    assert S.path_score([0.9, 0.1]) == pytest.approx(math.sqrt(0.09))
-    assert S.path_score([1.0, 0.0]) == 0.0 and S.path_score([]) == 0.0
+    assert P.path_score([0.5, 0.5, 0.5]) == pytest.approx(0.5)
+    assert P.path_score([0.9, 0.1]) == pytest.approx(math.sqrt(0.09))
+    assert P.path_score([1.0, 0.0]) == 0.0 and P.path_score([]) == 0.0
 
 
 def test_best_path_majority_and_stitched_context_by_hand():
     r = [
-        S.Rollout("a1,b1,c1", ["a1", "b1", "c1"], 4, [0.95, 0.5, 0.99]),  # gm 0.78
-        S.Rollout("a1,b2,c2", ["a1", "b2", "c2"], 5, [0.92, 0.97, 0.91]),  # gm 0.93: best
-        S.Rollout("a3,b3", ["a3", "b3"], 6, [0.2, 0.95]),
-        S.Rollout("a1,b2,c2", ["a1", "b2", "c2"], 5, [0.92, 0.97, 0.91]),
+        P.Rollout("a1,b1,c1", ["a1", "b1", "c1"], 4, [0.95, 0.5, 0.99]),  # gm 0.78
+        P.Rollout("a1,b2,c2", ["a1", "b2", "c2"], 5, [0.92, 0.97, 0.91]),  # gm 0.93: best
+        P.Rollout("a3,b3", ["a3", "b3"], 6, [0.2, 0.95]),
+        P.Rollout("a1,b2,c2", ["a1", "b2", "c2"], 5, [0.92, 0.97, 0.91]),
     ]
-    assert S.best_path(r) is r[1]
-    assert S.majority(r).text == "a1,b2,c2"
+    assert P.best_path(r) is r[1]
+    assert P.majority(r).text == "a1,b2,c2"
     lines = S.stitched_steps(r, threshold=0.9)
     # step 0: a1 once (best score 0.95); step 1: b2 0.97, b3 0.95; step 2: c1 0.99, c2 0.91 (the best
     # path's last step, also above threshold)
     assert lines == [(0, 0.95, "a1"), (1, 0.97, "b2"), (1, 0.95, "b3"), (2, 0.99, "c1"), (2, 0.91, "c2")]
     assert S.stitch_prompt("Q=", lines[:2]) == "1: [c=0.95] a1\n2: [c=0.97] b2\nQ="
     # the best path's last step is added even below the threshold, and within the cap
-    low = [S.Rollout("x,y", ["x", "y"], 1, [0.99, 0.3])]
+    low = [P.Rollout("x,y", ["x", "y"], 1, [0.99, 0.3])]
     assert S.stitched_steps(low, 0.9) == [(0, 0.99, "x"), (1, 0.3, "y")]
     assert S.stitched_steps(r, 0.9, cap=2) == [(0, 0.95, "a1"), (2, 0.91, "c2")]
-    early = [S.Rollout("x", ["x"], 1, [0.5]), S.Rollout("a,b", ["a", "b"], 1, [0.95, 0.95])]
+    early = [P.Rollout("x", ["x"], 1, [0.5]), P.Rollout("a,b", ["a", "b"], 1, [0.95, 0.95])]
     early[1].scores = [0.2, 0.99]  # now the one-step path is best: its last step goes to index 0
     assert S.stitched_steps(early, 0.9) == [(0, 0.5, "x"), (1, 0.99, "b")]
     # fitted to a token budget by dropping the lowest-scoring lines
@@ -172,8 +174,8 @@ def test_oracle_scorer_and_mc_labels_on_a_policy_with_known_labels():
     nonsense otherwise): every Monte-Carlo label must equal the checker's step validity."""
     its = [_item([3, 4, 2, 5], 9), _item([10, 2, 3, 7], 27)]
     rolls = [
-        [S.Rollout("", ["3+4=7", "7*2=14", "14-5=9"], 3), S.Rollout("", ["3+5=8", "8+2=10", "10-4=6"], 3)],
-        [S.Rollout("", ["10*2=20", "20+7=27"], 3), S.Rollout("", ["10+2=13"], 3)],
+        [P.Rollout("", ["3+4=7", "7*2=14", "14-5=9"], 3), P.Rollout("", ["3+5=8", "8+2=10", "10-4=6"], 3)],
+        [P.Rollout("", ["10*2=20", "20+7=27"], 3), P.Rollout("", ["10+2=13"], 3)],
     ]
     calls = []
 
@@ -197,7 +199,7 @@ def test_oracle_scorer_and_mc_labels_on_a_policy_with_known_labels():
         return out
 
     rows = S.mc_labels("countdown_chain", its, rolls, policy, k=2, sep=",")
-    oracle = S.OracleScorer("countdown_chain")
+    oracle = Sc.OracleScorer("countdown_chain")
     want = [v for it, rs in zip(its, rolls, strict=True) for row in oracle.score(it, rs, ",") for v in row]
     assert [r["value"] for r in rows] == want and 0 < sum(want) < len(want)
     assert want[:6] == [1, 1, 1, 0, 0, 0]  # the first path solves it; "3+5=8" leaves {4, 2, 8}: no 9
@@ -228,8 +230,8 @@ def byte_tok():
 def test_logprob_scorer_equals_hand_computed_token_probabilities(byte_tok):
     m = _tiny("shifted", byte_tok.vocab_size)
     it = _item([3, 4, 2, 5], 9)
-    r = S.Rollout("3+4=7,7*2=14", ["3+4=7", "7*2=14"], 1)
-    sc = S.LogProbScorer(m, byte_tok)
+    r = P.Rollout("3+4=7,7*2=14", ["3+4=7", "7*2=14"], 1)
+    sc = Sc.LogProbScorer(m, byte_tok)
     got = sc.score(it, [r], ",")[0]
     ids = byte_tok.encode(it.prompt + "3+4=7,7*2=14")
     with torch.no_grad():
@@ -241,14 +243,14 @@ def test_logprob_scorer_equals_hand_computed_token_probabilities(byte_tok):
     want1 = math.exp(sum(float(logp[t - 1, ids[t]]) for t in range(b, len(ids))) / (len(ids) - b))
     assert got == pytest.approx([want0, want1], rel=1e-5) and sc.forwards == 1
     with pytest.raises(ValueError, match="AR path"):
-        S.LogProbScorer(_tiny("aligned", byte_tok.vocab_size), byte_tok).score(it, [r], ",")
+        Sc.LogProbScorer(_tiny("aligned", byte_tok.vocab_size), byte_tok).score(it, [r], ",")
 
 
 def test_prm_scorer_reads_plus_against_minus(byte_tok):
     m = _tiny("shifted", byte_tok.vocab_size)
     it = _item([3, 4, 2, 5], 9)
-    rs = [S.Rollout("", ["3+4=7", "7*2=14"], 1), S.Rollout("", ["3+5=8"], 1)]
-    sc = S.PRMScorer(m, byte_tok)
+    rs = [P.Rollout("", ["3+4=7", "7*2=14"], 1), P.Rollout("", ["3+5=8"], 1)]
+    sc = Sc.PRMScorer(m, byte_tok)
     got = sc.score(it, rs, ",")
     assert [len(g) for g in got] == [2, 1] and sc.forwards == 3
     ids = byte_tok.encode("3,4,2,5,9=3+4=7,7*2=14?")
@@ -270,7 +272,7 @@ def test_pipeline_end_to_end_counts_costs(byte_tok):
     assert len({r.text for rs in rolls for r in rs}) > 1  # different random streams per row
     again = S.sample_rollouts(its, complete, 4, ",", seed=1)
     assert [r.text for rs in again for r in rs] == [r.text for rs in rolls for r in rs]  # reproducible
-    scorers = [S.OracleScorer("countdown_chain"), S.LogProbScorer(ar, byte_tok), S.PRMScorer(ar, byte_tok)]
+    scorers = [Sc.OracleScorer("countdown_chain"), Sc.LogProbScorer(ar, byte_tok), Sc.PRMScorer(ar, byte_tok)]
     long = ([rs[0] for rs in rolls], 3.0)
     res = S.evaluate_stitching(
         "countdown_chain", its, rolls, scorers, (ar, byte_tok), ",", solver_tokens=8, long=long
@@ -328,9 +330,9 @@ def test_reason_cli_bad_input_is_a_clear_error(tmp_path, capsys):
         assert main(["reason", *args]) == 2
         assert msg in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown scorer"):
-        S.make_scorer("prm", "countdown_chain", lambda p: (None, None))
+        Sc.make_scorer("prm", "countdown_chain", lambda p: (None, None))
     with pytest.raises(ValueError, match="no checkable intermediate steps"):
-        S.make_scorer("oracle", "gsm_symbolic", lambda p: (None, None))
+        Sc.make_scorer("oracle", "gsm_symbolic", lambda p: (None, None))
 
 
 def test_a_base_models_context_may_grow_in_a_recipe_but_not_its_width():

@@ -37,20 +37,20 @@ def _reason_setup(a: argparse.Namespace):
 
 
 def _scorers(a: argparse.Namespace) -> list:
-    from ..reason import stitch
+    from ..reason.scorers import make_scorer
 
-    return [stitch.make_scorer(s, a.task, lambda p: load(a, p)) for s in a.scorer]
+    return [make_scorer(s, a.task, lambda p: load(a, p)) for s in a.scorer]
 
 
 def cmd_reason_prm_data(a: argparse.Namespace) -> int:
     from ..eval import tasks
-    from ..reason import stitch
+    from ..reason import scorers, stitch
 
     complete, seed, _ = _reason_setup(a)
     its = tasks.training_items(a.task, a.questions, a.question_seed)
     rows = stitch.prm_data(a.task, its, complete, a.rollouts, a.k, a.sep, seed)
     tasks.write_jsonl(rows, a.out)
-    good = sum(r["answer"] == stitch.PRM_GOOD for r in rows)
+    good = sum(r["answer"] == scorers.PRM_GOOD for r in rows)
     print(
         f"{len(rows)} step labels ({good} '+', {len(rows) - good} '-') "
         f"from {a.questions} questions -> {a.out}"

@@ -7,83 +7,13 @@ are counted per question so the result can be set against one long rollout.
 
 from __future__ import annotations
 
-import math
-import re
 import time
-from collections import Counter
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Protocol
-
-import torch
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 
 from ..eval import tasks as T
-
-_SENTENCE = re.compile(r"(?<=[.!?])\s+")
-
-
-def split_steps(text: str, sep: str = "\n") -> list[str]:
-    """A rollout's steps: pieces between `sep` (a string; "sentences"; or "chunks:N", N characters
-    each, for answers without separators such as a grid's digits), stripped, empty dropped."""
-    if sep.startswith("chunks:"):
-        n, text = _chunk(sep), text.strip()
-        return [text[i : i + n] for i in range(0, len(text), n)]
-    parts = _SENTENCE.split(text) if sep == "sentences" else text.split(sep)
-    return [p.strip() for p in parts if p.strip()]
-
-
-def _chunk(sep: str) -> int:
-    n = sep.removeprefix("chunks:")
-    if not n.isdigit() or int(n) < 1:
-        raise ValueError(f"splitter {sep!r}: chunks:N needs a width N >= 1")
-    return int(n)
-
-
-def _glue(sep: str) -> str:
-    """What goes between two steps when they are written back."""
-    return " " if sep == "sentences" else "" if sep.startswith("chunks:") else sep
-
-
-def join_steps(steps: Sequence[str], sep: str = "\n") -> str:
-    return _glue(sep).join(steps)
-
-
-def path_score(scores: Sequence[float]) -> float:
-    """Geometric mean of a path's step scores (0 for a path with no steps): one bad step sinks it."""
-    if not scores:
-        return 0.0
-    if min(scores) <= 0.0:
-        return 0.0
-    return math.exp(sum(math.log(s) for s in scores) / len(scores))
-
-
-@dataclass
-class Rollout:
-    text: str
-    steps: list[str]
-    nfe: int
-    scores: list[float] = field(default_factory=list)
-
-    @property
-    def answer(self) -> str:
-        """What a vote compares: the whole solution, whitespace-normalised."""
-        return " ".join(self.text.split())
-
-    @property
-    def score(self) -> float:
-        return path_score(self.scores)
-
-
-def best_path(rollouts: Sequence[Rollout]) -> Rollout:
-    """The rollout with the highest geometric-mean step score (first one on ties)."""
-    return max(rollouts, key=lambda r: r.score)
-
-
-def majority(rollouts: Sequence[Rollout]) -> Rollout:
-    """The first rollout whose answer is the most common one (empty answers never win if others exist)."""
-    votes = Counter(r.answer for r in rollouts if r.answer) or Counter(r.answer for r in rollouts)
-    top = votes.most_common(1)[0][0]
-    return next(r for r in rollouts if r.answer == top)
+from .scorers import PRM_BAD, PRM_GOOD, StepScorer, prm_prompt
+from .steps import Complete, Rollout, _glue, best_path, join_steps, majority, split_steps
 
 
 def stitched_steps(
@@ -124,134 +54,6 @@ def fit_lines(
     while limit is not None and lines and len(tok.encode(stitch_prompt(prompt, lines))) > limit:
         lines.remove(min(lines, key=lambda x: x[1]))
     return lines
-
-
-class StepScorer(Protocol):
-    """Scores every step of every rollout of one question; counts its forwards."""
-
-    name: str
-    forwards: int
-
-    def score(self, item: T.Item, rollouts: Sequence[Rollout], sep: str) -> list[list[float]]: ...
-
-
-@torch.no_grad()
-def _causal_logits(model, ids: list[list[int]]) -> list[torch.Tensor]:
-    """Raw logits [len, V] of each row under the model's causal path, rows of equal length batched."""
-    from ..masks import block_causal
-
-    if not model.config.shifted:
-        raise ValueError(
-            "this scorer reads next-token probabilities: it needs a model with an AR path "
-            "(logits: shifted, trained with block size 1 or an AR loss)"
-        )
-    dev = next(model.parameters()).device
-    out: list[torch.Tensor | None] = [None] * len(ids)
-    by_len: dict[int, list[int]] = {}
-    for j, x in enumerate(ids):
-        by_len.setdefault(len(x), []).append(j)
-    for n, js in by_len.items():
-        for k in range(0, len(js), 64):
-            chunk = js[k : k + 64]
-            x = torch.tensor([ids[j] for j in chunk], device=dev)
-            logits = model(x, mask=block_causal(n, 1, len(chunk)).to(dev)).float()
-            for j, row in zip(chunk, logits, strict=True):
-                out[j] = row
-    return out  # type: ignore[return-value]
-
-
-@dataclass
-class OracleScorer:
-    """The task's own check of intermediate states: an upper bound, never a result."""
-
-    task: str
-    name: str = "oracle (upper bound)"
-    forwards: int = 0
-
-    def score(self, item: T.Item, rollouts: Sequence[Rollout], sep: str) -> list[list[float]]:
-        return [[float(v) for v in T.valid_steps(self.task, item, r.steps)] for r in rollouts]
-
-
-@dataclass
-class LogProbScorer:
-    """No training: the AR model's geometric-mean probability of a step's tokens given the question
-    and the steps before it (how unsurprising the step is to the AR path)."""
-
-    model: object
-    tok: object
-    name: str = "AR log-prob"
-    forwards: int = 0
-
-    def score(self, item: T.Item, rollouts: Sequence[Rollout], sep: str) -> list[list[float]]:
-        rows, spans = [], []
-        for r in rollouts:
-            ends = [
-                len(self.tok.encode(item.prompt + join_steps(r.steps[:i], sep)))
-                for i in range(1, len(r.steps) + 1)
-            ]
-            starts = [len(self.tok.encode(item.prompt)), *ends[:-1]][: len(ends)]  # a step owns its separator
-            rows.append(self.tok.encode(item.prompt + join_steps(r.steps, sep)))
-            spans.append(list(zip(starts, ends, strict=True)))
-        logits = _causal_logits(self.model, rows) if rows else []
-        self.forwards += len(rows)
-        out = []
-        for ids, bounds, lg in zip(rows, spans, logits, strict=True):
-            if self.model.config.mask_token_id is not None:  # never a prediction (SUBS), as in `ar`
-                lg[..., self.model.config.mask_token_id] = float("-inf")
-            logp = torch.log_softmax(lg, -1)
-            out.append(
-                [
-                    math.exp(sum(float(logp[t - 1, ids[t]]) for t in range(a, b)) / max(1, b - a))
-                    for a, b in bounds
-                ]
-            )
-        return out
-
-
-PRM_QUERY, PRM_GOOD, PRM_BAD = "?", "+", "-"
-
-
-def prm_prompt(prompt: str, steps: Sequence[str], sep: str) -> str:
-    """The PRM's input for the last of `steps`: the question, the steps so far, and the query mark;
-    the PRM answers "+" (a correct answer is still reachable) or "-"."""
-    return prompt + join_steps(steps, sep) + PRM_QUERY
-
-
-@dataclass
-class PRMScorer:
-    """A learned process reward model: a blockdiff AR model trained to answer "+"/"-" after each
-    step (labels by Monte-Carlo rollouts, `mc_labels`); the score is P(+) / (P(+) + P(-))."""
-
-    model: object
-    tok: object
-    name: str = "learned PRM"
-    forwards: int = 0
-
-    def score(self, item: T.Item, rollouts: Sequence[Rollout], sep: str) -> list[list[float]]:
-        good, bad = (_single_token(self.tok, x) for x in (PRM_GOOD, PRM_BAD))
-        rows = [
-            self.tok.encode(prm_prompt(item.prompt, r.steps[: i + 1], sep))
-            for r in rollouts
-            for i in range(len(r.steps))
-        ]
-        logits = _causal_logits(self.model, rows) if rows else []
-        self.forwards += len(rows)
-        flat = [float(torch.softmax(lg[-1, [good, bad]], -1)[0]) for lg in logits]
-        out, k = [], 0
-        for r in rollouts:
-            out.append(flat[k : k + len(r.steps)])
-            k += len(r.steps)
-        return out
-
-
-def _single_token(tok, s: str) -> int:
-    ids = tok.encode(s)
-    if len(ids) != 1:
-        raise ValueError(f"the PRM's label {s!r} must be one token of its tokenizer, got {ids}")
-    return ids[0]
-
-
-Complete = Callable[[list[str], int], list[tuple[str, int]]]  # (prompts, seed) -> (text, NFEs)
 
 
 def diffusion_completer(model, tok, sampler: str, new_tokens: int | None, batch_size: int, **kw) -> Complete:
@@ -464,21 +266,6 @@ def summary(results: dict[str, list[Record]]) -> list[dict]:
         means = {k: round(sum(getattr(r.cost, k) for r in recs) / n, 5) for k in asdict(Cost())}
         rows.append({"method": method, "n": n, "accuracy": sum(r.correct for r in recs) / n, **means})
     return rows
-
-
-def make_scorer(spec: str, task: str, load: Callable[[str], tuple[object, object]]) -> StepScorer:
-    """A scorer from its CLI spec: "oracle", "logprob:MODEL" or "prm:MODEL" (`load` opens MODEL)."""
-    kind, _, where = spec.partition(":")
-    if kind == "oracle" and not where:
-        if task not in T.STEPPED:
-            raise ValueError(
-                f"{task} has no checkable intermediate steps; tasks that do: {', '.join(T.STEPPED)}"
-            )
-        return OracleScorer(task)
-    if kind in ("logprob", "prm") and where:
-        model, tok = load(where)
-        return LogProbScorer(model, tok) if kind == "logprob" else PRMScorer(model, tok)
-    raise ValueError(f"unknown scorer {spec!r}: use oracle, logprob:MODEL or prm:MODEL")
 
 
 def prm_data(

@@ -1,0 +1,156 @@
+"""Step scorers: each scores every step of every rollout of a question and counts its forwards.
+`OracleScorer` (the task's own step checker: an upper bound), `LogProbScorer` (an AR path's
+log-probabilities), `PRMScorer` (a trained process reward model's P(+)); `make_scorer` reads
+the CLI's spec."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from ..eval import tasks as T
+from .steps import Rollout, join_steps
+
+
+class StepScorer(Protocol):
+    """Scores every step of every rollout of one question; counts its forwards."""
+
+    name: str
+    forwards: int
+
+    def score(self, item: T.Item, rollouts: Sequence[Rollout], sep: str) -> list[list[float]]: ...
+
+
+@torch.no_grad()
+def _causal_logits(model, ids: list[list[int]]) -> list[torch.Tensor]:
+    """Raw logits [len, V] of each row under the model's causal path, rows of equal length batched."""
+    from ..masks import block_causal
+
+    if not model.config.shifted:
+        raise ValueError(
+            "this scorer reads next-token probabilities: it needs a model with an AR path "
+            "(logits: shifted, trained with block size 1 or an AR loss)"
+        )
+    dev = next(model.parameters()).device
+    out: list[torch.Tensor | None] = [None] * len(ids)
+    by_len: dict[int, list[int]] = {}
+    for j, x in enumerate(ids):
+        by_len.setdefault(len(x), []).append(j)
+    for n, js in by_len.items():
+        for k in range(0, len(js), 64):
+            chunk = js[k : k + 64]
+            x = torch.tensor([ids[j] for j in chunk], device=dev)
+            logits = model(x, mask=block_causal(n, 1, len(chunk)).to(dev)).float()
+            for j, row in zip(chunk, logits, strict=True):
+                out[j] = row
+    return out  # type: ignore[return-value]
+
+
+@dataclass
+class OracleScorer:
+    """The task's own check of intermediate states: an upper bound, never a result."""
+
+    task: str
+    name: str = "oracle (upper bound)"
+    forwards: int = 0
+
+    def score(self, item: T.Item, rollouts: Sequence[Rollout], sep: str) -> list[list[float]]:
+        return [[float(v) for v in T.valid_steps(self.task, item, r.steps)] for r in rollouts]
+
+
+@dataclass
+class LogProbScorer:
+    """No training: the AR model's geometric-mean probability of a step's tokens given the question
+    and the steps before it (how unsurprising the step is to the AR path)."""
+
+    model: object
+    tok: object
+    name: str = "AR log-prob"
+    forwards: int = 0
+
+    def score(self, item: T.Item, rollouts: Sequence[Rollout], sep: str) -> list[list[float]]:
+        rows, spans = [], []
+        for r in rollouts:
+            ends = [
+                len(self.tok.encode(item.prompt + join_steps(r.steps[:i], sep)))
+                for i in range(1, len(r.steps) + 1)
+            ]
+            starts = [len(self.tok.encode(item.prompt)), *ends[:-1]][: len(ends)]  # a step owns its separator
+            rows.append(self.tok.encode(item.prompt + join_steps(r.steps, sep)))
+            spans.append(list(zip(starts, ends, strict=True)))
+        logits = _causal_logits(self.model, rows) if rows else []
+        self.forwards += len(rows)
+        out = []
+        for ids, bounds, lg in zip(rows, spans, logits, strict=True):
+            if self.model.config.mask_token_id is not None:  # never a prediction (SUBS), as in `ar`
+                lg[..., self.model.config.mask_token_id] = float("-inf")
+            logp = torch.log_softmax(lg, -1)
+            out.append(
+                [
+                    math.exp(sum(float(logp[t - 1, ids[t]]) for t in range(a, b)) / max(1, b - a))
+                    for a, b in bounds
+                ]
+            )
+        return out
+
+
+PRM_QUERY, PRM_GOOD, PRM_BAD = "?", "+", "-"
+
+
+def prm_prompt(prompt: str, steps: Sequence[str], sep: str) -> str:
+    """The PRM's input for the last of `steps`: the question, the steps so far, and the query mark;
+    the PRM answers "+" (a correct answer is still reachable) or "-"."""
+    return prompt + join_steps(steps, sep) + PRM_QUERY
+
+
+@dataclass
+class PRMScorer:
+    """A learned process reward model: a blockdiff AR model trained to answer "+"/"-" after each
+    step (labels by Monte-Carlo rollouts, `mc_labels`); the score is P(+) / (P(+) + P(-))."""
+
+    model: object
+    tok: object
+    name: str = "learned PRM"
+    forwards: int = 0
+
+    def score(self, item: T.Item, rollouts: Sequence[Rollout], sep: str) -> list[list[float]]:
+        good, bad = (_single_token(self.tok, x) for x in (PRM_GOOD, PRM_BAD))
+        rows = [
+            self.tok.encode(prm_prompt(item.prompt, r.steps[: i + 1], sep))
+            for r in rollouts
+            for i in range(len(r.steps))
+        ]
+        logits = _causal_logits(self.model, rows) if rows else []
+        self.forwards += len(rows)
+        flat = [float(torch.softmax(lg[-1, [good, bad]], -1)[0]) for lg in logits]
+        out, k = [], 0
+        for r in rollouts:
+            out.append(flat[k : k + len(r.steps)])
+            k += len(r.steps)
+        return out
+
+
+def _single_token(tok, s: str) -> int:
+    ids = tok.encode(s)
+    if len(ids) != 1:
+        raise ValueError(f"the PRM's label {s!r} must be one token of its tokenizer, got {ids}")
+    return ids[0]
+
+
+def make_scorer(spec: str, task: str, load: Callable[[str], tuple[object, object]]) -> StepScorer:
+    """A scorer from its CLI spec: "oracle", "logprob:MODEL" or "prm:MODEL" (`load` opens MODEL)."""
+    kind, _, where = spec.partition(":")
+    if kind == "oracle" and not where:
+        if task not in T.STEPPED:
+            raise ValueError(
+                f"{task} has no checkable intermediate steps; tasks that do: {', '.join(T.STEPPED)}"
+            )
+        return OracleScorer(task)
+    if kind in ("logprob", "prm") and where:
+        model, tok = load(where)
+        return LogProbScorer(model, tok) if kind == "logprob" else PRMScorer(model, tok)
+    raise ValueError(f"unknown scorer {spec!r}: use oracle, logprob:MODEL or prm:MODEL")
