@@ -166,5 +166,10 @@ def test_int4_refuses_weights_on_no_grid_and_auto_falls_back():
         prepare(BlockDiffLM(cfg), "int4")
     assert prepare(BlockDiffLM(cfg), "auto").precision == "float32"
     assert prepare(on_grid_model(), "auto").precision == "int4"
+    partly = on_grid_model()
+    with torch.no_grad():  # the first layer and the head on the grid, the last layer not
+        partly.model.layers[-1].mlp.down_proj.weight[0, 1] += 1e-3
+    with pytest.raises(ConfigError, match="on no 4-bit grid"):
+        prepare(partly, "auto")
     with pytest.raises(ConfigError, match="unknown precision"):
         prepare(BlockDiffLM(cfg), "int3")

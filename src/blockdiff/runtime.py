@@ -105,17 +105,23 @@ def prepare(model, precision: str = "auto", device: str | torch.device = "cpu"):
         )
     act = torch.float32 if precision == "float32" else torch.bfloat16
     sw = model.width_switch = WidthSwitch() if precision == "int4" else None
-    for layer in model.model.layers:
-        a, m = layer.self_attn, layer.mlp
-        a.fuse(_store(*_parts([a.q_proj, a.k_proj, a.v_proj]), precision, sw))
-        a.o_proj = _store(*_parts([a.o_proj]), precision, sw)
-        m.fuse(_store(*_parts([m.gate_proj, m.up_proj]), precision, sw))
-        m.down_proj = _store(*_parts([m.down_proj]), precision, sw)
-    if isinstance(model.model.embed_tokens, EmbeddingRows):
-        model.model.embed_tokens = model.model.embed_tokens.merged()
-    head = model.lm_head.weight.detach().float()
-    narrow = _head_narrow(model) if precision == "int4" else None
-    model.lm_head = _store(head, None, precision, sw, narrow)
+    try:  # the first layer and the head were checked; a model on a grid only in part ends here
+        for layer in model.model.layers:
+            a, m = layer.self_attn, layer.mlp
+            a.fuse(_store(*_parts([a.q_proj, a.k_proj, a.v_proj]), precision, sw))
+            a.o_proj = _store(*_parts([a.o_proj]), precision, sw)
+            m.fuse(_store(*_parts([m.gate_proj, m.up_proj]), precision, sw))
+            m.down_proj = _store(*_parts([m.down_proj]), precision, sw)
+        if isinstance(model.model.embed_tokens, EmbeddingRows):
+            model.model.embed_tokens = model.model.embed_tokens.merged()
+        head = model.lm_head.weight.detach().float()
+        narrow = _head_narrow(model) if precision == "int4" else None
+        model.lm_head = _store(head, None, precision, sw, narrow)
+    except NotOnGrid as e:
+        raise ConfigError(
+            f"precision {precision}: some of this model's weights are on no 4-bit grid ({e}); "
+            "load it with --dtype bfloat16 or float32"
+        ) from None
     for p in model.parameters():
         p.requires_grad_(False)
         if p.is_floating_point() and p.dtype != act:
