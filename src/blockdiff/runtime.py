@@ -52,7 +52,7 @@ def _parts(mods: list[nn.Module]) -> tuple[Tensor, tuple[Tensor, Tensor] | None]
 
 
 def _dense(w: Tensor, dtype: torch.dtype) -> nn.Linear:
-    lin = nn.Linear(w.shape[1], w.shape[0], bias=False)
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")  # no throwaway init
     lin.weight = nn.Parameter(w.to(dtype), requires_grad=False)
     return lin
 

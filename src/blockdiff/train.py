@@ -25,7 +25,7 @@ from . import delta as delta_mod
 from . import noise as noise_mod
 from . import recipe as recipe_mod
 from .config import ConfigError, ModelConfig
-from .data.corpus import load_corpus, pack, pack_pairs
+from .data.corpus import encode_rows, load_corpus
 from .model import BlockDiffLM
 from .models import load_base_model
 from .objectives import block_diffusion_loss
@@ -41,17 +41,6 @@ def build_tokenizer(spec: recipe_mod.TokenizerSpec, train_texts: list[str]) -> T
     if spec.kind == "bpe":
         return train_bpe(train_texts, spec.vocab_size)
     return Tokenizer.load(spec.kind)
-
-
-def encode(
-    tok: Tokenizer, texts: list[str], pairs: list | None, seq_len: int, pad: str = "eos"
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(token rows, loss mask or None): packed text, or one prompt/answer pair per row."""
-    if pairs is not None:
-        ids, mask = pack_pairs(tok, pairs, seq_len, pad)
-        return torch.from_numpy(ids).long(), torch.from_numpy(mask)
-    ids = pack([e.ids for e in tok.hf.encode_batch(texts, add_special_tokens=False)], seq_len, tok.eos_id)
-    return torch.from_numpy(ids).long(), None
 
 
 def lr_at(step: int, t: recipe_mod.TrainSpec) -> float:
@@ -141,10 +130,10 @@ class Trainer(Checkpointing):
                     "model.max_position_embeddings (rotary positions: the context can grow by "
                     "fine-tuning) or shorten the rows"
                 )
-        self.train_data, self.train_mask = encode(
+        self.train_data, self.train_mask = encode_rows(
             self.tok, corpus.train, corpus.train_pairs, r.data.seq_len, r.data.pad
         )
-        self.val_data, self.val_mask = encode(
+        self.val_data, self.val_mask = encode_rows(
             self.tok, corpus.val, corpus.val_pairs, r.data.seq_len, r.data.pad
         )
         sizes = r.block_sizes()

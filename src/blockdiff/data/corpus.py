@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .cache import cache_dir, download_package
 
@@ -218,3 +219,14 @@ def pack_pairs(
     if too_long:
         raise ValueError(f"a prompt/answer pair has {too_long} tokens, more than seq_len {seq_len}")
     return ids, mask
+
+
+def encode_rows(
+    tok, texts: list[str], pairs: list | None, seq_len: int, pad: str = "eos"
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(token rows, loss mask or None): packed text, or one prompt/answer pair per row."""
+    if pairs is not None:
+        ids, mask = pack_pairs(tok, pairs, seq_len, pad)
+        return torch.from_numpy(ids).long(), torch.from_numpy(mask)
+    ids = pack([e.ids for e in tok.hf.encode_batch(texts, add_special_tokens=False)], seq_len, tok.eos_id)
+    return torch.from_numpy(ids).long(), None
