@@ -335,6 +335,24 @@ def test_cli_agent_data_and_run(tmp_path, capsys):
     assert main(["agent", "data", "--n", "0", "--out", str(out)]) == 2
 
 
+def test_cli_agent_data_on_a_full_disk_keeps_the_old_file(tmp_path):
+    """A write that fails (a file-size limit: the failed write of a full disk) names the file,
+    leaves the previous data as it was and no temp file."""
+    import resource
+    import subprocess
+    import sys
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16 << 10, 16 << 10))
+
+    out = tmp_path / "d.jsonl"
+    out.write_text("earlier data\n")
+    cmd = [sys.executable, "-m", "blockdiff.cli", "agent", "data", "--n", "40", "--out", str(out)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, preexec_fn=small_files)
+    assert p.returncode == 2 and f"cannot write {out}: File too large" in p.stderr, p.stderr
+    assert out.read_text() == "earlier data\n" and sorted(tmp_path.iterdir()) == [out]
+
+
 # ---- both agents side by side (`agent eval`) ---------------------------------------------------
 
 

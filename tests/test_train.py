@@ -223,6 +223,46 @@ def test_resume_after_sigterm_is_bit_for_bit(work):
     assert ja["interval"] == jb["interval"]
 
 
+def test_full_disk_loses_nothing(work, straight):
+    """A save that cannot be written (a file-size limit stands in for a full disk: the same
+    failed write) is one error naming what is kept; no temp dir is left; resuming once it can be
+    written continues exactly (here from nothing: the result equals the uninterrupted run)."""
+    import resource
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
+
+    def limited(*args: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "blockdiff.cli", *args]
+        return subprocess.run(
+            cmd,
+            cwd=work,
+            env=child_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            preexec_fn=small_files,
+        )
+
+    run = work / "DF"
+    p = limited("train", "R.yaml", "--out", "DF")
+    assert p.returncode == 2, p.stderr
+    err = " ".join(p.stderr.split())
+    assert "cannot write DF/step-0000002" in err and "no checkpoint yet" in err and "--resume" in err
+    assert "Traceback" not in p.stderr
+    assert sorted(f.name for f in run.iterdir()) == ["metrics.jsonl"]  # no temp dir, no half checkpoint
+
+    ok(blockdiff("train", "R.yaml", "--out", "DF", "--resume", cwd=work))
+    assert [r["step"] for r in metrics(run)] == list(range(1, STEPS + 1))  # none twice
+    a, b = latest(straight), latest(run)
+    assert max_diff(load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))) <= 1e-6
+
+    before = sorted(f.name for f in run.iterdir())
+    p = limited("train", "R.yaml", "--out", "DF", "--resume", "--set", f"train.steps={STEPS + 2}")
+    assert p.returncode == 2 and f"DF/step-{STEPS:07d} is intact" in " ".join(p.stderr.split()), p.stderr
+    assert sorted(f.name for f in run.iterdir()) == before and latest(run) == b
+
+
 # ---- data parallel -------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_ddp_two_processes_match_one(work, straight):

@@ -7,12 +7,15 @@ A run directory holds step-NNNNNNN/ checkpoints and a `latest` file naming the n
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import torch
 from safetensors import SafetensorError
@@ -134,10 +137,30 @@ def verify(ckpt_dir: str | Path) -> str | None:
     return None
 
 
-def write_text_atomic(path: Path, text: str) -> None:
+@contextlib.contextmanager
+def atomic_file(path: Path, what: str = "") -> Iterator[IO[str]]:
+    """Write a text file through a temp file beside it, renamed into place when the block ends.
+
+    A failure (disk full, permission denied, a directory in the way) leaves no half-written
+    file and no temp file, and becomes a CheckpointError naming `path`: a full disk raises from
+    a write whose own error names no file."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            yield f
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"cannot write {what or path}: {e.strerror or e}") from e
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    with atomic_file(path) as f:
+        f.write(text)
 
 
 def state_dict_for_save(model: BlockDiffLM, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:

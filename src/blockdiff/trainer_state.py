@@ -110,6 +110,23 @@ class Checkpointing:
         if self.rank != 0:
             return None
         name = f"step-{step:07d}"
+        try:
+            self._write_checkpoint(name, step, metrics)
+        except CheckpointError as e:  # disk full...: say what is kept and how to go on from it
+            last = self.out / "latest"
+            kept = "no checkpoint yet"
+            if last.exists():
+                kept = f"{self.out / last.read_text().strip()} is intact"
+            raise CheckpointError(f"{e}; {kept}; rerun with --resume once it can be written") from e
+        problem = verify(self.out / name)
+        if problem:  # leave `latest` on the previous good one
+            console.print(f"checkpoint {name} failed verification ({problem})", markup=False, soft_wrap=True)
+        else:
+            write_text_atomic(self.out / "latest", name + "\n")
+        self._prune(None if problem else self.out / name)
+        return self.out / name
+
+    def _write_checkpoint(self, name: str, step: int, metrics: dict | None) -> None:
         with atomic_dir(self.out / name) as d:
             with self.ema_weights():
                 if self.delta_info:  # the delta alone: the base is named by its checksum
@@ -131,13 +148,6 @@ class Checkpointing:
             (d / "trainer_state.json").write_text(json.dumps(meta, indent=2) + "\n")
             (d / "recipe.yaml").write_text(yaml.safe_dump(self.r.to_dict(), sort_keys=False))
             write_manifest(d)
-        problem = verify(self.out / name)
-        if problem:  # leave `latest` on the previous good one
-            console.print(f"checkpoint {name} failed verification ({problem})", markup=False, soft_wrap=True)
-        else:
-            write_text_atomic(self.out / "latest", name + "\n")
-        self._prune(None if problem else self.out / name)
-        return self.out / name
 
     def _checkpoints(self) -> list[Path]:
         return sorted(p for p in self.out.glob("step-*") if p.is_dir())

@@ -17,6 +17,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..checkpoint import atomic_file
 from ..tokenizer import Tokenizer
 from .tasks import train_tasks
 from .tools import SIGNATURES, TOOLS, Toolbox
@@ -151,7 +152,7 @@ def write_sft_data(n: int, out: str | Path, seed: int = 0, tok: Tokenizer | None
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = 0
-    with out.open("w", encoding="utf-8") as f:
+    with atomic_file(out) as f:
         for task in train_tasks(n, seed):
             for row in sft_pairs(task, tok):
                 f.write(json.dumps({**row, "task": task.id}, ensure_ascii=False) + "\n")

@@ -14,6 +14,7 @@ import json
 import time
 from pathlib import Path
 
+from ..checkpoint import write_text_atomic
 from ..config import ConfigError
 from .prompts import chat_prompts
 
@@ -73,10 +74,8 @@ def distill(
         raise ConfigError(
             f"no pair fits: every answer was empty or longer than --seq-len {seq_len} tokens; nothing written"
         )
-    tmp = out.with_name(out.name + ".tmp")
     keys = ("prompt", "answer", "complete")
-    tmp.write_text("".join(json.dumps({k: r.get(k, True) for k in keys}) + "\n" for r in rows))
-    tmp.replace(out)
+    write_text_atomic(out, "".join(json.dumps({k: r.get(k, True) for k in keys}) + "\n" for r in rows))
     partial.unlink()
     log(
         f"distill: {len(rows)} pairs -> {out} ({dropped} dropped this run: empty or longer than "
