@@ -1,9 +1,11 @@
 """A bounded load test of `blockdiff serve` on 127.0.0.1: the same requests one at a time, then
-with C clients at once (dynamic batching), in one run on one server; mixed lengths; greedy, so
-the two passes must give the same texts. With --hostile, every 4th request of the concurrent
-pass is a hostile one (a length beyond any memory, a 64-bit seed, a lone surrogate, an unknown
-option, an unsupported format) mixed among the good ones, the server under an address-space
-limit: good requests must get no 5xx, hostile ones their 4xx, and the server's RSS stay flat.
+with C clients at once (dynamic and continuous batching), in one run on one server; mixed
+lengths; greedy, so the two passes must give the same texts. Every request streams: the time to
+its first text (TTFT) is measured beside its whole latency. With --hostile, every 4th request
+of the concurrent pass is a hostile one (a length beyond any memory, a 64-bit seed, a lone
+surrogate, an unknown option, an unsupported format) mixed among the good ones, the server
+under an address-space limit: good requests must get no 5xx, hostile ones their 4xx, and the
+server's RSS stay flat.
 
     python benchmarks/serve_load.py [--model smollm2-nbdiff] [--sampler fastdllm] [--n 200]
         [--concurrency 16] [--lengths 16,32,64] [--dtype auto] [--hostile]
@@ -12,6 +14,7 @@ limit: good requests must get no 5xx, hostile ones their 4xx, and the server's R
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import subprocess
 import sys
@@ -22,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from blockdiff.data.prompts import chat_prompts  # noqa: E402
-from tests.serving import request, running_server  # noqa: E402
+from tests.serving import request, running_server, stream  # noqa: E402
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -59,15 +62,24 @@ def run(url, model, prompts, lengths, concurrency: int, n: int, hostile: bool = 
         bad = HOSTILE[(i // 4) % len(HOSTILE)] if hostile and i % 4 == 3 else None
         if bad is not None:
             body.update({k: v for k, v in bad[1].items() if k != ("prompt" if chat else "messages")})
-        t0 = time.perf_counter()
-        code, r = request(url, "/v1/chat/completions" if chat else "/v1/completions", body, timeout=3600)
-        dt = time.perf_counter() - t0
+        body |= {"stream": True, "stream_options": {"include_usage": True}}
         kind = bad[0] if bad else "good"
+        t0, first, text, used = time.perf_counter(), None, "", 0
+        with stream(url, "/v1/chat/completions" if chat else "/v1/completions", body) as (code, lines):
+            for line in lines:
+                if code != 200 or not line.startswith("data: {"):
+                    continue
+                chunk = json.loads(line[6:])
+                for c in chunk.get("choices", []):
+                    piece = c["delta"].get("content") if chat else c.get("text")
+                    if piece:
+                        first = first or time.perf_counter() - t0
+                        text += piece
+                used = (chunk.get("usage") or {}).get("completion_tokens", used)
+        dt = time.perf_counter() - t0
         if code != 200:
-            return code, dt, None, 0, kind
-        c = r["choices"][0]
-        text = c["message"]["content"] if chat else c["text"]
-        return code, dt, text, r["usage"]["completion_tokens"], kind
+            return code, dt, None, 0, kind, dt
+        return code, dt, text, used, kind, first if first is not None else dt
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as ex:
@@ -78,12 +90,14 @@ def run(url, model, prompts, lengths, concurrency: int, n: int, hostile: bool = 
 
 def row(name: str, out, wall: float, base_wall: float | None) -> str:
     codes = [c for c, *_ in out]
-    lat = [dt for _, dt, *_ in out]
+    lat = [r[1] for r in out]
+    ttft = [r[5] for r in out if r[0] == 200]
     toks = sum(r[3] for r in out)
     gain = f"{base_wall / wall:.2f}×" if base_wall else "1.00×"
     return (
         f"| {name} | {len(out)} | {sum(c >= 500 for c in codes)} | {sum(400 <= c < 500 for c in codes)} | "
-        f"{pct(lat, 0.5):.2f} | {pct(lat, 0.95):.2f} | {len(out) / wall:.2f} | {toks / wall:.1f} | {gain} |"
+        f"{pct(ttft, 0.5):.2f} | {pct(ttft, 0.95):.2f} | {pct(lat, 0.5):.2f} | {pct(lat, 0.95):.2f} | "
+        f"{len(out) / wall:.2f} | {toks / wall:.1f} | {gain} |"
     )
 
 
@@ -123,8 +137,11 @@ if __name__ == "__main__":
         f"model {args.model}, sampler {args.sampler}, {args.dtype}, {args.n} requests, "
         f"max_tokens cycling {lengths}, greedy; {len(prompts)} distinct held-out prompts\n"
     )
-    print("| mode | requests | 5xx | 4xx | p50 s | p95 s | requests/s | tokens/s | vs one at a time |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(
+        "| mode | requests | 5xx | 4xx | TTFT p50 s | TTFT p95 s | p50 s | p95 s | requests/s | tokens/s "
+        "| vs one at a time |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     print(row("one at a time", seq, seq_wall, None))
     print(row(f"{args.concurrency} concurrent", con, con_wall, seq_wall))
     print(f"\nsame text in both passes: {same}/{good} good requests")

@@ -172,7 +172,10 @@ def test_disk_full_while_saving_is_a_clear_error_and_leaves_no_temp_dir(corpus_d
     monkeypatch.setattr(checkpoint, "save_file", full)
     with pytest.raises(CheckpointError) as e:
         t.save(2)
-    assert str(e.value) == f"cannot write {run / STEP2}: No space left on device"
+    assert str(e.value) == (
+        f"cannot write {run / STEP2}: No space left on device; no checkpoint yet; "
+        "rerun with --resume once it can be written"
+    )
     assert list(run.iterdir()) == []
 
 
@@ -196,5 +199,5 @@ def test_data_task_failed_write_leaves_no_temp_file(tmp_path):
     p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert p.returncode == 3, p.stderr
     assert list((tmp_path / "d").iterdir()) == []
-    # a ValueError, so `blockdiff data task` reports it as one line
-    assert f"ValueError cannot write {tmp_path / 'd' / 'pairs.jsonl'}: File too large" in p.stdout
+    # a BlockdiffError, so `blockdiff data task` reports it as one line
+    assert f"CheckpointError cannot write {tmp_path / 'd' / 'pairs.jsonl'}: File too large" in p.stdout

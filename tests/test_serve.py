@@ -449,6 +449,54 @@ def test_a_poisoned_request_leaves_its_batch_unharmed(monkeypatch):
     assert ends[0]["texts"] == [want]
 
 
+@pytest.mark.parametrize("sampler,options", [("ar", {}), ("bd3", {"block_size": 4, "order": "confidence"})])
+def test_requests_join_a_running_batch_and_decode_as_alone(monkeypatch, sampler, options):
+    """Continuous batching, in process: requests that arrive while a batch of the same settings
+    runs join its canvas at a block boundary; every text equals the request decoded alone."""
+    import asyncio
+
+    from blockdiff.serve import scheduler as sch
+
+    joins = []
+    real = sch.join
+    monkeypatch.setattr(sch, "join", lambda a, b: joins.append(b.c.batch) or real(a, b))
+    model, tok = load_model(MODEL)
+    s = sch.Scheduler(model, tok, max_batch=8)
+    loop = asyncio.new_event_loop()
+    asks = [("ROMEO:", 1, 0), ("JULIET:", 1, 5), ("KING HENRY:", 2, 7)]
+    queues = [asyncio.Queue() for _ in asks]
+
+    def submit(i: int) -> None:
+        p, n, seed = asks[i]
+        s.submit(
+            sch.Job(p, n, sampler, options, 40, seed, [], time.monotonic() + 60, sch.emitter(loop, queues[i]))
+        )
+
+    s.start()
+    try:
+        submit(0)
+        deadline = time.monotonic() + 30
+        while s.steps < 6 and time.monotonic() < deadline:  # the first request is decoding
+            time.sleep(0.005)
+        submit(1)
+        submit(2)
+
+        async def last(q):
+            ev = None
+            while ev is None or ev["type"] not in ("done", "error"):
+                ev = await asyncio.wait_for(q.get(), 60)
+            return ev
+
+        ends = [loop.run_until_complete(last(q)) for q in queues]
+    finally:
+        s.stop()
+        loop.close()
+    assert joins, "no request joined the running batch"
+    for (p, n, seed), end in zip(asks, ends, strict=True):
+        assert end["type"] == "done", end
+        assert end["texts"] == generate(model, tok, [p] * n, sampler, 40, seed=seed, **options).texts, p
+
+
 # ---- agents: POST /v1/agent/run ----------------------------------------------------------------
 
 AGENT = {"model": MODEL, "task": 3, "sampler": "bd3", "block_size": 2, "max_new_tokens": 4}

@@ -147,6 +147,7 @@ def atomic_file(path: Path, what: str = "") -> Iterator[IO[str]]:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with tmp.open("w", encoding="utf-8") as f:
             yield f
         os.replace(tmp, path)

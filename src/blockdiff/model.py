@@ -114,6 +114,29 @@ class KVCache:
             self.span = int(self.lengths.max())
             self._pending = None
 
+    def regrid(self, parts: list[tuple[KVCache, list[int], int]], n: int) -> None:
+        """Become, in place, the rows `rows` of each part's cache, its slots moved right by `shift`
+        (slots are canvas columns under the exact cache); every row then holds `n` slots, those no
+        part fills are zero (padding the caller's mask hides)."""
+        b = sum(len(rows) for _, rows, _ in parts)
+        device = None
+        for name in ("k", "v"):
+            store = getattr(self, name)
+            for layer in range(len(store)):
+                bufs = [getattr(c, name)[layer] for c, _, _ in parts]
+                like = next((x for x in bufs if x is not None), None)
+                shape = None if like is None else (b, like.shape[1], max(n, 64), like.shape[3])
+                store[layer] = None if like is None else like.new_zeros(shape)
+                at = 0
+                for buf, (c, rows, s) in zip(bufs, parts, strict=True):
+                    lo, hi = max(0, -s), min(c.span, n - s)
+                    if buf is not None and hi > lo:
+                        store[layer][at : at + len(rows), :, lo + s : hi + s] = buf[rows, :, lo:hi]
+                    at += len(rows)
+                device = device or (like.device if like is not None else None)
+        self.lengths = torch.full((b,), n, dtype=torch.long, device=device)
+        self.span, self._pending = n, None
+
     def truncate(self, lengths: Tensor | int) -> None:
         """Roll rows back to these lengths (never forward); dropped slots get overwritten later."""
         if self.lengths is None:

@@ -150,7 +150,6 @@ def write_sft_data(n: int, out: str | Path, seed: int = 0, tok: Tokenizer | None
     if n < 1:
         raise ValueError(f"n must be >= 1 (the number of tasks), got {n}")
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     rows = 0
     with atomic_file(out) as f:
         for task in train_tasks(n, seed):

@@ -2,7 +2,9 @@
 
 Rows are left-padded so that every row's generation starts at the same column G; each row keeps
 its own positions (column - padding), so a row decodes exactly as it would alone. Block grids
-are anchored at G: block k of the generation is columns [G + kB, G + (k+1)B).
+are anchored at G: block k of the generation is columns [G + kB, G + (k+1)B). Rows joined from
+another decode (`regrid`, continuous batching) start at their own column `start[r]`, shifted
+so that every row's current block lies in the same columns.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ class Canvas:
     masked: Tensor  # [b, T] still to be decided
     valid: Tensor  # [b, T] not padding
     pos: Tensor  # [b, T] each row's own positions
-    G: int  # first generation column
+    start: Tensor  # [b] first generation column of each row
     mask_id: int
     eos_id: int
     pad_id: int
@@ -56,6 +58,7 @@ class Canvas:
     finished_at: Tensor = None  # [b] wall time when the row finished
     stop_at_eos: bool = True  # False: EOS is an ordinary token (fixed-length decoding)
     blk: Tensor = None  # [b, T] block id of each column (negative in the prompt); see set_grid
+    born: Tensor = None  # [b] seconds after `started` at which the row began (0 unless joined)
 
     @classmethod
     def build(
@@ -89,7 +92,7 @@ class Canvas:
             masked=masked,
             valid=valid,
             pos=pos,
-            G=G,
+            start=torch.full((b,), G, dtype=torch.long),
             mask_id=mask_id,
             eos_id=eos_id,
             pad_id=pad_id,
@@ -98,7 +101,44 @@ class Canvas:
             nfe=torch.zeros(b, dtype=torch.long),
             eos_at=torch.full((b,), T, dtype=torch.long),
             finished_at=torch.full((b,), float("nan"), dtype=torch.float64),
+            born=torch.zeros(b, dtype=torch.float64),
         )
+
+    @property
+    def G(self) -> int:
+        """The generation start every row shares (a canvas built at once)."""
+        if self.batch and bool((self.start != self.start[0]).any()):
+            raise ValueError("rows of a regridded canvas start at their own columns: read start[r]")
+        return int(self.start[0]) if self.batch else 0
+
+    def regrid(self, parts: list[tuple[Canvas, list[int], int, int]]) -> None:
+        """Become, in place, the rows `rows` of each part's canvas, its columns moved right by
+        `shift` (left if negative: only columns no kept row uses may fall off) and its block ids
+        by `blk_by` (so that a column's block is the same in every row). Columns no part covers
+        are padding. In place: the step policy and the runner that hold this canvas go on."""
+        T = max(c.T + shift for c, _, shift, _ in parts)
+        fills = {"tokens": self.pad_id, "masked": False, "valid": False, "pos": 0, "commit_step": -1}
+        fills |= {"conf": 0.0, "blk": -(10**9)}
+        new = {k: [] for k in (*fills, "start", "nfe", "eos_at", "finished_at", "born")}
+        for c, rows, shift, blk_by in parts:
+            idx = torch.tensor(rows, dtype=torch.long)
+            lo = max(0, -shift)
+            if bool(c.valid[idx, :lo].any()):
+                raise ValueError(f"regrid would drop {lo} columns that rows still use")
+            for k, fill in fills.items():
+                src = getattr(c, k)[idx, lo:]
+                out = torch.full((len(rows), T), fill, dtype=src.dtype)
+                out[:, lo + shift : c.T + shift] = src + blk_by if k == "blk" else src
+                new[k].append(out)
+            eos = c.eos_at[idx]
+            new["eos_at"].append(torch.where(eos >= c.T, T, eos + shift))
+            new["start"].append(c.start[idx] + shift)
+            new["nfe"].append(c.nfe[idx])
+            late = c.started - self.started  # the part's clock, read on this canvas's
+            new["finished_at"].append(c.finished_at[idx] + late)
+            new["born"].append(c.born[idx] + late)
+        for k, v in new.items():
+            setattr(self, k, torch.cat(v))
 
     def set_grid(self, B: int) -> None:
         """Blocks of B anchored at the generation start; the prompt splits backwards from it."""
@@ -146,7 +186,7 @@ class Canvas:
             )
         eos = (toks == self.eos_id) & self.stop_at_eos
         for r, c in zip(rows[eos].tolist(), cols[eos].tolist(), strict=True):
-            if c < self.eos_at[r] and c >= self.G:
+            if c < self.eos_at[r] and c >= self.start[r]:
                 self.eos_at[r] = c
                 after = (torch.arange(self.T) > c) & self.valid[r]
                 # The rest of the canvas becomes EOS and stays visible: the canvas a model trained
@@ -171,7 +211,7 @@ class Canvas:
     def generated(self, r: int) -> Tensor:
         """The row's generated tokens, up to and excluding EOS."""
         end = min(int(self.eos_at[r]), self.T)
-        cols = torch.arange(self.G, end)
+        cols = torch.arange(int(self.start[r]), end)
         return self.tokens[r, cols[self.valid[r, cols]]]
 
     def stats(self) -> list[RowStats]:
@@ -179,7 +219,8 @@ class Canvas:
         out = []
         for r in range(self.batch):
             n = len(self.generated(r)) + int(self.eos_at[r] < self.T)
-            n += int((self.commit_step[r, : self.G] > 0).sum())  # blanks filled in the prompt
-            sec = float(self.finished_at[r]) if not torch.isnan(self.finished_at[r]) else total
+            n += int((self.commit_step[r, : self.start[r]] > 0).sum())  # blanks filled in the prompt
+            end = float(self.finished_at[r]) if not torch.isnan(self.finished_at[r]) else total
+            sec = end - float(self.born[r])
             out.append(RowStats(int(self.nfe[r]), n, sec, bool(self.eos_at[r] < self.T)))
         return out

@@ -26,8 +26,9 @@ class LiveCanvas:
         if self.prompt is not None:
             text.append(self.prompt + "\n", style="bold")
         else:
-            text.append(self.tok.decode(c.tokens[r, : c.G][c.valid[r, : c.G]].tolist()), style="bold")
-        cols = range(c.G, min(int(c.eos_at[r]) + 1, c.T))
+            g = int(c.start[r])
+            text.append(self.tok.decode(c.tokens[r, :g][c.valid[r, :g]].tolist()), style="bold")
+        cols = range(int(c.start[r]), min(int(c.eos_at[r]) + 1, c.T))
         last = int(c.commit_step[r].max())
         for j in cols:
             if not c.valid[r, j]:

@@ -44,11 +44,15 @@ class GenerateOutput:
 # ---- the loop ----------------------------------------------------------------------------------
 
 
-def _steps(model, c: Canvas, plan: Plan, gens) -> Iterator[None]:
+def _stepper(model, c: Canvas, plan: Plan, gens) -> DenoiseStep | SpecStep:
+    runner = Runner(model, c, plan.attn_block is not None, plan.cache, plan.refresh)
+    return SpecStep(c, runner, plan, gens) if plan.spec is not None else DenoiseStep(c, runner, plan, gens)
+
+
+def _steps(model, c: Canvas, plan: Plan, gens, stepper=None) -> Iterator[None]:
     """The loop: one step policy call = one forward (NFE) and what it commits; then the
     structural revision stages (remask, decode again), each remask yielded as a step too."""
-    runner = Runner(model, c, plan.attn_block is not None, plan.cache, plan.refresh)
-    stepper = SpecStep(c, runner, plan, gens) if plan.spec is not None else DenoiseStep(c, runner, plan, gens)
+    stepper = stepper or _stepper(model, c, plan, gens)
     while stepper.step():
         yield
     for stage in _revision_stages(c, plan, gens):
@@ -118,6 +122,23 @@ class DenoiseStep:
         self.step_in_region += 1
         return True
 
+    def between_blocks(self) -> tuple[int, int] | None:
+        """(block id, first column) of the block the next step starts, when the last step ended
+        one (rows may join or leave here); None mid-block, before the first step, or at the end."""
+        c = self.c
+        active = ~c.done()
+        nxt = self.plan.window.region(c, active) if active.any() else None
+        if self.region is None or nxt is None or nxt[0] == self.region[0]:
+            return None
+        return nxt[0], nxt[1]
+
+    def regrid(self, parts: list[tuple[DenoiseStep, list[int], int]]) -> None:
+        """Become, in place, the rows of each part's step policy (between blocks: the next step
+        starts a block, so only the per-row state moves)."""
+        self.runner.regrid([(p.runner, rows, s) for p, rows, s in parts])
+        self.extra = torch.cat([p.extra[rows] for p, rows, _ in parts])
+        self.gens[:] = [p.gens[r] for p, rows, _ in parts for r in rows]
+
 
 def _revision_stages(c: Canvas, plan: Plan, gens) -> Iterator[Plan]:
     """Structural revision: each stage remasks, then is decoded as a plan of its own."""
@@ -142,8 +163,9 @@ class Decoding:
     rows decode exactly as they would have), `output()` for the result."""
 
     def __init__(self, model, tokenizer: Tokenizer, c: Canvas, plan: Plan, gens, notes: list[str]):
-        self.tok, self.c, self.notes = tokenizer, c, notes
-        self._it = _steps(model, c, plan, gens)
+        self.tok, self.c, self.notes, self.plan = tokenizer, c, notes, plan
+        self.stepper = _stepper(model, c, plan, gens)
+        self._it = _steps(model, c, plan, gens, self.stepper)
         self.cancelled: set[int] = set()
         # Later stages may remask committed tokens: nothing is final before the decode ends.
         self.revises = bool(plan.revise)
@@ -190,7 +212,7 @@ class Decoding:
         A character cut by the end (EOS or the length limit inside its bytes) is dropped, not
         shown as U+FFFD."""
         c = self.c
-        if (c.commit_step[r, : c.G] > 0).any():
+        if (c.commit_step[r, : c.start[r]] > 0).any():
             ids = c.tokens[r, c.valid[r] & (torch.arange(c.T) < c.eos_at[r])].tolist()
         else:
             ids = c.generated(r).tolist()
@@ -202,10 +224,11 @@ class Decoding:
         c = self.c
         if self.revises and not self.ended:
             return []
-        left = c.masked[r, c.G :].nonzero()
-        end = c.G + int(left[0]) if len(left) else c.T
+        g = int(c.start[r])
+        left = c.masked[r, g:].nonzero()
+        end = g + int(left[0]) if len(left) else c.T
         end = min(end, int(c.eos_at[r]))
-        cols = torch.arange(c.G, max(c.G, end))
+        cols = torch.arange(g, max(g, end))
         return c.tokens[r, cols[c.valid[r, cols]]].tolist()
 
 

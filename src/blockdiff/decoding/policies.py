@@ -247,7 +247,7 @@ def lowest_confidence(
     (EOS and given tokens stay). `how='random'` picks them at random (the ablation)."""
     rows, cols = [], []
     for r in range(c.batch):
-        gen_cols = torch.arange(c.G, min(int(c.eos_at[r]), c.T))
+        gen_cols = torch.arange(int(c.start[r]), min(int(c.eos_at[r]), c.T))
         gen_cols = gen_cols[c.valid[r, gen_cols] & (c.commit_step[r, gen_cols] > 0)]
         k = math.ceil(gamma * len(gen_cols))
         if k == 0:
@@ -310,3 +310,16 @@ class Plan:
     stop_at_eos: bool = True
     expand: Expand | None = None  # DCD block expansion (block-causal only)
     spec: object | None = None  # speculative.Speculate: draft with mask blocks, verify with the AR path
+
+    @property
+    def joins(self) -> bool:
+        """Rows of decodes with this plan can join and leave between blocks (continuous
+        batching, `decoding/continuous.py`): blocks decoded in lockstep by every row, an exact
+        cache or none, nothing that revisits the canvas (revision, expansion, speculation)."""
+        return (
+            isinstance(self.window, BlockWindow)
+            and self.cache in ("exact", "none")
+            and not self.revise
+            and self.expand is None
+            and self.spec is None
+        )

@@ -102,6 +102,30 @@ class Runner:
         self.region: tuple[int, int] | None = None  # dual cache: the block its keys exclude
         self.fresh: Tensor | None = None  # output of a refresh, not yet used
 
+    def lag(self, frontier: int) -> int | None:
+        """Columns between the cache's end and `frontier` (exact cache; None: nothing cached
+        across steps). Two decodes at block boundaries with equal lags hold the same columns
+        relative to their frontiers: their caches can be joined (`regrid`)."""
+        return frontier - len(self.cache_idx) if self.mode == "exact" else None
+
+    def regrid(self, parts: list[tuple[Runner, list[int], int]]) -> None:
+        """Become, in place, the rows of each part's runner with columns moved right by `shift`
+        (the canvas is regridded alike). Exact or no cache only: the caller checks the lags."""
+        if self.mode == "none":
+            return self.reset()
+        ends = {len(r.cache_idx) + s for r, _, s in parts}
+        if len(ends) != 1 or self.mode != "exact" or self.fresh is not None:
+            raise ValueError(f"cannot regrid a {self.mode} cache ending at columns {sorted(ends)}")
+        n = ends.pop()
+        self.cache.regrid([(r.cache, rows, s) for r, rows, s in parts], n)
+        self.cache_idx = torch.arange(n)
+        keys = [{col + s for col in r.boundary} for r, _, s in parts]
+        if any(k != keys[0] for k in keys):
+            raise ValueError("cannot regrid: the parts' last outputs are at different columns")
+        self.boundary = {
+            col: torch.cat([r.boundary[col - s][rows] for r, rows, s in parts]) for col in keys[0]
+        }
+
     def _mask(self, q: Tensor, k: Tensor, clean_before: int = 0) -> Tensor:
         """Each row by its own block grid `canvas.blk`: a query sees keys of its block and earlier.
 

@@ -13,6 +13,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..checkpoint import atomic_file
 from ..config import did_you_mean
 from ..data.prompts import EVAL_POOL, EVAL_SEED
 
@@ -281,18 +282,10 @@ def write_training_data(name: str, n: int, out: str | Path, seed: int = 0) -> Pa
 
 
 def write_jsonl(rows: list[dict], out: str | Path) -> Path:
-    """Write rows as JSONL via a temp file: `out` is complete or untouched, and a failed write
-    (disk full, permission denied) leaves no partial temp file behind."""
+    """Write rows as JSONL: `out` is complete or untouched (`checkpoint.atomic_file`)."""
     out = Path(out)
-    text = "".join(json.dumps(p) + "\n" for p in rows)
-    tmp = out.with_name(out.name + ".tmp")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text)
-        tmp.replace(out)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise ValueError(f"cannot write {out}: {e.strerror or e}") from e
+    with atomic_file(out) as f:
+        f.writelines(json.dumps(p) + "\n" for p in rows)
     return out
 
 

@@ -3,11 +3,13 @@
 Requests with the same decoding settings (sampler, options, max_new_tokens) that wait together
 start together as rows of one canvas; each row decodes exactly as it would alone (its own
 positions and random stream: the engine's batched = unbatched oracle), so batching never changes
-a text. A request whose settings match a batch already running waits for that batch to end and
-starts with the next one; a request with other settings starts its own batch at once, and the
-worker steps the running batches in turn (one forward each), so an `ar` panel and a diffusion
-panel race on the same cores. A cancelled or timed-out request frees its rows at the next step
-(`Decoding.cancel`: the other rows are unaffected).
+a text. A request that arrives while others run starts its own batch at once (up to `max_active`
+batches, stepped in turn, one forward each: an `ar` panel and a diffusion panel race on the same
+cores) and, when its sampler decodes blocks in lockstep (`Plan.joins`), joins a running batch of
+the same settings at the next block boundary both reach (`decoding/continuous.py`: continuous
+batching; a batch at a boundary waits a step or two for its partner to reach one). Rows of
+finished requests leave at boundaries. A cancelled or timed-out request frees its rows at the
+next step (`Decoding.cancel`: the other rows are unaffected).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..decoding import row_seeds, start_decoding
+from ..decoding.continuous import between_blocks, can_join, evict, join
 from ..decoding.engine import Decoding, StepEvent
 from ..model import BlockDiffLM
 from ..tokenizer import Tokenizer
@@ -142,6 +145,8 @@ class Scheduler:
             for jobs in new:
                 self._start(jobs)
             for b in list(self.active):
+                if self._held(b):
+                    continue
                 try:
                     self._step(b)
                 except Exception as e:  # a failed batch fails its requests, never the server
@@ -151,6 +156,55 @@ class Scheduler:
                             j.emit({"type": "error", "status": 500, "message": f"decoding failed: {e!r}"})
                     with self.cond:
                         self.active.remove(b)
+            try:
+                with self.cond:
+                    self._regroup()
+            except Exception:  # joining is an optimisation: a batch that cannot join runs alone
+                log.exception("regrouping failed")
+
+    # ---- continuous batching -----------------------------------------------------------------
+
+    def _rows(self, b: Batch) -> int:
+        return sum(j.n for j in b.jobs if any(f is None for f in j.finish))
+
+    def _partners(self, b: Batch) -> list[Batch]:
+        fits = self.max_batch - self._rows(b)
+        return [
+            o
+            for o in self.active
+            if o is not b and o.key == b.key and o.decoding.plan.joins and self._rows(o) <= fits
+        ]
+
+    def _held(self, b: Batch) -> bool:
+        """A batch at a boundary waits while a batch it could join is mid-block."""
+        if between_blocks(b.decoding) is None:
+            return False
+        return any(between_blocks(o.decoding) is None and not o.decoding.ended for o in self._partners(b))
+
+    def _regroup(self) -> None:
+        """Between blocks: rows of finished requests leave, batches of the same settings join."""
+        for b in list(self.active):
+            d = b.decoding
+            if between_blocks(d) is None:
+                continue
+            live = [j for j in b.jobs if any(f is None for f in j.finish)]
+            if live and len(live) < len(b.jobs):
+                keep = [r for j in live for r in j.rows]
+                evict(d, keep)
+                at = {r: i for i, r in enumerate(keep)}
+                for j in live:
+                    j.rows = [at[r] for r in j.rows]
+                b.jobs = live
+        for b in list(self.active):
+            if b not in self.active:
+                continue
+            for o in self._partners(b):
+                if self.active.index(o) > self.active.index(b) and can_join(b.decoding, o.decoding):
+                    rows = join(b.decoding, o.decoding)
+                    for j in o.jobs:
+                        j.rows = [rows[r] for r in j.rows]
+                    b.jobs += o.jobs
+                    self.active.remove(o)
 
     def _take(self) -> list[list[Job]]:
         """Waiting jobs that can start now, grouped into batches (called under the lock)."""
@@ -159,10 +213,7 @@ class Scheduler:
             self.waiting.remove(j)
             self._drop(j)
         groups: list[list[Job]] = []
-        running = {b.key for b in self.active}
         for j in list(self.waiting):
-            if j.key in running:
-                continue
             group = next((g for g in groups if g[0].key == j.key), None)
             if group is None:
                 if len(self.active) + len(groups) >= self.max_active:
@@ -201,7 +252,7 @@ class Scheduler:
             return
         c = d.c
         for j in jobs:
-            lengths = [int(c.valid[r, c.G :].sum()) for r in j.rows]
+            lengths = [int(c.valid[r, c.start[r] :].sum()) for r in j.rows]
             j.emit({"type": "start", "canvas": lengths, "notes": d.notes})
         with self.cond:
             self.active.append(Batch(jobs, d, iter(d), j0.key))
@@ -232,8 +283,9 @@ class Scheduler:
 
     def _denoise(self, j: Job, d: Decoding, ev: StepEvent) -> None:
         c, idx = d.c, {r: i for i, r in enumerate(j.rows)}
-        com = [[idx[r], k - c.G, self._piece(t)] for r, k, t in ev.committed if r in idx and k >= c.G]
-        rem = [[idx[r], k - c.G] for r, k in ev.remasked if r in idx]
+        g = c.start.tolist()
+        com = [[idx[r], k - g[r], self._piece(t)] for r, k, t in ev.committed if r in idx and k >= g[r]]
+        rem = [[idx[r], k - g[r]] for r, k in ev.remasked if r in idx]
         nfe = [ev.nfe[r] for r in j.rows]
         j.emit({"type": "denoise", "step": ev.step, "committed": com, "remasked": rem, "nfe": nfe})
 
