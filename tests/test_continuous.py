@@ -89,3 +89,30 @@ def test_regridded_canvas_has_no_shared_start(make_model, tok):
     with pytest.raises(ValueError, match="own columns"):
         _ = a.c.G
     assert torch.equal(a.c.done(), torch.tensor([False, False]))
+
+
+# ---- the typed decode request ------------------------------------------------------------------
+
+
+def test_decode_spec_is_checked_once_and_groups_by_all_but_the_seed(make_model, tok):
+    from blockdiff.decoding import DecodeSpec
+
+    m = make_model(tok)
+    a = DecodeSpec.build(m, "bd3", 16, 3, block_size=4, order="confidence", temperature=0.0)
+    b = DecodeSpec.build(m, "bd3", 16, 9, temperature=0.0, order="confidence", block_size=4)
+    assert a != b and a.key == b.key and hash(a.key) == hash(b.key) and len({a.key, b.key}) == 1
+    assert DecodeSpec.build(m, "bd3", 16, 3, block_size=8).key != a.key
+    assert DecodeSpec.build(m).sampler == "fastdllm"  # the one default
+    with pytest.raises(ValueError, match="did you mean 'block_size'"):
+        DecodeSpec.build(m, "bd3", 16, blok_size=4)
+    with pytest.raises(ValueError, match="larger than the canvas"):
+        DecodeSpec.build(m, "bd3", 2, block_size=4)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        DecodeSpec.build(m, "bd3", -1)
+    with pytest.raises(ValueError, match="seed"):
+        DecodeSpec.build(m, "bd3", 16, seed="7")
+    # the decode it names is the one the loose arguments name
+    kw = dict(block_size=4, order="confidence", temperature=0.0)
+    want = generate(m, tok, PROMPTS[:2], "bd3", 16, seed=3, **kw)
+    got = generate(m, tok, PROMPTS[:2], a)
+    assert got.tokens == want.tokens and [r.nfe for r in got.rows] == [r.nfe for r in want.rows]

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from blockdiff.decoding import generate
+from blockdiff.decoding import DecodeSpec, generate
 from blockdiff.models import load_model
 from tests.serving import request, running_server, stream
 
@@ -383,9 +383,8 @@ def test_a_failing_batch_fails_its_requests_not_the_server(monkeypatch):
         def ask(denoise: bool) -> list[dict]:
             loop = asyncio.new_event_loop()
             q: asyncio.Queue = asyncio.Queue()
-            job = sch.Job(
-                "ROMEO:", 1, "bd3", {}, 8, 0, [], time.monotonic() + 60, sch.emitter(loop, q), denoise
-            )
+            spec = DecodeSpec.build(model, "bd3", 8, 0)
+            job = sch.Job("ROMEO:", 1, spec, [], time.monotonic() + 60, sch.emitter(loop, q), denoise)
             s.submit(job)
             out = []
 
@@ -428,7 +427,8 @@ def test_a_poisoned_request_leaves_its_batch_unharmed(monkeypatch):
     queues = []
     for prompt in ["ROMEO:", "POISON", "JULIET:", "KING"]:  # same settings: one batch
         q: asyncio.Queue = asyncio.Queue()
-        s.submit(sch.Job(prompt, 1, "bd3", {}, 8, 0, [], time.monotonic() + 60, sch.emitter(loop, q)))
+        spec = DecodeSpec.build(model, "bd3", 8, 0)
+        s.submit(sch.Job(prompt, 1, spec, [], time.monotonic() + 60, sch.emitter(loop, q)))
         queues.append(q)
     s.start()  # after the submissions: the worker takes all four together
     try:
@@ -466,11 +466,12 @@ def test_requests_join_a_running_batch_and_decode_as_alone(monkeypatch, sampler,
     asks = [("ROMEO:", 1, 0), ("JULIET:", 1, 5), ("KING HENRY:", 2, 7)]
     queues = [asyncio.Queue() for _ in asks]
 
+    def spec(seed: int) -> DecodeSpec:
+        return DecodeSpec.build(model, sampler, 40, seed, **options)
+
     def submit(i: int) -> None:
         p, n, seed = asks[i]
-        s.submit(
-            sch.Job(p, n, sampler, options, 40, seed, [], time.monotonic() + 60, sch.emitter(loop, queues[i]))
-        )
+        s.submit(sch.Job(p, n, spec(seed), [], time.monotonic() + 60, sch.emitter(loop, queues[i])))
 
     s.start()
     try:

@@ -15,12 +15,13 @@ from collections.abc import Callable, Mapping
 from statistics import fmean
 from typing import Any
 
+from ..decoding.request import DEFAULT_SAMPLER
 from .loop import AgentResult, Policy, run_agent
 from .tasks import make_task
 from .world import EVAL_POOL
 
 AGENTS = ("ar", "diffusion")
-DIFFUSION_SAMPLER = "fastdllm"
+DIFFUSION_SAMPLER = DEFAULT_SAMPLER  # the diffusion agent's, unless told
 # the sampling options the AR agent shares with the diffusion agent; the rest (block size,
 # threshold, steps, cache, ...) configure the diffusion sampler only
 SHARED_OPTIONS = ("temperature", "top_p", "top_k")

@@ -142,4 +142,4 @@ def add(sub) -> None:
     age.add_argument("--n", type=int, default=50, help="held-out tasks eval:0..n-1 [50]")
     age.add_argument("--out", help="write the summary and every task's record here (JSON)")
     _agent_limits(age)
-    age.set_defaults(fn=cmd_agent_eval, sampler="fastdllm")
+    age.set_defaults(fn=cmd_agent_eval)

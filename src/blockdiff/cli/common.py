@@ -7,6 +7,7 @@ import argparse
 import torch
 
 from ..config import ConfigError
+from ..decoding import DEFAULT_SAMPLER, DecodeSpec
 from ..decoding.samplers import SAMPLERS
 from ..models import load_model
 from ..runtime import PRECISIONS
@@ -22,12 +23,19 @@ def sampler_kwargs(a: argparse.Namespace) -> dict:
     return kw
 
 
+def decode_spec(a: argparse.Namespace, model, max_new_tokens: int) -> DecodeSpec:
+    """The command's decode request, checked once against the model before any decoding."""
+    kw = sampler_kwargs(a)
+    seed = kw.pop("seed", 0)
+    return DecodeSpec.build(model, a.sampler, max_new_tokens, seed, **kw)
+
+
 def decode_args(g: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--model",
         help="model name (smollm2-nbdiff, shakespeare-5m, smollm2-135m-instruct) or checkpoint/run dir",
     )
-    g.add_argument("--sampler", default="bd3", help="one of " + ", ".join(SAMPLERS))
+    g.add_argument("--sampler", default=DEFAULT_SAMPLER, help="one of " + ", ".join(SAMPLERS))
     g.add_argument("--block-size", type=int, dest="block_size")
     g.add_argument("--steps", type=int)
     g.add_argument("--threshold", type=float)

@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 
 from ..config import ConfigError
+from ..decoding import DEFAULT_SAMPLER
 from ..decoding.samplers import SAMPLERS
-from .common import add_precision, decode_args, load, sampler_kwargs
+from .common import add_precision, decode_args, decode_spec, load
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
@@ -18,9 +19,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     from ..decoding.display import LiveCanvas
 
     model, tok = load(a, a.model)
-    kwargs = sampler_kwargs(a)
-    if a.max_new_tokens is not None:
-        kwargs["max_new_tokens"] = a.max_new_tokens
+    spec = decode_spec(a, model, 64 if a.max_new_tokens is None else a.max_new_tokens)
     try:
         a.prompt.encode("utf-8")
     except UnicodeEncodeError:
@@ -30,7 +29,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     prompt = tok.chat(a.prompt) if chat else a.prompt
     plain = a.json or not sys.stdout.isatty() or a.quiet
     live = None if plain else LiveCanvas(tok, prompt=a.prompt if chat else None)
-    out = generate(model, tok, [prompt], sampler=a.sampler, on_step=live, **kwargs)
+    out = generate(model, tok, [prompt], spec, on_step=live)
     if live is not None:
         live.close()
     row = out.rows[0]
@@ -88,7 +87,7 @@ def add(sub) -> None:
     decode_args(g)
     g.add_argument("--quiet", action="store_true", help="no live canvas")
     g.add_argument("--raw", action="store_true", help="do not wrap the prompt in the model's chat template")
-    g.set_defaults(fn=cmd_generate, sampler="fastdllm")  # as make demo and serve
+    g.set_defaults(fn=cmd_generate)
     sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server and the live denoising page")
     sv.add_argument("--model", help="model name or checkpoint/run dir (default: smollm2-nbdiff)")
     sv.add_argument(
@@ -100,7 +99,9 @@ def add(sub) -> None:
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
     )
     sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--sampler", default="fastdllm", help="default sampler: one of " + ", ".join(SAMPLERS))
+    sv.add_argument(
+        "--sampler", default=DEFAULT_SAMPLER, help="default sampler: one of " + ", ".join(SAMPLERS)
+    )
     sv.add_argument("--max-batch", type=int, default=8, dest="max_batch", help="canvas rows per batch")
     sv.add_argument("--max-queue", type=int, default=64, dest="max_queue", help="waiting requests before 429")
     sv.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take in all")

@@ -25,6 +25,7 @@ from ..model import BlockDiffLM
 from ..tokenizer import Tokenizer
 from .canvas import Canvas, RowStats
 from .policies import Plan, sample
+from .request import DecodeSpec
 from .runner import Runner
 from .samplers import PLANS, SAMPLERS, build_plan
 from .speculative import SpecStep
@@ -232,6 +233,16 @@ class Decoding:
         return c.tokens[r, cols[c.valid[r, cols]]].tolist()
 
 
+def check_length(model: BlockDiffLM, prompt_tokens: int, max_new_tokens: int) -> None:
+    """A prompt and its answer must fit the model's context (checked before anything is built)."""
+    limit = model.config.max_position_embeddings
+    if prompt_tokens + max_new_tokens > limit:
+        raise ValueError(
+            f"prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+            f"context of {limit} tokens"
+        )
+
+
 def row_seeds(seed: int, rows: Iterable[int]) -> list[int]:
     """Each row's own random stream: what makes a row decode the same alone, in any batch, at
     any position (`generate`, the server's jobs and `decode_all` all seed through here)."""
@@ -242,14 +253,20 @@ def start_decoding(
     model: BlockDiffLM,
     tokenizer: Tokenizer,
     prompts: list[str] | str,
-    sampler: str = "bd3",
+    sampler: str | DecodeSpec = "bd3",
     max_new_tokens: int = 64,
-    seed: int | list[int] = 0,
+    seed: int | list[int] | None = None,
     trace: bool = False,
     **kwargs,
 ) -> Decoding:
-    """A decode of a batch of prompts with a named sampler, to be stepped through (see
-    `Decoding`); `generate` runs one to the end. Arguments as for `generate`."""
+    """A decode of a batch of prompts with a named sampler or a checked `DecodeSpec` (its
+    sampler, options, length and seed), to be stepped through (see `Decoding`); `generate` runs
+    one to the end. Arguments as for `generate`."""
+    if isinstance(sampler, DecodeSpec):
+        spec = sampler
+        sampler, max_new_tokens, kwargs = spec.sampler, spec.max_new_tokens, {**spec.kwargs, **kwargs}
+        seed = spec.seed if seed is None else seed
+    seed = 0 if seed is None else seed
     if "gen_length" in kwargs:
         max_new_tokens = kwargs.pop("gen_length")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
@@ -260,18 +277,10 @@ def start_decoding(
     plan = build_plan(model, sampler, max_new_tokens, notes, kwargs)
     cfg = model.config
     ids = [tokenizer.encode(p) for p in prompts]
-    longest = max((len(i) for i in ids), default=0)
-    if longest + max_new_tokens > cfg.max_position_embeddings:  # before anything is allocated
-        raise ValueError(
-            f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context "
-            f"of {cfg.max_position_embeddings} tokens"
-        )
+    check_length(model, max((len(i) for i in ids), default=0), max_new_tokens)  # before allocating
     grid = plan.window.grid_size()  # None: the whole canvas is one block
-    round_to = grid or 1
-    c = Canvas.build(ids, max_new_tokens, cfg.mask_token_id, tokenizer.eos_id, tokenizer.pad_id, round_to)
+    c = Canvas.build(ids, max_new_tokens, cfg.mask_token_id, tokenizer.eos_id, tokenizer.pad_id, grid or 1)
     c.set_grid(grid or c.T)
-    if round_to > max_new_tokens > 0:
-        raise ValueError(f"block_size {round_to} is larger than the canvas ({max_new_tokens} new tokens)")
     c.stop_at_eos = plan.stop_at_eos
     if trace:
         c.trace = []
@@ -289,14 +298,15 @@ def generate(
     model: BlockDiffLM,
     tokenizer: Tokenizer,
     prompts: list[str] | str,
-    sampler: str = "bd3",
+    sampler: str | DecodeSpec = "bd3",
     max_new_tokens: int = 64,
-    seed: int | list[int] = 0,
+    seed: int | list[int] | None = None,
     trace: bool = False,
     on_step: Callable[[Canvas], None] | None = None,
     **kwargs,
 ) -> GenerateOutput:
-    """Decode a batch of prompts with a named sampler; `<|mask|>` in a prompt marks a blank to fill.
+    """Decode a batch of prompts with a named sampler (or a `DecodeSpec`); `<|mask|>` in a prompt
+    marks a blank to fill.
 
     Each row decodes as it would alone: own positions, own random stream (seeded by
     seed * 1000003 + row, or by seed[row] when a list is given).

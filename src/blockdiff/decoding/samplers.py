@@ -302,4 +302,8 @@ def build_plan(
     if mine:
         notes.append(f"{sampler}: this model's defaults " + ", ".join(f"{k}={v}" for k, v in mine.items()))
         kwargs = {**kwargs, **options.check(sampler, mine, allowed)}
-    return PLANS[sampler](model, max_new_tokens, notes, **kwargs)
+    plan = PLANS[sampler](model, max_new_tokens, notes, **kwargs)
+    grid = plan.window.grid_size()
+    if grid is not None and grid > max_new_tokens > 0:
+        raise ValueError(f"block_size {grid} is larger than the canvas ({max_new_tokens} new tokens)")
+    return plan

@@ -1,8 +1,8 @@
 """The HTTP face of the scheduler: OpenAI's completions and chat completions, plus the page.
 
-Every request is checked by building its decode once (`start_decoding` on the one prompt, no
-forward), so a wrong option, an impossible length or a block that does not fit is a 400 with
-OpenAI's error shape before it reaches a batch; the same checks as `blockdiff generate`.
+Every request is checked once into a `DecodeSpec` (sampler, options, length, seed) and its prompt
+against the context, so a wrong option, an impossible length or a block that does not fit is a
+400 with OpenAI's error shape before it reaches a batch; the same checks as `blockdiff generate`.
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..agent.evaluate import DIFFUSION_SAMPLER
 from ..agent.world import EVAL_POOL
 from ..config import BlockdiffError
-from ..decoding import SAMPLERS, start_decoding
+from ..decoding import DEFAULT_SAMPLER, SAMPLERS, DecodeSpec
 from ..decoding import options as sampler_options
+from ..decoding.engine import check_length
 from ..decoding.samplers import PLANS
 from ..model import BlockDiffLM
 from ..tokenizer import Tokenizer
@@ -54,7 +55,7 @@ class Server:
         model: BlockDiffLM,
         tokenizer: Tokenizer,
         name: str,
-        sampler: str = "fastdllm",
+        sampler: str = DEFAULT_SAMPLER,
         max_batch: int = 8,
         max_queue: int = 64,
         timeout: float = 300.0,
@@ -119,19 +120,16 @@ class Server:
             raise APIError(400, why, "prompt") from None
         opts = {**extra, "temperature": req.temperature, "top_p": req.top_p}
         opts = {k: v for k, v in opts.items() if v is not None}
+        seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
         try:
-            d = start_decoding(self.model, self.tok, [prompt], sampler, max_tokens, seed=0, **opts)
+            spec = DecodeSpec.build(self.model, sampler, max_tokens, seed, **opts)
+            check_length(self.model, len(self.tok.encode(prompt)), max_tokens)
         except (ValueError, TypeError, BlockdiffError) as e:
             raise APIError(400, str(e), _param(str(e), [*opts, "sampler"]), "invalid_value") from None
-        del d
-        seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
         return Job(
             prompt=prompt,
             n=req.n,
-            sampler=sampler,
-            options=opts,
-            max_new_tokens=max_tokens,
-            seed=seed,
+            spec=spec,
             stop=stop,
             deadline=time.monotonic() + self.timeout,
             emit=emit,

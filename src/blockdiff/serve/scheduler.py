@@ -15,7 +15,6 @@ next step (`Decoding.cancel`: the other rows are unaffected).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import threading
 import time
@@ -24,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..decoding import row_seeds, start_decoding
+from ..decoding import DecodeSpec, row_seeds, start_decoding
 from ..decoding.continuous import between_blocks, can_join, evict, join
 from ..decoding.engine import Decoding, StepEvent
 from ..model import BlockDiffLM
@@ -43,10 +42,7 @@ class Job:
 
     prompt: str
     n: int
-    sampler: str
-    options: dict[str, Any]
-    max_new_tokens: int
-    seed: int
+    spec: DecodeSpec  # checked when the request came in
     stop: list[str]
     deadline: float
     emit: Callable[[dict], None]
@@ -61,13 +57,13 @@ class Job:
     texts: list[str | None] = field(default_factory=list)
 
     @property
-    def key(self) -> tuple:
-        return (self.sampler, json.dumps(self.options, sort_keys=True), self.max_new_tokens)  # lists too
+    def key(self) -> DecodeSpec:
+        return self.spec.key  # what the rows of one canvas share: all but the seed
 
     @property
     def seeds(self) -> list[int]:
         # as generate(prompts=[prompt] * n, seed=seed): the same texts as a request alone
-        return row_seeds(self.seed, range(self.n))
+        return row_seeds(self.spec.seed, range(self.n))
 
 
 @dataclass
@@ -75,7 +71,7 @@ class Batch:
     jobs: list[Job]
     decoding: Decoding
     it: Any
-    key: tuple
+    key: DecodeSpec
 
 
 def emitter(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> Callable[[dict], None]:
@@ -239,9 +235,7 @@ class Scheduler:
             seeds += j.seeds
         j0 = jobs[0]
         try:
-            d = start_decoding(
-                self.model, self.tok, prompts, j0.sampler, j0.max_new_tokens, seed=seeds, **j0.options
-            )
+            d = start_decoding(self.model, self.tok, prompts, j0.spec, seed=seeds)
         except Exception as e:  # checked at submission; anything left is the server's fault
             if len(jobs) > 1:  # one bad request must not fail the others: start each alone
                 for j in jobs:
