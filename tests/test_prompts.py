@@ -4,8 +4,8 @@ training split; the accuracy checker; distillation refuses a model without a cha
 import pytest
 
 from blockdiff.config import ConfigError
-from blockdiff.data.distill import distill
 from blockdiff.data.prompts import QUESTIONS, chat_prompts, split_of
+from blockdiff.distill import distill
 from blockdiff.eval.questions import correct
 
 

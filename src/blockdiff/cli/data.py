@@ -19,7 +19,7 @@ def cmd_data_task(a: argparse.Namespace) -> int:
 
 
 def cmd_data_distill(a: argparse.Namespace) -> int:
-    from ..data.distill import distill
+    from ..distill import distill
 
     out = distill(a.model, a.out, a.n, a.max_new_tokens, a.batch_size, a.seq_len)
     print(f"self-distilled pairs -> {out}")

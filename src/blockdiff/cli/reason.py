@@ -42,6 +42,11 @@ def _scorers(a: argparse.Namespace) -> list:
     return [make_scorer(s, a.task, lambda p: load(a, p)) for s in a.scorer]
 
 
+def _stitching(a: argparse.Namespace) -> dict:
+    """How stitching picks steps: the same for the solver's training data and the evaluation."""
+    return {"threshold": a.stitch_threshold, "cap": a.cap, "agree": a.agree}
+
+
 def cmd_reason_prm_data(a: argparse.Namespace) -> int:
     from ..eval import tasks
     from ..reason import scorers, stitch
@@ -70,7 +75,7 @@ def cmd_reason_solver_data(a: argparse.Namespace) -> int:
     rolls = stitch.sample_rollouts(its, complete, a.rollouts, a.sep, seed)
     tok = diffusion[1]
     rows = stitch.solver_data(
-        its, rolls, scorer, a.sep, a.stitch_threshold, a.cap, a.agree, tok, a.max_prompt_tokens
+        its, rolls, scorer, a.sep, **_stitching(a), tok=tok, max_prompt_tokens=a.max_prompt_tokens
     )
     tasks.write_jsonl(rows, a.out)
     print(f"{len(rows)} stitched contexts ({scorer.name}) -> {a.out}")
@@ -106,13 +111,11 @@ def cmd_reason_stitch(a: argparse.Namespace) -> int:
         scorers,
         solver,
         a.sep,
-        a.stitch_threshold,
-        a.cap,
-        a.agree,
-        a.solver_tokens,
-        secs,
-        alone,
-        long,
+        **_stitching(a),
+        solver_tokens=a.solver_tokens,
+        rollout_seconds=secs,
+        alone=alone,
+        long=long,
     )
     rows = stitch.summary(res)
     if a.out:

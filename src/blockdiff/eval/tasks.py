@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -72,25 +73,30 @@ def items(name: str, n: int, seed: int = EVAL_SEED) -> list[Item]:
     check_task(name)
     if not 1 <= n <= EVAL_POOL:
         raise ValueError(f"--n must be between 1 and {EVAL_POOL} (the held-out pool), got {n}")
-    if name == "humaneval":
-        from .humaneval import load_problems
-
-        probs = load_problems()[:n]
-        return [Item(p["prompt"], p["canonical_solution"], p) for p in probs]
-    return _generate(name, n, seed)
+    return family(name).make(name, n, seed)
 
 
-def _generate(name: str, n: int, seed: int) -> list[Item]:
-    if name in CHAIN:
-        ds = _gym().create_dataset("countdown", size=n, seed=seed, **CHAIN[name])
-        es = [ds[i] for i in range(n)]
-        return [Item(_chain_prompt(e), _chain_answer(e), e) for e in es]
-    ds = _gym().create_dataset(DIGITS.get(name, name), size=n, seed=seed)
+def _gym_items(name: str, n: int, seed: int) -> list[Item]:
+    ds = _gym().create_dataset(name, size=n, seed=seed)
+    return [Item(prompt_text(e["question"]), e["answer"], e) for e in (ds[i] for i in range(n))]
+
+
+def _digits_items(name: str, n: int, seed: int) -> list[Item]:
+    ds = _gym().create_dataset(DIGITS[name], size=n, seed=seed)
+    flat = lambda grid: "".join(str(d) for row in grid for d in row)  # noqa: E731
     es = [ds[i] for i in range(n)]
-    if name in DIGITS:
-        flat = lambda grid: "".join(str(d) for row in grid for d in row)  # noqa: E731
-        return [Item(flat(e["metadata"]["puzzle"]) + "=", flat(e["metadata"]["solution"]), e) for e in es]
-    return [Item(prompt_text(e["question"]), e["answer"], e) for e in es]
+    return [Item(flat(e["metadata"]["puzzle"]) + "=", flat(e["metadata"]["solution"]), e) for e in es]
+
+
+def _chain_items(name: str, n: int, seed: int) -> list[Item]:
+    ds = _gym().create_dataset("countdown", size=n, seed=seed, **CHAIN[name])
+    return [Item(_chain_prompt(e), _chain_answer(e), e) for e in (ds[i] for i in range(n))]
+
+
+def _humaneval_items(name: str, n: int, seed: int) -> list[Item]:
+    from .humaneval import load_problems
+
+    return [Item(p["prompt"], p["canonical_solution"], p) for p in load_problems()[:n]]
 
 
 def _as_grid(digits: str, size: int) -> str:
@@ -150,10 +156,14 @@ def valid_steps(name: str, item: Item, steps: list[str]) -> list[bool]:
     """Whether each step of a partial solution is a true equation over numbers still available and
     leaves the target reachable; a step after an invalid one is invalid. Only tasks whose
     intermediate states are checkable have this (an oracle for upper bounds, never a result)."""
-    if name in DIGITS:
-        return _valid_rows(item, steps)
-    if name not in CHAIN:
+    check = family(name).steps
+    if check is None:
         raise ValueError(f"{name} has no checkable intermediate steps; tasks that do: {', '.join(STEPPED)}")
+    return check(item, steps)
+
+
+def _valid_equations(item: Item, steps: list[str]) -> list[bool]:
+    """Countdown chain: each step one equation over the numbers still available."""
     pool, target, out = list(item.entry["metadata"]["numbers"]), item.entry["metadata"]["target"], []
     for step in steps:
         m = _EQ.match(step)
@@ -241,28 +251,62 @@ def chain_expression(text: str, numbers: list[int]) -> str | None:
 
 
 def score(name: str, item: Item, completion: str) -> float:
-    if name in CHAIN:
-        expr = chain_expression(completion, item.entry["metadata"]["numbers"])
-        completion = expr if expr is not None else ""
-    if name == "humaneval":
-        from .humaneval import passes, truncate
+    return family(name).score(name, item, completion)
 
-        return float(passes(item.entry, truncate(completion)))
+
+def _gym_score(name: str, item: Item, completion: str) -> float:
     check = _gym().get_score_answer_fn(item.entry["metadata"]["source_dataset"])
-    if name in DIGITS:
-        completion = _as_grid(completion.strip(), len(item.entry["metadata"]["solution"]))
     return float(check(completion.strip(), entry=item.entry))
+
+
+def _digits_score(name: str, item: Item, completion: str) -> float:
+    grid = _as_grid(completion.strip(), len(item.entry["metadata"]["solution"]))
+    return _gym_score(name, item, grid)
+
+
+def _chain_score(name: str, item: Item, completion: str) -> float:
+    expr = chain_expression(completion, item.entry["metadata"]["numbers"])
+    return _gym_score(name, item, expr if expr is not None else "")
+
+
+def _humaneval_score(name: str, item: Item, completion: str) -> float:
+    from .humaneval import passes, truncate
+
+    return float(passes(item.entry, truncate(completion)))
+
+
+@dataclass(frozen=True)
+class Family:
+    """How a family of tasks makes its questions and checks an answer: a new task family is one
+    entry in `FAMILIES` (its item maker, its scorer, whether training data may be drawn)."""
+
+    make: Callable[[str, int, int], list[Item]]  # (task, n, seed) -> items
+    score: Callable[[str, Item, str], float]  # (task, item, completion) -> score in [0, 1]
+    trainable: bool = True
+    steps: Callable[[Item, list[str]], list[bool]] | None = None  # checks partial solutions
+
+
+GYM = Family(_gym_items, _gym_score)  # any other reasoning-gym task, its own prompt and checker
+FAMILIES: dict[str, Family] = {
+    **{name: Family(_digits_items, _digits_score, steps=_valid_rows) for name in DIGITS},
+    **{name: Family(_chain_items, _chain_score, steps=_valid_equations) for name in CHAIN},
+    "humaneval": Family(_humaneval_items, _humaneval_score, trainable=False),
+}
+
+
+def family(name: str) -> Family:
+    return FAMILIES.get(name, GYM)
 
 
 def training_items(name: str, n: int, seed: int = 0) -> list[Item]:
     """n distinct questions for training, none of them among the evaluation questions."""
-    if name == "humaneval":
-        raise ValueError("humaneval is an evaluation set only (164 problems): no training data")
+    if not family(name).trainable:
+        raise ValueError(f"{name} is an evaluation set only: no training data")
     held_out = {it.prompt for it in items(name, EVAL_POOL)}
     out: list[Item] = []
     got, size = set(), n
     for _ in range(20):  # reasoning-gym seeds item i with seed + i: each round takes fresh seeds
-        for it in _generate(name, size, seed):
+        for it in family(name).make(name, size, seed):
             if it.prompt not in held_out and it.prompt not in got and len(out) < n:
                 got.add(it.prompt)
                 out.append(it)

@@ -141,16 +141,25 @@ def _single_token(tok, s: str) -> int:
     return ids[0]
 
 
+def _oracle(task: str, where: str, load: Callable[[str], tuple[object, object]]) -> StepScorer:
+    if task not in T.STEPPED:
+        raise ValueError(f"{task} has no checkable intermediate steps; tasks that do: {', '.join(T.STEPPED)}")
+    return OracleScorer(task)
+
+
+# name -> (needs a model, factory(task, MODEL, load)): a new scorer is one entry
+SCORERS: dict[str, tuple[bool, Callable[..., StepScorer]]] = {
+    "oracle": (False, _oracle),
+    "logprob": (True, lambda task, where, load: LogProbScorer(*load(where))),
+    "prm": (True, lambda task, where, load: PRMScorer(*load(where))),
+}
+
+
 def make_scorer(spec: str, task: str, load: Callable[[str], tuple[object, object]]) -> StepScorer:
     """A scorer from its CLI spec: "oracle", "logprob:MODEL" or "prm:MODEL" (`load` opens MODEL)."""
     kind, _, where = spec.partition(":")
-    if kind == "oracle" and not where:
-        if task not in T.STEPPED:
-            raise ValueError(
-                f"{task} has no checkable intermediate steps; tasks that do: {', '.join(T.STEPPED)}"
-            )
-        return OracleScorer(task)
-    if kind in ("logprob", "prm") and where:
-        model, tok = load(where)
-        return LogProbScorer(model, tok) if kind == "logprob" else PRMScorer(model, tok)
-    raise ValueError(f"unknown scorer {spec!r}: use oracle, logprob:MODEL or prm:MODEL")
+    needs_model, make = SCORERS.get(kind, (None, None))
+    if make is None or needs_model != bool(where):
+        forms = ", ".join(f"{k}:MODEL" if m else k for k, (m, _) in SCORERS.items())
+        raise ValueError(f"unknown scorer {spec!r}: use {forms}")
+    return make(task, where, load)

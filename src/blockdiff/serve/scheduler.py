@@ -1,15 +1,16 @@
-"""One model, one worker thread, many requests: dynamic batching over the canvas loop.
+"""One model, one worker thread, many requests: dynamic and continuous batching over the canvas loop.
 
-Requests with the same decoding settings (sampler, options, max_new_tokens) that wait together
-start together as rows of one canvas; each row decodes exactly as it would alone (its own
-positions and random stream: the engine's batched = unbatched oracle), so batching never changes
-a text. A request that arrives while others run starts its own batch at once (up to `max_active`
-batches, stepped in turn, one forward each: an `ar` panel and a diffusion panel race on the same
-cores) and, when its sampler decodes blocks in lockstep (`Plan.joins`), joins a running batch of
-the same settings at the next block boundary both reach (`decoding/continuous.py`: continuous
-batching; a batch at a boundary waits a step or two for its partner to reach one). Rows of
-finished requests leave at boundaries. A cancelled or timed-out request frees its rows at the
-next step (`Decoding.cancel`: the other rows are unaffected).
+Requests with the same decoding settings (a `DecodeSpec` but its seed) that wait together start
+together as rows of one canvas; each row decodes as it would alone (its own positions and random
+stream: the engine's batched = unbatched oracle; bit for bit in float32, up to kernel rounding in
+bfloat16, docs/decisions.md). A request that arrives while others run starts its own batch at
+once (up to `max_active` batches, stepped in turn, one forward each: an `ar` panel and a
+diffusion panel race on the same cores; at most one such newcomer batch per setting, so that
+later arrivals gather) and, when its sampler decodes blocks in lockstep (`Plan.joins`), joins a
+running batch of the same settings at the next block boundary both reach
+(`decoding/continuous.py`; a batch at a boundary waits a step or two for its partner to reach
+one). Rows of finished requests leave at boundaries. A cancelled or timed-out request frees its
+rows at the next step (`Decoding.cancel`: the other rows are unaffected).
 """
 
 from __future__ import annotations
@@ -213,6 +214,10 @@ class Scheduler:
             group = next((g for g in groups if g[0].key == j.key), None)
             if group is None:
                 if len(self.active) + len(groups) >= self.max_active:
+                    continue
+                # one newcomer batch per setting beside the running one: later arrivals gather
+                # while it decodes its first block, then start together (fewer one-row forwards)
+                if sum(b.key == j.key for b in self.active) >= 2:
                     continue
                 group = []
                 groups.append(group)

@@ -14,9 +14,11 @@ import json
 import time
 from pathlib import Path
 
-from ..checkpoint import write_text_atomic
-from ..config import ConfigError
-from .prompts import chat_prompts
+from .checkpoint import write_text_atomic
+from .config import ConfigError
+from .data.prompts import chat_prompts
+from .decoding import generate
+from .models import load_model
 
 
 def distill(
@@ -29,9 +31,6 @@ def distill(
     dtype: str = "bfloat16",
     log=print,
 ) -> Path:
-    from ..decoding import generate
-    from ..models import load_model
-
     for name, v in (("--n", n), ("--max-new-tokens", max_new_tokens), ("--batch-size", batch_size),
                     ("--seq-len", seq_len)):  # fmt: skip
         if v < 1:
