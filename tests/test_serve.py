@@ -389,20 +389,16 @@ def test_a_failing_batch_fails_its_requests_not_the_server(monkeypatch):
             out = []
 
             async def drain():
-                while not out or out[-1]["type"] not in ("done", "error"):
+                while not out or out[-1].type not in ("done", "error"):
                     out.append(await asyncio.wait_for(q.get(), 60))
 
             loop.run_until_complete(drain())
             loop.close()
             return out
 
-        assert ask(True)[-1] == {
-            "type": "error",
-            "status": 500,
-            "message": "decoding failed: RuntimeError('boom')",
-        }
+        assert ask(True)[-1] == sch.Failed(500, "decoding failed: RuntimeError('boom')")
         monkeypatch.setattr(sch.Scheduler, "_denoise", real)
-        assert ask(False)[-1]["type"] == "done" and calls["n"] == 1
+        assert isinstance(ask(False)[-1], sch.Done) and calls["n"] == 1
     finally:
         s.stop()
 
@@ -435,7 +431,7 @@ def test_a_poisoned_request_leaves_its_batch_unharmed(monkeypatch):
 
         async def last(q):
             ev = None
-            while ev is None or ev["type"] not in ("done", "error"):
+            while ev is None or ev.type not in ("done", "error"):
                 ev = await asyncio.wait_for(q.get(), 60)
             return ev
 
@@ -443,10 +439,10 @@ def test_a_poisoned_request_leaves_its_batch_unharmed(monkeypatch):
     finally:
         s.stop()
         loop.close()
-    assert [e["type"] for e in ends] == ["done", "error", "done", "done"]
-    assert ends[1]["status"] == 500 and "poisoned row" in ends[1]["message"]
+    assert [e.type for e in ends] == ["done", "error", "done", "done"]
+    assert ends[1].status == 500 and "poisoned row" in ends[1].message
     want = generate(model, tok, ["ROMEO:"], "bd3", 8, seed=0).texts[0]
-    assert ends[0]["texts"] == [want]
+    assert ends[0].texts == [want]
 
 
 @pytest.mark.parametrize("sampler,options", [("ar", {}), ("bd3", {"block_size": 4, "order": "confidence"})])
@@ -484,7 +480,7 @@ def test_requests_join_a_running_batch_and_decode_as_alone(monkeypatch, sampler,
 
         async def last(q):
             ev = None
-            while ev is None or ev["type"] not in ("done", "error"):
+            while ev is None or ev.type not in ("done", "error"):
                 ev = await asyncio.wait_for(q.get(), 60)
             return ev
 
@@ -494,8 +490,8 @@ def test_requests_join_a_running_batch_and_decode_as_alone(monkeypatch, sampler,
         loop.close()
     assert joins, "no request joined the running batch"
     for (p, n, seed), end in zip(asks, ends, strict=True):
-        assert end["type"] == "done", end
-        assert end["texts"] == generate(model, tok, [p] * n, sampler, 40, seed=seed, **options).texts, p
+        assert end.type == "done", end
+        assert end.texts == generate(model, tok, [p] * n, sampler, 40, seed=seed, **options).texts, p
 
 
 # ---- agents: POST /v1/agent/run ----------------------------------------------------------------

@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
+from ..decoding.engine import check_length
+from ..decoding.request import DecodeSpec
 from .tools import Toolbox
 from .trajectory import OBSERVATION, Call, CallError, format_observation, parse_call, render, start_messages
 from .world import Task
@@ -170,8 +172,24 @@ class ModelPolicy:
     call: the server overrides it to go through its scheduler, the rest stays the same."""
 
     def __init__(self, model, tok, sampler: str = "ar", max_new_tokens: int = 96, seed: int = 0, **options):
-        self.model, self.tok, self.sampler = model, tok, sampler
-        self.max_new_tokens, self.seed, self.options = max_new_tokens, seed, options
+        self.model, self.tok = model, tok
+        self.spec = DecodeSpec.build(model, sampler, max_new_tokens, seed, **options)  # checked here
+
+    @property
+    def sampler(self) -> str:
+        return self.spec.sampler
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.spec.max_new_tokens
+
+    @property
+    def seed(self) -> int:
+        return self.spec.seed
+
+    @property
+    def options(self) -> dict:
+        return self.spec.kwargs
 
     def __call__(self, messages: list[dict[str, str]]) -> Reply:
         prompt = render(messages, self.tok)
@@ -187,22 +205,11 @@ class ModelPolicy:
     def decode(self, prompt: str, seed: int) -> Reply:
         from ..decoding import generate
 
-        out = generate(
-            self.model,
-            self.tok,
-            [prompt],
-            sampler=self.sampler,
-            max_new_tokens=self.max_new_tokens,
-            seed=seed,
-            **self.options,
-        )
+        out = generate(self.model, self.tok, [prompt], self.spec, seed=seed)
         row = out.rows[0]
         return Reply(out.texts[0], row.tokens, row.nfe)
 
     def check(self, messages: list[dict[str, str]]) -> None:
-        """Build (not run: no forward) the decode of `messages`, so a wrong sampler, option or
-        length is one clear error before a run instead of a failure record on every task."""
-        from ..decoding import start_decoding
-
-        prompt = render(messages, self.tok)
-        start_decoding(self.model, self.tok, [prompt], self.sampler, self.max_new_tokens, **self.options)
+        """The first prompt against the context (the options were checked when the policy was
+        made), so a run fails with one clear error instead of a failure record on every task."""
+        check_length(self.model, len(self.tok.encode(render(messages, self.tok))), self.max_new_tokens)

@@ -44,9 +44,10 @@ from ..agent.evaluate import DIFFUSION_SAMPLER, agent_options, agent_sampler
 from ..agent.loop import Policy, check_limits
 from ..agent.trajectory import render, start_messages
 from ..agent.world import EVAL_POOL, Task
+from ..config import BlockdiffError
 from .app import Server
 from .protocol import APIError, CompletionRequest
-from .scheduler import QueueFull, emitter
+from .scheduler import Done, Failed, QueueFull, emitter
 
 # completion fields that are not sampler options: an agent sets them itself
 RESERVED = set(CompletionRequest.model_fields) - {"temperature", "top_p"}
@@ -105,11 +106,11 @@ class ScheduledPolicy(ModelPolicy):
                     job.cancelled = True
                     raise APIError(499, "client closed the request") from None
                 continue
-            if ev["type"] == "error":
-                raise APIError(ev["status"], ev["message"])
-            if ev["type"] == "done":
-                stats = ev["stats"][0]
-                return Reply(ev["texts"][0], stats["tokens"], stats["nfe"])
+            if isinstance(ev, Failed):
+                raise APIError(ev.status, ev.message)
+            if isinstance(ev, Done):
+                stats = ev.stats[0]
+                return Reply(ev.texts[0], stats["tokens"], stats["nfe"])
 
 
 def prepare(server: Server, req: AgentRequest) -> tuple[Task, ScheduledPolicy]:
@@ -135,14 +136,12 @@ def prepare(server: Server, req: AgentRequest) -> tuple[Task, ScheduledPolicy]:
     own_ar = req.agent == "ar" and server.ar is not None
     name = req.model or (server.ar.name if own_ar else server.name)
     srv = server.route(name)
-    policy = ScheduledPolicy(
-        srv,
-        name,
-        sampler,
-        req.max_new_tokens,
-        req.seed,
-        **agent_options(req.agent, extra),
-    )
+    try:
+        policy = ScheduledPolicy(
+            srv, name, sampler, req.max_new_tokens, req.seed, **agent_options(req.agent, extra)
+        )
+    except (ValueError, TypeError, BlockdiffError) as e:  # the options, checked once
+        raise APIError(400, str(e), None, "invalid_value") from None
     prompt = render(start_messages(task.question.text), srv.tok)
     as_diffusion = policy.request(prompt, req.seed, diffusion, extra)
     as_diffusion = as_diffusion.model_copy(update={"model": server.name})

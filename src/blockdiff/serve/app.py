@@ -44,7 +44,7 @@ from .protocol import (
     _error,
     include_usage,
 )
-from .scheduler import Job, QueueFull, Scheduler, emitter
+from .scheduler import Delta, Denoised, Done, Failed, Finished, Job, QueueFull, Scheduler, Started, emitter
 
 STATIC = Path(__file__).parent / "static"
 
@@ -174,16 +174,16 @@ class Server:
                         job.cancelled = True
                         return _error(499, "client closed the request")
                     continue
-                if ev["type"] == "error":
-                    return _error(ev["status"], ev["message"])
-                if ev["type"] == "done":
+                if isinstance(ev, Failed):
+                    return _error(ev.status, ev.message)
+                if isinstance(ev, Done):
                     break
         except asyncio.CancelledError:
             job.cancelled = True
             raise
         choices = []
-        for i, (text, fin) in enumerate(zip(ev["texts"], ev["finish"], strict=True)):
-            c = {"index": i, "finish_reason": fin, "blockdiff": ev["stats"][i]}
+        for i, (text, fin) in enumerate(zip(ev.texts, ev.finish, strict=True)):
+            c = {"index": i, "finish_reason": fin, "blockdiff": ev.stats[i]}
             c.update(
                 {"message": {"role": "assistant", "content": text}}
                 if chat
@@ -197,7 +197,7 @@ class Server:
                 "created": created,
                 "model": self.name,
                 "choices": choices,
-                "usage": _usage(n_prompt, ev["stats"], ev["tokens"]),
+                "usage": _usage(n_prompt, ev.stats, ev.tokens),
             }
         )
 
@@ -222,29 +222,28 @@ class Server:
                 ]))  # fmt: skip
             while True:
                 ev = await queue.get()
-                t = ev["type"]
-                if t == "error":
-                    err = {"message": ev["message"], "type": "server_error", "code": ev["status"]}
+                if isinstance(ev, Failed):
+                    err = {"message": ev.message, "type": "server_error", "code": ev.status}
                     yield sse({"error": err})
                     return
-                if t in ("start", "denoise") and job.denoise:  # blockdiff's own, asked for by name
-                    yield sse(chunk([], blockdiff={k: v for k, v in ev.items()}))
-                elif t == "delta":
-                    d = {"content": ev["text"]} if chat else None
-                    c = {"index": ev["index"], "finish_reason": None}
-                    c.update({"delta": d} if chat else {"text": ev["text"], "logprobs": None})
+                if isinstance(ev, Started | Denoised) and job.denoise:  # blockdiff's own, by name
+                    yield sse(chunk([], blockdiff=ev.as_dict()))
+                elif isinstance(ev, Delta):
+                    d = {"content": ev.text} if chat else None
+                    c = {"index": ev.index, "finish_reason": None}
+                    c.update({"delta": d} if chat else {"text": ev.text, "logprobs": None})
                     yield sse(chunk([c]))
-                elif t == "finish":
+                elif isinstance(ev, Finished):
                     if held is not None:
                         yield sse(held)
-                    c = {"index": ev["index"], "finish_reason": ev["reason"]}
+                    c = {"index": ev.index, "finish_reason": ev.reason}
                     c.update({"delta": {}} if chat else {"text": "", "logprobs": None})
                     held = chunk([c])
-                elif t == "done":
+                elif isinstance(ev, Done):
                     if held is not None:
-                        yield sse({**held, "blockdiff": {"type": "done", "stats": ev["stats"]}})
+                        yield sse({**held, "blockdiff": {"type": "done", "stats": ev.stats}})
                     if usage:
-                        yield sse(chunk([], usage=_usage(n_prompt, ev["stats"], ev["tokens"])))
+                        yield sse(chunk([], usage=_usage(n_prompt, ev.stats, ev.tokens)))
                     yield {"data": "[DONE]"}
                     return
         finally:

@@ -21,8 +21,8 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
 
 from ..decoding import DecodeSpec, row_seeds, start_decoding
 from ..decoding.continuous import between_blocks, can_join, evict, join
@@ -31,6 +31,63 @@ from ..model import BlockDiffLM
 from ..tokenizer import Tokenizer
 
 log = logging.getLogger("blockdiff.serve")
+
+
+# ---- what a job hears (typed; `as_dict` is the wire form the page reads) -------------------------
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    type: ClassVar[str]
+
+    def as_dict(self) -> dict:
+        return {"type": self.type, **asdict(self)}
+
+
+@dataclass(frozen=True)
+class Started(JobEvent):
+    type: ClassVar[str] = "start"
+    canvas: list[int]  # new-token columns per row
+    notes: list[str]
+
+
+@dataclass(frozen=True)
+class Denoised(JobEvent):
+    type: ClassVar[str] = "denoise"
+    step: int
+    committed: list  # [row, column, text piece]
+    remasked: list  # [row, column]
+    nfe: list[int]
+
+
+@dataclass(frozen=True)
+class Delta(JobEvent):
+    type: ClassVar[str] = "delta"
+    index: int
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished(JobEvent):
+    type: ClassVar[str] = "finish"
+    index: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Done(JobEvent):
+    type: ClassVar[str] = "done"
+    texts: list[str]
+    finish: list[str]
+    stats: list[dict]
+    tokens: list[int]  # completion tokens of each returned text
+
+
+@dataclass(frozen=True)
+class Failed(JobEvent):
+    type: ClassVar[str] = "error"
+    status: int
+    message: str
 
 
 class QueueFull(Exception):
@@ -46,7 +103,7 @@ class Job:
     spec: DecodeSpec  # checked when the request came in
     stop: list[str]
     deadline: float
-    emit: Callable[[dict], None]
+    emit: Callable[[JobEvent], None]
     denoise: bool = False
     stream: bool = False
     cancelled: bool = False
@@ -75,7 +132,7 @@ class Batch:
     key: DecodeSpec
 
 
-def emitter(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> Callable[[dict], None]:
+def emitter(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> Callable[[JobEvent], None]:
     return lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev)
 
 
@@ -137,7 +194,7 @@ class Scheduler:
                     log.exception("scheduling failed")
                     new = []
                     for j in self.waiting:
-                        j.emit({"type": "error", "status": 500, "message": f"scheduling failed: {e!r}"})
+                        j.emit(Failed(500, f"scheduling failed: {e!r}"))
                     self.waiting.clear()
             for jobs in new:
                 self._start(jobs)
@@ -150,7 +207,7 @@ class Scheduler:
                     log.exception("decoding failed")
                     for j in b.jobs:
                         if any(f is None for f in j.finish):
-                            j.emit({"type": "error", "status": 500, "message": f"decoding failed: {e!r}"})
+                            j.emit(Failed(500, f"decoding failed: {e!r}"))
                     with self.cond:
                         self.active.remove(b)
             try:
@@ -229,7 +286,7 @@ class Scheduler:
 
     def _drop(self, j: Job) -> None:
         if not j.cancelled:
-            j.emit({"type": "error", "status": 504, "message": "request timed out before it was decoded"})
+            j.emit(Failed(504, "request timed out before it was decoded"))
 
     def _start(self, jobs: list[Job]) -> None:
         prompts, seeds = [], []
@@ -247,12 +304,12 @@ class Scheduler:
                     self._start([j])
                 return
             log.exception("could not start decoding")
-            j0.emit({"type": "error", "status": 500, "message": f"could not start decoding: {e}"})
+            j0.emit(Failed(500, f"could not start decoding: {e}"))
             return
         c = d.c
         for j in jobs:
             lengths = [int(c.valid[r, c.start[r] :].sum()) for r in j.rows]
-            j.emit({"type": "start", "canvas": lengths, "notes": d.notes})
+            j.emit(Started(lengths, d.notes))
         with self.cond:
             self.active.append(Batch(jobs, d, iter(d), j0.key))
 
@@ -264,7 +321,7 @@ class Scheduler:
                 for r in j.rows:
                     d.cancel(r)
                 if not j.cancelled:
-                    j.emit({"type": "error", "status": 504, "message": "request timed out"})
+                    j.emit(Failed(504, "request timed out"))
                 j.finish = ["cancelled" if f is None else f for f in j.finish]
         ev = next(b.it, None)
         self.steps += ev is not None
@@ -286,7 +343,7 @@ class Scheduler:
         com = [[idx[r], k - g[r], self._piece(t)] for r, k, t in ev.committed if r in idx and k >= g[r]]
         rem = [[idx[r], k - g[r]] for r, k in ev.remasked if r in idx]
         nfe = [ev.nfe[r] for r in j.rows]
-        j.emit({"type": "denoise", "step": ev.step, "committed": com, "remasked": rem, "nfe": nfe})
+        j.emit(Denoised(ev.step, com, rem, nfe))
 
     def _piece(self, t: int) -> str:
         return "" if t in (self.tok.eos_id, self.tok.pad_id) else self.tok.decode([t])
@@ -315,17 +372,17 @@ class Scheduler:
             else:
                 text = text[: len(text) - hold] if hold else text
             if j.stream and len(text) > len(j.sent[i]) and text.startswith(j.sent[i]):
-                j.emit({"type": "delta", "index": i, "text": text[len(j.sent[i]) :]})
+                j.emit(Delta(i, text[len(j.sent[i]) :]))
                 j.sent[i] = text
             if row_done:
-                j.emit({"type": "finish", "index": i, "reason": j.finish[i]})
+                j.emit(Finished(i, j.finish[i]))
         if all(f is not None for f in j.finish):
             stats = [s.as_dict() for s in (c.stats()[r] for r in j.rows)]
             counts = [
                 st["tokens"] - st["stopped_at_eos"] if j.infill else self._returned(d, r, t)
                 for r, t, st in zip(j.rows, j.texts, stats, strict=True)
             ]
-            j.emit({"type": "done", "texts": j.texts, "finish": j.finish, "stats": stats, "tokens": counts})
+            j.emit(Done(j.texts, j.finish, stats, counts))
 
     def _returned(self, d: Decoding, r: int, text: str) -> int:
         """Tokens of the text returned (OpenAI's completion_tokens): the row's generated tokens,
