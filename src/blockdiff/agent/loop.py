@@ -173,23 +173,9 @@ class ModelPolicy:
 
     def __init__(self, model, tok, sampler: str = "ar", max_new_tokens: int = 96, seed: int = 0, **options):
         self.model, self.tok = model, tok
-        self.spec = DecodeSpec.build(model, sampler, max_new_tokens, seed, **options)  # checked here
-
-    @property
-    def sampler(self) -> str:
-        return self.spec.sampler
-
-    @property
-    def max_new_tokens(self) -> int:
-        return self.spec.max_new_tokens
-
-    @property
-    def seed(self) -> int:
-        return self.spec.seed
-
-    @property
-    def options(self) -> dict:
-        return self.spec.kwargs
+        self.spec = s = DecodeSpec.build(model, sampler, max_new_tokens, seed, **options)  # checked here
+        self.sampler, self.max_new_tokens, self.seed = s.sampler, s.max_new_tokens, s.seed
+        self.options = s.kwargs
 
     def __call__(self, messages: list[dict[str, str]]) -> Reply:
         prompt = render(messages, self.tok)
