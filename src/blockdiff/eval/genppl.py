@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..decoding import decode_all
+from ..decoding import DecodeSpec, decode_all
 
 DEGENERATE_ENTROPY = 3.0  # nats; a sample below this is flagged (BD3-LM uses 4 on 256 tokens)
 
@@ -104,7 +104,8 @@ def evaluate(
     seed: int = 0,
     **kw,
 ) -> GenPPL:
-    texts, toks, rows, secs = decode_all(model, tok, prompts, sampler, max_new_tokens, batch_size, seed, **kw)
+    spec = DecodeSpec.build(model, sampler, max_new_tokens, seed, **kw)
+    texts, toks, rows, secs = decode_all(model, tok, prompts, spec, batch_size)
     nfes, ntok = [r.nfe for r in rows], sum(r.tokens for r in rows)
     keep = [j for j, t in enumerate(texts) if t.strip()]
     kept_prompts, kept = [prompts[j] for j in keep], [texts[j] for j in keep]

@@ -359,15 +359,14 @@ def evaluate_task(
     seed: int = 0,
     **kw,
 ) -> TaskResult:
-    from ..decoding import decode_all
+    from ..decoding import DecodeSpec, decode_all
 
     its = items(name, n)
     cfg = model.config
     rows = cfg.train_seq_len if cfg.train_seq_len and cfg.has_global_block else None
     new = max_new_tokens or canvas_length(tok, its, cfg.max_position_embeddings, rows)
-    texts, _, rows, secs = decode_all(
-        model, tok, [it.prompt for it in its], sampler, new, batch_size, seed, **kw
-    )
+    spec = DecodeSpec.build(model, sampler, new, seed, **kw)  # the length is the task's
+    texts, _, rows, secs = decode_all(model, tok, [it.prompt for it in its], spec, batch_size)
     scores = [score(name, it, text) if text.strip() else 0.0 for it, text in zip(its, texts, strict=True)]
     nfe = sum(r.nfe for r in rows)
     return TaskResult(

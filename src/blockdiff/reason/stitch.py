@@ -61,7 +61,7 @@ def diffusion_completer(model, tok, sampler: str, new_tokens: int | None, batch_
     1000003 + j), so a row's text never depends on the other rows of the call. A global-block model
     (MDLM-style) reads the canvas length as a cue, so by default its canvas ends where its
     training rows ended; rows are batched by prompt length for that."""
-    from ..decoding import decode_all
+    from ..decoding import DecodeSpec, decode_all
 
     cfg = model.config
     rows_len = cfg.train_seq_len if cfg.has_global_block and cfg.train_seq_len else None
@@ -77,9 +77,8 @@ def diffusion_completer(model, tok, sampler: str, new_tokens: int | None, batch_
                 raise ValueError(f"the prompt fills the model's {rows_len}-token rows: {p[:60]!r}")
             groups.setdefault(n, []).append(j)
         for n, js in groups.items():
-            texts, _, rows, _ = decode_all(
-                model, tok, [prompts[j] for j in js], sampler, n, batch_size, seed, index=js, **kw
-            )
+            spec = DecodeSpec.build(model, sampler, n, seed, **kw)
+            texts, _, rows, _ = decode_all(model, tok, [prompts[j] for j in js], spec, batch_size, index=js)
             for j, t, r in zip(js, texts, rows, strict=True):
                 out[j] = (t, r.nfe)
         return out  # type: ignore[return-value]
@@ -158,9 +157,10 @@ def solve(
     model, tok, prompts: list[str], new_tokens: int, batch_size: int = 32
 ) -> list[tuple[str, int, int]]:
     """The AR solver: greedy `ar` decoding; (text, generated tokens, NFEs) per prompt."""
-    from ..decoding import decode_all
+    from ..decoding import DecodeSpec, decode_all
 
-    texts, _, rows, _ = decode_all(model, tok, prompts, "ar", new_tokens, batch_size, 0, temperature=0.0)
+    spec = DecodeSpec.build(model, "ar", new_tokens, 0, temperature=0.0)
+    texts, _, rows, _ = decode_all(model, tok, prompts, spec, batch_size)
     return [(t, r.tokens, r.nfe) for t, r in zip(texts, rows, strict=True)]
 
 
