@@ -24,7 +24,7 @@ import torch
 from ..model import BlockDiffLM
 from ..tokenizer import Tokenizer
 from .canvas import Canvas, RowStats
-from .policies import Plan, sample
+from .policies import PROB, Plan, sample
 from .request import DecodeSpec
 from .runner import Runner
 from .samplers import PLANS, SAMPLERS, build_plan
@@ -106,7 +106,7 @@ class DenoiseStep:
             row_logits = logits[r, cols - q_lo]
             tok, conf = sample(row_logits, plan.temperature, plan.top_k, plan.top_p, self.gens[r], plan.score)
             keep = plan.commit.select(conf, self.step_in_region, int(self.masks_at_start[r]))
-            if plan.score != "prob":  # snapshot confidence is always the token's probability
+            if plan.score is not PROB:  # snapshot confidence is always the token's probability
                 conf = row_logits.double().softmax(-1).gather(-1, tok[:, None])[:, 0]
             if plan.expand is not None and plan.expand.grow(
                 c, r, region[0], conf[keep], self.extra, window.masks, plan.attn_block

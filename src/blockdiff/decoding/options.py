@@ -12,13 +12,14 @@ from collections.abc import Callable
 from typing import Any
 
 from ..config import did_you_mean
+from .policies import SCORES
 
 ALIASES = {"gen_length": "max_new_tokens", "block_length": "block_size", "alg": "order"}
 CHOICES = {
     "order": ("random", "confidence"),
     "remasking": ("low_confidence", "random"),
     "revise_by": ("snapshot", "random"),
-    "score": ("prob", "margin", "entropy", "random"),
+    "score": tuple(SCORES),
     "cache": ("none", "exact", "prefix", "dual"),
 }
 # samplers whose scoring is set by another option (so `score` would contradict it)

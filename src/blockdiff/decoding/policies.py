@@ -11,6 +11,7 @@ Cache refresh policies live with the cache, in `runner.py`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -143,19 +144,44 @@ def filter_logits(logits: Tensor, top_k: int | None, top_p: float | None) -> Ten
     return logits
 
 
+# ---- scoring: how confident the model is in a sampled token (what commit rules rank) -------------
+
+Score = Callable[[Tensor, Tensor, torch.Generator], Tensor]  # (probs [n, V], tokens [n], gen) -> [n]
+
+
+def _prob(probs: Tensor, tok: Tensor, gen: torch.Generator) -> Tensor:
+    return probs.gather(-1, tok[:, None])[:, 0]  # the chosen token's probability
+
+
+def _margin(probs: Tensor, tok: Tensor, gen: torch.Generator) -> Tensor:
+    top2 = probs.topk(2, -1).values
+    return top2[:, 0] - top2[:, 1]
+
+
+def _entropy(probs: Tensor, tok: Tensor, gen: torch.Generator) -> Tensor:
+    return (probs * probs.clamp_min(1e-300).log()).sum(-1)  # negative entropy
+
+
+def _random(probs: Tensor, tok: Tensor, gen: torch.Generator) -> Tensor:
+    return torch.rand(len(tok), generator=gen, dtype=torch.float64)
+
+
+SCORES: dict[str, Score] = {"prob": _prob, "margin": _margin, "entropy": _entropy, "random": _random}
+PROB = SCORES["prob"]
+
+
 def sample(
     logits: Tensor,
     temperature: float,
     top_k: int | None,
     top_p: float | None,
     gen: torch.Generator,
-    score: str,
+    score: Score,
 ) -> tuple[Tensor, Tensor]:
     """Tokens and confidences [n] for logits [n, V] of one row.
 
     Gumbel-max in float64 (as LLaDA does: float32 Gumbel noise visibly lowers quality);
-    temperature 0 is argmax. Confidence: 'prob' (probability of the chosen token under the
-    model), 'margin' (top1 - top2 probability), 'entropy' (negative entropy), 'random'.
+    temperature 0 is argmax. Confidence by `score` (one of `SCORES`).
     """
     probs = logits.double().softmax(-1)
     if temperature == 0:
@@ -164,18 +190,7 @@ def sample(
         u = torch.rand(logits.shape, generator=gen, dtype=torch.float64).clamp_(1e-300, 1.0)
         filtered = filter_logits(logits / temperature, top_k, top_p).double()
         tok = (filtered - torch.log(-torch.log(u))).argmax(-1)
-    if score == "prob":
-        conf = probs.gather(-1, tok[:, None])[:, 0]
-    elif score == "margin":
-        top2 = probs.topk(2, -1).values
-        conf = top2[:, 0] - top2[:, 1]
-    elif score == "entropy":
-        conf = (probs * probs.clamp_min(1e-300).log()).sum(-1)
-    elif score == "random":
-        conf = torch.rand(len(tok), generator=gen, dtype=torch.float64)
-    else:
-        raise ValueError(f"unknown score '{score}' (known: prob, margin, entropy, random)")
-    return tok, conf
+    return tok, score(probs, tok, gen)
 
 
 # ---- commit rules ------------------------------------------------------------------------------
@@ -284,7 +299,7 @@ class Revise:
             draft.commit.for_revision(),
             B,
             "none",
-            score="prob",
+            score=PROB,
             temperature=draft.temperature,
             top_k=draft.top_k,
             top_p=draft.top_p,
@@ -302,7 +317,7 @@ class Plan:
     attn_block: int | None  # block-causal attention block; None = full attention
     cache: str = "none"
     refresh: Refresh | None = None  # prefix/dual: when the runner refreshes (runner.py)
-    score: str = "prob"
+    score: Score = PROB  # one of SCORES
     temperature: float = 0.0
     top_k: int | None = None
     top_p: float | None = None

@@ -14,6 +14,7 @@ from ..config import did_you_mean
 from ..model import BlockDiffLM
 from . import options
 from .policies import (
+    SCORES,
     BlockWindow,
     Expand,
     Factor,
@@ -86,7 +87,7 @@ def plan_bd3(
     **kw,
 ) -> Plan:
     B = block_size or _default_block(model)
-    score = "random" if order == "random" else "prob"
+    score = SCORES["random" if order == "random" else "prob"]
     return Plan(
         BlockWindow(B),
         _commit(threshold, None, steps or B),
@@ -110,7 +111,7 @@ def plan_mdlm(
         TopK(steps),  # default: one token per step (blanks included when infilling)
         attn,
         cache,
-        score="random",
+        score=SCORES["random"],
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
@@ -138,7 +139,7 @@ def plan_llada(
     if steps is not None and steps % n_blocks:
         raise ValueError(f"llada: steps {steps} must be a multiple of the number of blocks {n_blocks}")
     attn, cache = _full_attention_cache(model, cache, notes, B)
-    score = "random" if remasking == "random" else "prob"
+    score = SCORES["random" if remasking == "random" else "prob"]
     return Plan(
         BlockWindow(B),
         TopK(None if steps is None else steps // n_blocks),
@@ -302,6 +303,8 @@ def build_plan(
     if mine:
         notes.append(f"{sampler}: this model's defaults " + ", ".join(f"{k}={v}" for k, v in mine.items()))
         kwargs = {**kwargs, **options.check(sampler, mine, allowed)}
+    if "score" in kwargs:  # the option names a scoring; the plan holds the function
+        kwargs = {**kwargs, "score": SCORES[kwargs["score"]]}
     plan = PLANS[sampler](model, max_new_tokens, notes, **kwargs)
     grid = plan.window.grid_size()
     if grid is not None and grid > max_new_tokens > 0:
