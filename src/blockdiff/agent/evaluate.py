@@ -16,8 +16,9 @@ from statistics import fmean
 from typing import Any
 
 from ..decoding.request import DEFAULT_SAMPLER
-from .loop import AgentResult, Policy, run_agent
+from .loop import AgentResult, ModelPolicy, Policy, run_agent
 from .tasks import make_task
+from .trajectory import start_messages
 from .world import EVAL_POOL
 
 AGENTS = ("ar", "diffusion")
@@ -71,6 +72,27 @@ def agent_options(agent: str, options: Mapping[str, Any]) -> dict[str, Any]:
     if agent == "ar":
         return {k: v for k, v in options.items() if k in SHARED_OPTIONS}
     return dict(options)
+
+
+def model_policies(
+    models: Mapping[str, tuple[Any, Any]],
+    sampler: str,
+    max_new_tokens: int,
+    seed: int,
+    options: Mapping[str, Any],
+) -> tuple[dict[str, Policy], dict[str, dict[str, Any]]]:
+    """Both agents on their (model, tokenizer): the AR agent decodes with `ar` and the shared
+    options, the diffusion agent with `sampler` and all of them; each policy checked on the
+    first held-out task's prompt before anything runs. Returns the policies and their settings."""
+    first = start_messages(make_task("eval", 0).question.text)
+    policies: dict[str, Policy] = {}
+    settings: dict[str, dict[str, Any]] = {}
+    for agent in AGENTS:
+        name, opts = agent_sampler(agent, sampler), agent_options(agent, options)
+        policy = ModelPolicy(*models[agent], name, max_new_tokens, seed, **opts)
+        policy.check(first)
+        policies[agent], settings[agent] = policy, {"sampler": name, "options": opts}
+    return policies, settings
 
 
 def evaluate_agents(

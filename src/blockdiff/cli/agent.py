@@ -56,10 +56,8 @@ def cmd_agent_run(a: argparse.Namespace) -> int:
 def cmd_agent_eval(a: argparse.Namespace) -> int:
     """The AR agent and the diffusion agent on held-out tasks eval:0..n-1, interleaved task by task."""
     from .. import models
-    from ..agent import ModelPolicy, make_task
     from ..agent import evaluate as ev
     from ..agent.loop import check_limits
-    from ..agent.trajectory import start_messages
 
     ev.check_eval_n(a.n)
     check_limits(max_rounds=a.max_rounds, max_tokens=a.max_tokens, max_new_tokens=a.max_new_tokens)
@@ -68,16 +66,14 @@ def cmd_agent_eval(a: argparse.Namespace) -> int:
     kw = sampler_kwargs(a)
     seed = kw.pop("seed", 0)
     names = {"ar": a.ar_model or a.model, "diffusion": a.diffusion_model or a.model}
-    samplers = {agent: ev.agent_sampler(agent, a.sampler) for agent in ev.AGENTS}
+    ev.agent_sampler("diffusion", a.sampler)  # before any model loads
     loaded: dict = {}
-    policies, settings = {}, {}
-    for agent, sampler in samplers.items():
-        opts = ev.agent_options(agent, kw)
-        if names[agent] not in loaded:  # one model object when both agents use the same weights
-            loaded[names[agent]] = load(a, names[agent])
-        policies[agent] = ModelPolicy(*loaded[names[agent]], sampler, a.max_new_tokens, seed, **opts)
-        policies[agent].check(start_messages(make_task("eval", 0).question.text))
-        settings[agent] = {"model": names[agent] or models.DEFAULT, "sampler": sampler, "options": opts}
+    for name in names.values():  # one model object when both agents use the same weights
+        loaded[name] = loaded.get(name) or load(a, name)
+    policies, settings = ev.model_policies(
+        {agent: loaded[names[agent]] for agent in ev.AGENTS}, a.sampler, a.max_new_tokens, seed, kw
+    )
+    settings = {agent: {"model": names[agent] or models.DEFAULT, **s} for agent, s in settings.items()}
     where = ev.machine(next(iter(loaded.values()))[0])
     out = sys.stderr if a.json else sys.stdout
     print(

@@ -84,7 +84,6 @@ def cmd_reason_solver_data(a: argparse.Namespace) -> int:
 
 def cmd_reason_stitch(a: argparse.Namespace) -> int:
     import platform
-    import time
 
     from ..eval import tasks
     from ..reason import stitch
@@ -94,28 +93,24 @@ def cmd_reason_stitch(a: argparse.Namespace) -> int:
     scorers = _scorers(a)
     solver = load(a, a.solver) if a.solver else None
     alone = load(a, a.ar_model) if a.ar_model else None
-    t = time.perf_counter()
-    rolls = stitch.sample_rollouts(its, complete, a.rollouts, a.sep, seed)
-    secs = time.perf_counter() - t
     long = None
     if a.long_steps:  # the reference cost: one greedy rollout with this many steps
         kw = {**sampler_kwargs(a), "steps": a.long_steps, "temperature": 0.0}
         kw.pop("seed", None)
-        one = stitch.diffusion_completer(*diffusion, a.sampler, a.new_tokens, a.batch_size, **kw)
-        t = time.perf_counter()
-        long = ([r[0] for r in stitch.sample_rollouts(its, one, 1, a.sep, seed)], time.perf_counter() - t)
-    res = stitch.evaluate_stitching(
+        long = stitch.diffusion_completer(*diffusion, a.sampler, a.new_tokens, a.batch_size, **kw)
+    res = stitch.run_stitching(
         a.task,
         its,
-        rolls,
+        complete,
+        a.rollouts,
+        a.sep,
+        seed,
         scorers,
         solver,
-        a.sep,
-        **_stitching(a),
-        solver_tokens=a.solver_tokens,
-        rollout_seconds=secs,
+        long_complete=long,
         alone=alone,
-        long=long,
+        solver_tokens=a.solver_tokens,
+        **_stitching(a),
     )
     rows = stitch.summary(res)
     if a.out:

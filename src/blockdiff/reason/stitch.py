@@ -164,6 +164,34 @@ def solve(
     return [(t, r.tokens, r.nfe) for t, r in zip(texts, rows, strict=True)]
 
 
+def run_stitching(
+    task: str,
+    its: Sequence[T.Item],
+    complete: Complete,
+    n_rollouts: int,
+    sep: str,
+    seed: int,
+    scorers: Sequence[StepScorer],
+    solver: tuple[object, object] | None,
+    *,
+    long_complete: Complete | None = None,
+    **settings,
+) -> dict[str, list[Record]]:
+    """Sample -> Score -> Stitch -> Refine on `its`, every method on the same rollouts, with the
+    rollouts' wall time and (`long_complete`: one greedy long rollout per question) the
+    reference cost; `settings` as for `evaluate_stitching`."""
+    t = time.perf_counter()
+    rolls = sample_rollouts(its, complete, n_rollouts, sep, seed)
+    secs = time.perf_counter() - t
+    long = None
+    if long_complete is not None:
+        t = time.perf_counter()
+        long = ([r[0] for r in sample_rollouts(its, long_complete, 1, sep, seed)], time.perf_counter() - t)
+    return evaluate_stitching(
+        task, its, rolls, scorers, solver, sep, rollout_seconds=secs, long=long, **settings
+    )
+
+
 def evaluate_stitching(
     task: str,
     its: Sequence[T.Item],
