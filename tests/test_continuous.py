@@ -116,3 +116,22 @@ def test_decode_spec_is_checked_once_and_groups_by_all_but_the_seed(make_model, 
     want = generate(m, tok, PROMPTS[:2], "bd3", 16, seed=3, **kw)
     got = generate(m, tok, PROMPTS[:2], a)
     assert got.tokens == want.tokens and [r.nfe for r in got.rows] == [r.nfe for r in want.rows]
+
+
+def test_decode_spec_whose_length_a_task_decides(make_model, tok):
+    from blockdiff.decoding import DecodeSpec
+    from blockdiff.decoding.request import as_spec
+
+    m = make_model(tok)
+    later = DecodeSpec.build(m, "llada", None, 5, block_size=4, steps=8)  # names and values now
+    with pytest.raises(ValueError, match="did you mean"):
+        DecodeSpec.build(m, "llada", None, stepz=8)
+    with pytest.raises(ValueError, match="must be a multiple"):  # the length-dependent rest later
+        later.with_length(m, 12)
+    spec = later.with_length(m, 16)
+    assert spec.max_new_tokens == 16 and spec.seed == 5 and spec.length(m, 99) is spec
+    want = generate(m, tok, PROMPTS[:1], "llada", 16, seed=5, block_size=4, steps=8)
+    assert generate(m, tok, PROMPTS[:1], spec).tokens == want.tokens
+    assert as_spec(m, spec, None, 0, {}) is spec
+    with pytest.raises(TypeError, match="belong in the DecodeSpec"):
+        as_spec(m, spec, None, 0, {"steps": 4})

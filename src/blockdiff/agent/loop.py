@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from ..decoding.engine import check_length
-from ..decoding.request import DecodeSpec
+from ..decoding.request import DecodeSpec, as_spec
 from .tools import Toolbox
 from .trajectory import OBSERVATION, Call, CallError, format_observation, parse_call, render, start_messages
 from .world import Task
@@ -171,9 +171,13 @@ class ModelPolicy:
     fits the model's context raises `ContextLimit` (a failure record). `decode` is the one model
     call: the server overrides it to go through its scheduler, the rest stays the same."""
 
-    def __init__(self, model, tok, sampler: str = "ar", max_new_tokens: int = 96, seed: int = 0, **options):
+    def __init__(
+        self, model, tok, sampler: str | DecodeSpec = "ar", max_new_tokens: int = 96, seed: int = 0, **options
+    ):
         self.model, self.tok = model, tok
-        self.spec = s = DecodeSpec.build(model, sampler, max_new_tokens, seed, **options)  # checked here
+        if isinstance(sampler, DecodeSpec):  # a face's checked request
+            max_new_tokens = sampler.max_new_tokens or max_new_tokens
+        self.spec = s = as_spec(model, sampler, max_new_tokens, seed, options)  # checked here
         self.sampler, self.max_new_tokens, self.seed = s.sampler, s.max_new_tokens, s.seed
         self.options = s.kwargs
 

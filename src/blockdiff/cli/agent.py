@@ -10,7 +10,7 @@ from pathlib import Path
 from ..checkpoint import resolve
 from ..config import ConfigError
 from ..decoding.samplers import SAMPLERS
-from .common import decode_args, load, sampler_kwargs
+from .common import decode_args, decode_spec, load, sampler_kwargs
 
 
 def cmd_agent_data(a: argparse.Namespace) -> int:
@@ -30,8 +30,7 @@ def cmd_agent_run(a: argparse.Namespace) -> int:
 
     task = make_task("eval", a.task_seed)
     model, tok = load(a, a.model)
-    kw = sampler_kwargs(a)
-    policy = ModelPolicy(model, tok, a.sampler, a.max_new_tokens, kw.pop("seed", 0), **kw)
+    policy = ModelPolicy(model, tok, decode_spec(a, model, a.max_new_tokens))
     out = sys.stderr if a.json else sys.stdout
     print(f"task {task.id}: {task.question.text}", file=out)
 

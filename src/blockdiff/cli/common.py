@@ -23,9 +23,10 @@ def sampler_kwargs(a: argparse.Namespace) -> dict:
     return kw
 
 
-def decode_spec(a: argparse.Namespace, model, max_new_tokens: int) -> DecodeSpec:
-    """The command's decode request, checked once against the model before any decoding."""
-    kw = sampler_kwargs(a)
+def decode_spec(a: argparse.Namespace, model, max_new_tokens: int | None, **defaults) -> DecodeSpec:
+    """The command's decode request, checked once against the model before any decoding
+    (`max_new_tokens=None`: the feature decides the length; `defaults` where the user is silent)."""
+    kw = {**defaults, **sampler_kwargs(a)}
     seed = kw.pop("seed", 0)
     return DecodeSpec.build(model, a.sampler, max_new_tokens, seed, **kw)
 

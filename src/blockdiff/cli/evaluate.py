@@ -6,7 +6,7 @@ import argparse
 import json
 
 from ..config import ConfigError
-from .common import decode_args, load, sampler_kwargs
+from .common import decode_args, decode_spec, load
 
 
 def cmd_eval_genppl(a: argparse.Namespace) -> int:
@@ -21,10 +21,8 @@ def cmd_eval_genppl(a: argparse.Namespace) -> int:
     corpus, source = (a.corpus, "--corpus") if a.corpus else genppl.trained_corpus(a.model)
     prompts, real = genppl.corpus_prompts(tok, corpus, a.num_samples, a.prompt_tokens, a.max_new_tokens)
     ref, ref_tok = load_reference(a.evaluator)
-    kw = sampler_kwargs(a)
-    res = genppl.evaluate(
-        model, tok, ref, ref_tok, prompts, a.sampler, a.max_new_tokens, batch_size=a.batch_size, **kw
-    )
+    spec = decode_spec(a, model, a.max_new_tokens)
+    res = genppl.evaluate(model, tok, ref, ref_tok, prompts, spec, a.max_new_tokens, batch_size=a.batch_size)
     real_ppl = genppl.reference_row(ref, ref_tok, prompts, real)
     row = {
         "sampler": a.sampler,
@@ -49,9 +47,8 @@ def cmd_eval_task(a: argparse.Namespace) -> int:
 
     check_task(a.task)
     model, tok = load(a, a.model)
-    kw = sampler_kwargs(a)
-    seed = kw.pop("seed", 0)
-    res = evaluate_task(model, tok, a.task, a.sampler, a.n, a.max_new_tokens, a.batch_size, seed=seed, **kw)
+    spec = decode_spec(a, model, a.max_new_tokens)
+    res = evaluate_task(model, tok, a.task, spec, a.n, batch_size=a.batch_size)
     row = as_dict(res)
     if a.json:
         print(json.dumps(row))

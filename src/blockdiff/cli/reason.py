@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError
-from .common import decode_args, load, sampler_kwargs
+from .common import decode_args, decode_spec, load, sampler_kwargs
 
 
 def _reason_setup(a: argparse.Namespace):
@@ -28,12 +28,10 @@ def _reason_setup(a: argparse.Namespace):
     if not a.model:
         raise ConfigError("--model: the diffusion model that writes the rollouts")
     model, tok = load(a, a.model)
-    kw = sampler_kwargs(a)
-    seed = kw.pop("seed", 0)
-    if a.sampler == "llada":  # one block = the canvas unless told: canvases differ per prompt here
-        kw.setdefault("block_size", 1 << 20)
-    complete = stitch.diffusion_completer(model, tok, a.sampler, a.new_tokens, a.batch_size, **kw)
-    return complete, seed, (model, tok)
+    # llada: one block = the canvas unless told (canvases differ per prompt here)
+    spec = decode_spec(a, model, None, **({"block_size": 1 << 20} if a.sampler == "llada" else {}))
+    complete = stitch.diffusion_completer(model, tok, spec, a.new_tokens, a.batch_size)
+    return complete, spec.seed, (model, tok)
 
 
 def _scorers(a: argparse.Namespace) -> list:

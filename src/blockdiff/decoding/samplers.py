@@ -280,11 +280,11 @@ PLANS: dict[str, Callable[..., Plan]] = {
 SAMPLERS = tuple(PLANS)
 
 
-def build_plan(
-    model: BlockDiffLM, sampler: str, max_new_tokens: int, notes: list[str], kwargs: dict[str, Any]
-) -> Plan:
-    """The plan of a named sampler with its options checked (unknown names and values are errors
-    listing the allowed ones); what the plan needs to say goes in `notes`."""
+def check_options(
+    model: BlockDiffLM, sampler: str, kwargs: dict[str, Any], notes: list[str]
+) -> dict[str, Any]:
+    """The sampler's name and options checked (unknown names and values are errors listing the
+    allowed ones), the model's own defaults added: what does not depend on the length."""
     if sampler not in PLANS:
         hint = did_you_mean(sampler, SAMPLERS)
         raise ValueError(f"unknown sampler '{sampler}'{hint}; known samplers: {', '.join(SAMPLERS)}")
@@ -303,6 +303,15 @@ def build_plan(
     if mine:
         notes.append(f"{sampler}: this model's defaults " + ", ".join(f"{k}={v}" for k, v in mine.items()))
         kwargs = {**kwargs, **options.check(sampler, mine, allowed)}
+    return kwargs
+
+
+def build_plan(
+    model: BlockDiffLM, sampler: str, max_new_tokens: int, notes: list[str], kwargs: dict[str, Any]
+) -> Plan:
+    """The plan of a named sampler with its options checked (`check_options`) for this length;
+    what the plan needs to say goes in `notes`."""
+    kwargs = check_options(model, sampler, kwargs, notes)
     if "score" in kwargs:  # the option names a scoring; the plan holds the function
         kwargs = {**kwargs, "score": SCORES[kwargs["score"]]}
     plan = PLANS[sampler](model, max_new_tokens, notes, **kwargs)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..decoding import DecodeSpec, decode_all
+from ..decoding.request import as_spec
 
 DEGENERATE_ENTROPY = 3.0  # nats; a sample below this is flagged (BD3-LM uses 4 on 256 tokens)
 
@@ -96,7 +97,7 @@ def evaluate(
     ref_model,
     ref_tok,
     prompts: list[str],
-    sampler: str,
+    sampler: str | DecodeSpec,
     max_new_tokens: int,
     batch_size: int = 8,
     score_window: int = 1024,
@@ -104,7 +105,7 @@ def evaluate(
     seed: int = 0,
     **kw,
 ) -> GenPPL:
-    spec = DecodeSpec.build(model, sampler, max_new_tokens, seed, **kw)
+    spec = as_spec(model, sampler, max_new_tokens, seed, kw)
     texts, toks, rows, secs = decode_all(model, tok, prompts, spec, batch_size)
     nfes, ntok = [r.nfe for r in rows], sum(r.tokens for r in rows)
     keep = [j for j, t in enumerate(texts) if t.strip()]

@@ -13,10 +13,14 @@ import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..checkpoint import atomic_file
 from ..config import did_you_mean
 from ..data.prompts import EVAL_POOL, EVAL_SEED
+
+if TYPE_CHECKING:
+    from ..decoding.request import DecodeSpec
 
 # Sudoku in the layout of Ye et al. (2025): the grid's digits row by row (0 = blank), "=", and the
 # solved grid's digits; same puzzles and checker as the reasoning-gym task it is named after.
@@ -352,26 +356,28 @@ def evaluate_task(
     model,
     tok,
     name: str,
-    sampler: str,
+    sampler: str | DecodeSpec,
     n: int = 50,
     max_new_tokens: int | None = None,
     batch_size: int = 8,
     seed: int = 0,
     **kw,
 ) -> TaskResult:
-    from ..decoding import DecodeSpec, decode_all
+    from ..decoding import decode_all
+    from ..decoding.request import as_spec
 
+    spec = as_spec(model, sampler, max_new_tokens, seed, kw)
     its = items(name, n)
     cfg = model.config
     rows = cfg.train_seq_len if cfg.train_seq_len and cfg.has_global_block else None
-    new = max_new_tokens or canvas_length(tok, its, cfg.max_position_embeddings, rows)
-    spec = DecodeSpec.build(model, sampler, new, seed, **kw)  # the length is the task's
+    if spec.max_new_tokens is None:  # the task decides the canvas
+        spec = spec.with_length(model, canvas_length(tok, its, cfg.max_position_embeddings, rows))
     texts, _, rows, secs = decode_all(model, tok, [it.prompt for it in its], spec, batch_size)
     scores = [score(name, it, text) if text.strip() else 0.0 for it, text in zip(its, texts, strict=True)]
     nfe = sum(r.nfe for r in rows)
     return TaskResult(
         task=name,
-        sampler=sampler,
+        sampler=spec.sampler,
         n=len(its),
         accuracy=sum(s == 1.0 for s in scores) / len(scores),
         mean_score=sum(scores) / len(scores),

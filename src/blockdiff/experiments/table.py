@@ -233,13 +233,13 @@ class TaskRows:
         return str(data.resolve())
 
     def row(self, model, tok, sampler: str, kw: dict, results: dict) -> dict:
+        from ..decoding import DecodeSpec
         from ..eval.tasks import evaluate_task
 
         ev = self.ev
-        seed = kw.pop("seed", ev.seed)
-        r = evaluate_task(
-            model, tok, ev.task, sampler, ev.n, ev.max_new_tokens, ev.batch_size, seed=seed, **kw
-        )
+        options = {k: v for k, v in kw.items() if k != "seed"}
+        spec = DecodeSpec.build(model, sampler, ev.max_new_tokens, kw.get("seed", ev.seed), **options)
+        r = evaluate_task(model, tok, ev.task, spec, ev.n, batch_size=ev.batch_size)
         return {
             "accuracy": round(r.accuracy, 4),
             "mean_score": round(r.mean_score, 4),

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
+from ..decoding.request import DecodeSpec, as_spec
 from ..eval import tasks as T
 from .scorers import PRM_BAD, PRM_GOOD, StepScorer, prm_prompt
 from .steps import Complete, Rollout, _glue, best_path, join_steps, majority, split_steps
@@ -56,13 +57,16 @@ def fit_lines(
     return lines
 
 
-def diffusion_completer(model, tok, sampler: str, new_tokens: int | None, batch_size: int, **kw) -> Complete:
+def diffusion_completer(
+    model, tok, sampler: str | DecodeSpec, new_tokens: int | None, batch_size: int, **kw
+) -> Complete:
     """Decode prompts with a diffusion sampler. Prompt j gets its own random stream (seed *
     1000003 + j), so a row's text never depends on the other rows of the call. A global-block model
     (MDLM-style) reads the canvas length as a cue, so by default its canvas ends where its
     training rows ended; rows are batched by prompt length for that."""
-    from ..decoding import DecodeSpec, decode_all
+    from ..decoding import decode_all
 
+    base = as_spec(model, sampler, None, 0, kw)  # the length per prompt group, the seed per call
     cfg = model.config
     rows_len = cfg.train_seq_len if cfg.has_global_block and cfg.train_seq_len else None
     if new_tokens is None and rows_len is None:
@@ -77,7 +81,7 @@ def diffusion_completer(model, tok, sampler: str, new_tokens: int | None, batch_
                 raise ValueError(f"the prompt fills the model's {rows_len}-token rows: {p[:60]!r}")
             groups.setdefault(n, []).append(j)
         for n, js in groups.items():
-            spec = DecodeSpec.build(model, sampler, n, seed, **kw)
+            spec = replace(base.with_length(model, n), seed=seed)
             texts, _, rows, _ = decode_all(model, tok, [prompts[j] for j in js], spec, batch_size, index=js)
             for j, t, r in zip(js, texts, rows, strict=True):
                 out[j] = (t, r.nfe)
@@ -157,7 +161,7 @@ def solve(
     model, tok, prompts: list[str], new_tokens: int, batch_size: int = 32
 ) -> list[tuple[str, int, int]]:
     """The AR solver: greedy `ar` decoding; (text, generated tokens, NFEs) per prompt."""
-    from ..decoding import DecodeSpec, decode_all
+    from ..decoding import decode_all
 
     spec = DecodeSpec.build(model, "ar", new_tokens, 0, temperature=0.0)
     texts, _, rows, _ = decode_all(model, tok, prompts, spec, batch_size)
