@@ -25,7 +25,7 @@ from ..model import BlockDiffLM
 from ..tokenizer import Tokenizer
 from .canvas import Canvas, RowStats
 from .policies import PROB, Plan, sample
-from .request import DecodeSpec
+from .request import DEFAULT_SAMPLER, DecodeSpec
 from .runner import Runner
 from .samplers import PLANS, SAMPLERS, build_plan
 from .speculative import SpecStep
@@ -253,7 +253,7 @@ def start_decoding(
     model: BlockDiffLM,
     tokenizer: Tokenizer,
     prompts: list[str] | str,
-    sampler: str | DecodeSpec = "bd3",
+    sampler: str | DecodeSpec = DEFAULT_SAMPLER,
     max_new_tokens: int = 64,
     seed: int | list[int] | None = None,
     trace: bool = False,
@@ -298,7 +298,7 @@ def generate(
     model: BlockDiffLM,
     tokenizer: Tokenizer,
     prompts: list[str] | str,
-    sampler: str | DecodeSpec = "bd3",
+    sampler: str | DecodeSpec = DEFAULT_SAMPLER,
     max_new_tokens: int = 64,
     seed: int | list[int] | None = None,
     trace: bool = False,
