@@ -110,6 +110,7 @@ if __name__ == "__main__":
     ap.add_argument("--lengths", default="16,32,64")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--hostile", action="store_true", help="mix hostile requests into the concurrent pass")
+    ap.add_argument("--repeat", type=int, default=1, help="concurrent passes (RSS after each)")
     args = ap.parse_args()
     lengths = [int(x) for x in args.lengths.split(",")]
     prompts = chat_prompts("heldout")
@@ -129,8 +130,11 @@ if __name__ == "__main__":
         port = int(url.rsplit(":", 1)[1])
         seq, seq_wall = run(url, args.model, prompts, lengths, 1, args.n)
         rss0 = rss_mb(port)
-        con, con_wall = run(url, args.model, prompts, lengths, args.concurrency, args.n, args.hostile)
-        rss1 = rss_mb(port)
+        rss = []
+        for _ in range(args.repeat):  # the last pass is the one reported; RSS after each
+            con, con_wall = run(url, args.model, prompts, lengths, args.concurrency, args.n, args.hostile)
+            rss.append(rss_mb(port))
+        rss1 = rss[-1]
     same = sum(a[2] == b[2] for a, b in zip(seq, con, strict=True) if b[4] == "good")
     good = sum(b[4] == "good" for b in con)  # (a 64-bit seed is another seed: another text)
     print(
@@ -149,4 +153,5 @@ if __name__ == "__main__":
         for kind in ["good", *(h for h, _ in HOSTILE)]:
             codes = sorted({r[0] for r in con if r[4] == kind})
             print(f"{kind}: {sum(r[4] == kind for r in con)} requests, status {codes}")
-    print(f"server RSS {rss0:.0f} MB before the concurrent pass, {rss1:.0f} MB after")
+    after = ", ".join(f"{r:.0f}" for r in rss)
+    print(f"server RSS {rss0:.0f} MB before the concurrent pass, {after} MB after (each pass)")
