@@ -64,6 +64,14 @@ def cmd_eval_task(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_lm_eval(a: argparse.Namespace) -> int:
+    try:
+        from ..eval import harness
+    except ImportError as e:
+        raise ConfigError(f"lm-eval needs its extra: pip install 'blockdiff[lmeval]' ({e})") from None
+    return harness.main(a.args)
+
+
 def cmd_eval_table(a: argparse.Namespace) -> int:
     from ..experiments.table import run_table
 
@@ -95,6 +103,15 @@ def add(sub) -> None:
     tk.add_argument("--max-new-tokens", type=int, dest="max_new_tokens", help="default: from the answers")
     tk.add_argument("--batch-size", type=int, default=8, dest="batch_size")
     tk.set_defaults(fn=cmd_eval_task)
+
+    lm = ev.add_parser(
+        "lm-eval",
+        help="EleutherAI's lm-evaluation-harness with the blockdiff model registered; every argument "
+        "after lm-eval is the harness's (run --model blockdiff --model_args pretrained=...,sampler=...)",
+        add_help=False,
+    )
+    lm.add_argument("args", nargs=argparse.REMAINDER)
+    lm.set_defaults(fn=cmd_eval_lm_eval)
 
     tb = ev.add_parser("table", help="train models at one budget and compare them (the talk's table)")
     tb.add_argument("recipe", help="a table recipe, e.g. recipes/table-shakespeare.yaml")

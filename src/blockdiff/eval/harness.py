@@ -1,0 +1,189 @@
+"""blockdiff models in EleutherAI's lm-evaluation-harness (`pip install 'blockdiff[lmeval]'`).
+
+Importing this module registers `blockdiff` as an lm-eval model; `blockdiff eval lm-eval` (and
+`python -m blockdiff.eval.harness`) import it and hand their arguments to the harness's CLI, so
+`--model blockdiff --model_args pretrained=smollm2-nbdiff,sampler=fastdllm,threshold=0.9` works
+as with any other backend.
+
+* `generate_until`: blockdiff's batched decoding (`decode_all`) with the sampler and options of
+  `model_args`, checked once as a `DecodeSpec`; the text is cut at the first stop sequence.
+* `loglikelihood` / `loglikelihood_rolling`: exact through the AR path of a shifted-logits model
+  (NBDiff, imported AR models: one causal forward); for a diffusion model without one, the
+  Monte-Carlo ELBO that LLaDA's harness reports: `mc_samples` draws of l ~ U{1..m} masked
+  continuation tokens (stratified over l, a fixed generator: the same seed gives the same
+  number), each masked token's -log p weighted by m / l, under full attention.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Sequence
+
+import torch
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+from .. import masks
+from ..config import ConfigError
+from ..decoding import DEFAULT_SAMPLER, DecodeSpec, decode_all
+from ..model import token_logits
+from ..models import load_model
+
+HARNESS_ARGS = ("batch_size", "max_batch_size", "device")  # what lm-eval adds to model_args
+
+
+@register_model("blockdiff")
+class BlockdiffLM(LM):
+    made: list[BlockdiffLM] = []  # the instances the harness built (their costs are reported)
+
+    def __init__(
+        self,
+        pretrained: str = "smollm2-nbdiff",
+        sampler: str = DEFAULT_SAMPLER,
+        dtype: str = "auto",
+        batch_size: int | str = 8,
+        seed: int = 0,
+        max_gen_toks: int = 256,
+        mc_samples: int = 64,
+        loglikelihood: str = "auto",
+        **options,
+    ):
+        super().__init__()
+        options = {k: v for k, v in options.items() if k not in HARNESS_ARGS}
+        self.model, self.tok = load_model(str(pretrained), dtype)
+        self.name = str(pretrained)
+        self.spec = DecodeSpec.build(self.model, sampler, None, int(seed), **options)
+        self.batch_size = 8 if batch_size in ("auto", None) else int(batch_size)
+        self.max_gen_toks, self.mc_samples = int(max_gen_toks), int(mc_samples)
+        cfg = self.model.config
+        if loglikelihood not in ("auto", "ar", "elbo"):
+            raise ConfigError(f"loglikelihood must be auto, ar or elbo, got {loglikelihood!r}")
+        if loglikelihood == "ar" and not cfg.shifted:
+            raise ConfigError(f"{pretrained} has no AR path (aligned logits): use loglikelihood=elbo")
+        self.ll_mode = loglikelihood if loglikelihood != "auto" else "ar" if cfg.shifted else "elbo"
+        if self.ll_mode == "elbo" and not cfg.has_global_block:
+            raise ConfigError(f"{pretrained} has neither an AR path nor a global block to score with")
+        if self.mc_samples < 1:
+            raise ConfigError(f"mc_samples must be >= 1, got {mc_samples}")
+        self.nfe = self.tokens = 0  # what generation cost, for the results
+        BlockdiffLM.made.append(self)
+
+    # ---- the harness's questions ---------------------------------------------------------------
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.name
+
+    def apply_chat_template(
+        self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True
+    ) -> str:
+        return self.tok.chat(chat_history)
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        out: list[str | None] = [None] * len(requests)
+        groups: dict[int, list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault(int(r.args[1].get("max_gen_toks", self.max_gen_toks)), []).append(i)
+        for n, idx in groups.items():
+            spec = self.spec.with_length(self.model, n)
+            texts, _, rows, _ = decode_all(self.model, self.tok, [requests[i].args[0] for i in idx], spec,
+                                           self.batch_size, index=idx)  # fmt: skip
+            self.nfe += sum(r.nfe for r in rows)
+            self.tokens += sum(r.tokens for r in rows)
+            for i, text in zip(idx, texts, strict=True):
+                until = requests[i].args[1].get("until") or []
+                until = [until] if isinstance(until, str) else until
+                cut = min((p for p in (text.find(s) for s in until if s) if p >= 0), default=len(text))
+                out[i] = text[:cut]
+        return out  # type: ignore[return-value]
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        pairs = [self._split(*r.args) for r in requests]
+        if self.ll_mode == "ar":
+            return [self._ar(ctx, cont) for ctx, cont in pairs]
+        return [(self.elbo(ctx, cont), False) for ctx, cont in pairs]
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        if self.ll_mode != "ar":
+            raise ConfigError("loglikelihood_rolling needs an AR path; this model has none")
+        L = self.model.config.max_position_embeddings
+        out = []
+        for r in requests:
+            ids = self.tok.encode(r.args[0])
+            windows = get_rolling_token_windows(ids, self.tok.eos_id, L, 1)
+            out.append(sum(self._ar(c, t)[0] for c, t in map(make_disjoint_window, windows)))
+        return out
+
+    # ---- scoring -------------------------------------------------------------------------------
+
+    def _split(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """Token ids of the context ([EOS] if empty) and the continuation, split where the joint
+        encoding of the two starts the continuation (as the harness's own backends do)."""
+        whole = self.tok.encode(context + continuation)
+        ctx = self.tok.encode(context)
+        cont = whole[len(ctx) :] if whole[: len(ctx)] == ctx else self.tok.encode(continuation)
+        return (ctx or [self.tok.eos_id]), cont
+
+    @torch.no_grad()
+    def _ar(self, ctx: Sequence[int], cont: Sequence[int]) -> tuple[float, bool]:
+        """Sum of log p(continuation token | everything before it) on the AR path; greedy?"""
+        ids = torch.tensor([list(ctx) + list(cont)])
+        out = self.model(ids, mask=masks.block_causal(ids.shape[1], 1))
+        logp = token_logits(out, self.model.config).float().log_softmax(-1)[0, len(ctx) :]
+        tgt = torch.tensor(cont)
+        return float(logp.gather(-1, tgt[:, None]).sum()), bool((logp.argmax(-1) == tgt).all())
+
+    @torch.no_grad()
+    def _masked_logp(self, ctx: Sequence[int], cont: Sequence[int], hidden: torch.Tensor) -> torch.Tensor:
+        """log p of each continuation token [s, m] with the positions `hidden` [s, m] masked."""
+        m = len(cont)
+        x = torch.tensor(list(ctx) + list(cont)).repeat(len(hidden), 1)
+        x[:, len(ctx) :][hidden] = self.model.config.mask_token_id
+        logp = token_logits(self.model(x), self.model.config).float().log_softmax(-1)[:, len(ctx) :]
+        return logp.gather(-1, torch.tensor(cont)[None, :, None].expand(len(hidden), m, 1))[..., 0]
+
+    def elbo(self, ctx: Sequence[int], cont: Sequence[int], samples: int | None = None) -> float:
+        """Monte-Carlo ELBO of the continuation (a lower bound on its log-likelihood)."""
+        m, n = len(cont), samples or self.mc_samples
+        gen = torch.Generator().manual_seed(self.spec.seed)
+        counts = [(j % m) + 1 for j in range(n)]  # stratified over the masked count l
+        hidden = torch.zeros(n, m, dtype=torch.bool)
+        for j, k in enumerate(counts):
+            hidden[j, torch.randperm(m, generator=gen)[:k]] = True
+        total = 0.0
+        for lo in range(0, n, self.batch_size):
+            h = hidden[lo : lo + self.batch_size]
+            logp = self._masked_logp(ctx, cont, h)
+            w = torch.tensor([m / k for k in counts[lo : lo + self.batch_size]])
+            total += float(((logp * h).sum(1) * w).sum())
+        return total / n
+
+    def exact_elbo(self, ctx: Sequence[int], cont: Sequence[int]) -> float:
+        """The ELBO by enumerating every masking pattern (for short continuations: the oracle)."""
+        m = len(cont)
+        pats = torch.tensor([[(p >> i) & 1 for i in range(m)] for p in range(1, 2**m)], dtype=torch.bool)
+        logp = torch.cat([self._masked_logp(ctx, cont, pats[i : i + 64]) for i in range(0, len(pats), 64)])
+        k = pats.sum(1)
+        per = (logp * pats).sum(1) * m / k  # each pattern's weighted sum
+        # E_l U{1..m} E_{S, |S| = l}: a pattern of size l has weight 1 / (m * C(m, l))
+        weight = torch.tensor([1 / (m * math.comb(m, int(x))) for x in k])
+        return float((per * weight).sum())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """lm-eval's own command line, with the `blockdiff` model registered."""
+    from lm_eval.__main__ import cli_evaluate
+
+    sys.argv = ["lm_eval", *(sys.argv[1:] if argv is None else argv)]
+    cli_evaluate()
+    for lm in BlockdiffLM.made:  # what the harness's table does not say: the decoding's cost
+        per = lm.tokens / max(1, lm.nfe)
+        said = f"{lm.tokens} tokens generated in {lm.nfe} NFEs ({per:.2f} tokens/NFE)"
+        print(f"blockdiff {lm.name} [{lm.spec.sampler}]: {said}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
