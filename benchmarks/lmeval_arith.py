@@ -59,19 +59,19 @@ def main() -> None:
         data.write_text(json.dumps([{"question": it.prompt, "answer": it.answer} for it in items]))
         (Path(d) / "arith.yaml").write_text(TASK.format(data=data, tokens=args.tokens))
         manager = TaskManager(include_path=d)
-        print(f"model {args.model}, {args.n} held-out basic_arithmetic items, {args.tokens} new tokens, chat template")
+        print(f"model {args.model}, {args.n} held-out basic_arithmetic items, {args.tokens} new tokens")
         print("\n| sampler | exact match | NFEs per item | tokens/NFE | seconds |")
         print("|---|---|---|---|---|")
         for sampler in args.samplers.split(","):
             lm = BlockdiffLM(pretrained=args.model, sampler=sampler, batch_size=8)
             t = time.perf_counter()
-            out = lm_eval.simple_evaluate(model=lm, tasks=["arith"], task_manager=manager, apply_chat_template=True)
+            out = lm_eval.simple_evaluate(
+                model=lm, tasks=["arith"], task_manager=manager, apply_chat_template=True
+            )
             secs = time.perf_counter() - t
             acc = out["results"]["arith"]["exact_match,number"]
-            print(
-                f"| {sampler} | {acc:.3f} | {lm.nfe / args.n:.1f} | {lm.tokens / max(1, lm.nfe):.2f} | {secs:.1f} |",
-                flush=True,
-            )
+            per = lm.tokens / max(1, lm.nfe)
+            print(f"| {sampler} | {acc:.3f} | {lm.nfe / args.n:.1f} | {per:.2f} | {secs:.1f} |", flush=True)
 
 
 if __name__ == "__main__":
