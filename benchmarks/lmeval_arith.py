@@ -1,6 +1,6 @@
 """blockdiff through lm-evaluation-harness on a local GSM8K-format task: reasoning-gym's
-basic_arithmetic held-out items (the ones `blockdiff eval task basic_arithmetic` asks), a numeric
-answer filter, exact match; every sampler in one run on one machine, with NFEs and wall time.
+basic_arithmetic held-out items (the ones `blockdiff eval task basic_arithmetic` asks), the last number
+of the answer (as GSM8K's flexible extract), exact match; every sampler in one run, NFEs and wall time.
 
     python benchmarks/lmeval_arith.py [--model smollm2-nbdiff] [--n 40] [--samplers ar,spec,fastdllm,bd3]
 """
@@ -39,7 +39,7 @@ filter_list:
     filter:
       - function: regex
         regex_pattern: "(-?[0-9]+(?:\\\\.[0-9]+)?)"
-        group_select: 0
+        group_select: -1
       - function: take_first
 metric_list:
   - metric: exact_match
@@ -50,7 +50,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-nbdiff")
     ap.add_argument("--n", type=int, default=40)
-    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--samplers", default="ar,spec,fastdllm,bd3")
     args = ap.parse_args()
     items = tasks.items("basic_arithmetic", args.n)
