@@ -63,6 +63,7 @@ def test_monte_carlo_elbo_converges_to_the_exact_one(tiny_ckpt):
     assert 2.0 < small / large < 8.0  # ~ sqrt(256 / 16) = 4
     assert mean == pytest.approx(exact, abs=3 * large + 1e-6)
     assert exact < 0
+    assert lm.elbo(ctx, []) == lm.exact_elbo(ctx, []) == 0.0  # an empty continuation: probability 1
 
 
 def test_generate_until_is_blockdiff_generate_cut_at_stops(tiny_ckpt):

@@ -147,6 +147,8 @@ class BlockdiffLM(LM):
     def elbo(self, ctx: Sequence[int], cont: Sequence[int], samples: int | None = None) -> float:
         """Monte-Carlo ELBO of the continuation (a lower bound on its log-likelihood)."""
         m, n = len(cont), samples or self.mc_samples
+        if m == 0:  # nothing to score
+            return 0.0
         gen = torch.Generator().manual_seed(self.spec.seed)
         counts = [(j % m) + 1 for j in range(n)]  # stratified over the masked count l
         hidden = torch.zeros(n, m, dtype=torch.bool)
@@ -163,6 +165,8 @@ class BlockdiffLM(LM):
     def exact_elbo(self, ctx: Sequence[int], cont: Sequence[int]) -> float:
         """The ELBO by enumerating every masking pattern (for short continuations: the oracle)."""
         m = len(cont)
+        if m == 0:
+            return 0.0
         pats = torch.tensor([[(p >> i) & 1 for i in range(m)] for p in range(1, 2**m)], dtype=torch.bool)
         logp = torch.cat([self._masked_logp(ctx, cont, pats[i : i + 64]) for i in range(0, len(pats), 64)])
         k = pats.sum(1)
