@@ -5,6 +5,7 @@ The bundled 5.4M model keeps these fast; the chat tests use the shipped SmolLM2 
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import time
@@ -403,6 +404,14 @@ def test_a_failing_batch_fails_its_requests_not_the_server(monkeypatch):
         s.stop()
 
 
+async def last_event(q):
+    """A scheduler job's final event (done or error), read from its queue."""
+    ev = None
+    while ev is None or ev.type not in ("done", "error"):
+        ev = await asyncio.wait_for(q.get(), 60)
+    return ev
+
+
 def test_a_poisoned_request_leaves_its_batch_unharmed(monkeypatch):
     """A request whose decode cannot start, batched with good ones: it alone gets the 500."""
     import asyncio
@@ -428,14 +437,7 @@ def test_a_poisoned_request_leaves_its_batch_unharmed(monkeypatch):
         queues.append(q)
     s.start()  # after the submissions: the worker takes all four together
     try:
-
-        async def last(q):
-            ev = None
-            while ev is None or ev.type not in ("done", "error"):
-                ev = await asyncio.wait_for(q.get(), 60)
-            return ev
-
-        ends = [loop.run_until_complete(last(q)) for q in queues]
+        ends = [loop.run_until_complete(last_event(q)) for q in queues]
     finally:
         s.stop()
         loop.close()
@@ -478,13 +480,7 @@ def test_requests_join_a_running_batch_and_decode_as_alone(monkeypatch, sampler,
         submit(1)
         submit(2)
 
-        async def last(q):
-            ev = None
-            while ev is None or ev.type not in ("done", "error"):
-                ev = await asyncio.wait_for(q.get(), 60)
-            return ev
-
-        ends = [loop.run_until_complete(last(q)) for q in queues]
+        ends = [loop.run_until_complete(last_event(q)) for q in queues]
     finally:
         s.stop()
         loop.close()

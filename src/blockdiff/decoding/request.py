@@ -6,7 +6,7 @@ their seed into one canvas (`key`), and a face never carries sampler options as 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..model import BlockDiffLM
@@ -25,7 +25,6 @@ class DecodeSpec:
     options: tuple[tuple[str, Any], ...] = ()  # sorted (name, value); lists become tuples
     max_new_tokens: int | None = 64  # None: decided where the decode is made (`with_length`)
     seed: int = 0
-    notes: tuple[str, ...] = field(default=(), compare=False)  # what checking had to say
 
     @classmethod
     def build(
@@ -47,13 +46,12 @@ class DecodeSpec:
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an integer, got {seed!r}")
-        notes: list[str] = []
-        if max_new_tokens is None:
-            check_options(model, sampler, dict(options), notes)
+        if max_new_tokens is None:  # the notes are said again when a decode is made
+            check_options(model, sampler, dict(options), [])
         else:
-            build_plan(model, sampler, max_new_tokens, notes, dict(options))
+            build_plan(model, sampler, max_new_tokens, [], dict(options))
         frozen = tuple(sorted((k, _frozen(v)) for k, v in options.items()))
-        return cls(sampler, frozen, max_new_tokens, seed, tuple(notes))
+        return cls(sampler, frozen, max_new_tokens, seed)
 
     @property
     def kwargs(self) -> dict[str, Any]:

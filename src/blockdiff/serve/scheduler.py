@@ -231,18 +231,17 @@ class Scheduler:
 
     def _held(self, b: Batch) -> bool:
         """A batch at a boundary waits while a batch it could join is mid-block."""
-        if between_blocks(b.decoding) is None:
+        partners = self._partners(b)  # cheap: no canvas is read unless a partner exists
+        if not partners or between_blocks(b.decoding) is None:
             return False
-        return any(between_blocks(o.decoding) is None and not o.decoding.ended for o in self._partners(b))
+        return any(between_blocks(o.decoding) is None and not o.decoding.ended for o in partners)
 
     def _regroup(self) -> None:
         """Between blocks: rows of finished requests leave, batches of the same settings join."""
         for b in list(self.active):
             d = b.decoding
-            if between_blocks(d) is None:
-                continue
             live = [j for j in b.jobs if any(f is None for f in j.finish)]
-            if live and len(live) < len(b.jobs):
+            if live and len(live) < len(b.jobs) and between_blocks(d) is not None:
                 keep = [r for j in live for r in j.rows]
                 evict(d, keep)
                 at = {r: i for i, r in enumerate(keep)}
