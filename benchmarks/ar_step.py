@@ -1,7 +1,11 @@
-"""Milliseconds per greedy `ar` token on the imported SmolLM2 base (bf16, batch 1), with a
-torch-profiler summary: run it under two checkouts to compare runtimes (before/after).
+"""Milliseconds per greedy `ar` token and per one-token forward over a cache (batch 1), with an
+optional torch-profiler summary: run it under two checkouts, alternated, to compare runtimes.
 
-    PYTHONPATH=src python benchmarks/ar_step.py [--tokens 128] [--profile]
+    PYTHONPATH=src python benchmarks/ar_step.py [--model smollm2-nbdiff] [--precision int4]
+        [--tokens 64] [--repeats 3] [--profile]
+
+The forward is timed in short segments (8 forwards each) and reported as the lower quartile and
+the median over segments: the machines are shared, and a slow neighbour inflates whole segments.
 """
 
 from __future__ import annotations
@@ -9,27 +13,44 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 from blockdiff.decoding import generate
+from blockdiff.model import KVCache
 from blockdiff.models import load_model
 
-BASE = Path.home() / ".cache" / "blockdiff" / "models" / "smollm2-135m-instruct"
 PROMPTS = [
     "<|im_start|>user\nWhy is the sky blue?<|im_end|>\n<|im_start|>assistant\n",
     "<|im_start|>user\nGive me three tips to sleep better.<|im_end|>\n<|im_start|>assistant\n",
 ]
 
 
+def forward_ms(model, prompt_ids: torch.Tensor, segments: int, per: int = 8) -> list[float]:
+    """ms per one-token forward over the prompt's cache, one number per segment of `per`."""
+    out = []
+    x = prompt_ids[:, -1:]
+    for _ in range(segments):
+        cache = KVCache(len(model.model.layers))
+        model(prompt_ids, cache=cache, write_cache=True, logits_slice=slice(-1, None))
+        model(x, cache=cache, write_cache=True, logits_slice=slice(-1, None))
+        t = time.perf_counter()
+        for _ in range(per):
+            model(x, cache=cache, write_cache=True, logits_slice=slice(-1, None))
+        out.append((time.perf_counter() - t) * 1e3 / per)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--precision", default="bfloat16")
+    ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--segments", type=int, default=24)
     ap.add_argument("--profile", action="store_true")
     a = ap.parse_args()
-    model, tok = load_model(BASE, torch.bfloat16)
+    model, tok = load_model(a.model, a.precision)
     generate(model, tok, PROMPTS[:1], sampler="ar", max_new_tokens=8)
     ms = []
     for _ in range(a.repeats):
@@ -37,8 +58,11 @@ def main() -> None:
             t = time.perf_counter()
             out = generate(model, tok, [p], sampler="ar", max_new_tokens=a.tokens, stop_at_eos=False)
             ms.append((time.perf_counter() - t) * 1e3 / out.rows[0].tokens)
-    med = statistics.median(ms)
-    print(f"ar bf16: {med:.1f} ms/token (median of {len(ms)}), {1e3 / med:.1f} tok/s")
+    fw = sorted(forward_ms(model, torch.tensor([tok.encode(PROMPTS[0])]), a.segments))
+    print(
+        f"{a.model} {a.precision}: ar {statistics.median(ms):.1f} ms/token (median of {len(ms)}); "
+        f"forward {fw[len(fw) // 4]:.2f} ms (lower quartile), {statistics.median(fw):.2f} ms (median)"
+    )
     if a.profile:
         from torch.profiler import ProfilerActivity, profile
 

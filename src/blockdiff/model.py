@@ -27,20 +27,19 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """cos/sin of shape [b, 1, q, head_dim] for absolute positions [b, q] (HF rotate-half layout)."""
+    """cos and signed sin of shape [b, 1, q, head_dim] for absolute positions [b, q] (HF's
+    rotate-half layout; the sin's first half negated so that `apply_rope` rotates with one roll)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
     freqs = positions.float()[..., None] * inv_freq
     emb = torch.cat([freqs, freqs], dim=-1)[:, None]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def _rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
+    sin = emb.sin()
+    sin[..., : head_dim // 2].neg_()
+    return emb.cos().to(dtype), sin.to(dtype)
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    return x * cos + _rotate_half(x) * sin
+    """x·cos + rotate_half(x)·sin, bit for bit: rotate_half(x) = [-x2, x1] = roll(x)·[-1, 1]."""
+    return x * cos + torch.roll(x, x.shape[-1] // 2, -1) * sin
 
 
 class KVCache:
@@ -103,9 +102,19 @@ class KVCache:
         self._ensure(layer, k, end)
         self.k[layer][:, :, self.span : end] = k
         self.v[layer][:, :, self.span : end] = v
-        if keep:
+        if keep and self._pending is None:  # the same for every layer: made once per forward
             self._pending = torch.full_like(self.lengths, self.span + keep)
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def update(self, layer: int, k: Tensor, v: Tensor, write: bool | int | Tensor) -> tuple[Tensor, Tensor]:
+        """Store this forward's k/v [b, h, q, d] as `write` says (see `BlockDiffLM.forward`) and
+        return the keys and values attention reads: the cached ones, then these."""
+        if isinstance(write, Tensor):  # explicit per-row slots [b, n] for the first n fed
+            pk, pv = self.get(layer)
+            both = (k, v) if pk is None else (torch.cat([pk, k], 2), torch.cat([pv, v], 2))
+            self.write(layer, k[:, :, : write.shape[1]], v[:, :, : write.shape[1]], write)
+            return both
+        return self.extend(layer, k, v, 0 if not write else k.shape[2] if write is True else int(write))
 
     def advance(self) -> None:
         """After a forward's writes in every layer: rows now end after what was written."""
@@ -187,25 +196,12 @@ class Attention(nn.Module):
         self.qkv_proj, self.q_proj, self.k_proj, self.v_proj = qkv, None, None, None
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int, write: bool) -> Tensor:
-        b, q, _ = x.shape
-        if self.qkv_proj is None:
-            qh = self.q_proj(x).view(b, q, self.n_heads, self.hd).transpose(1, 2)
-            kh = self.k_proj(x).view(b, q, self.n_kv, self.hd).transpose(1, 2)
-            vh = self.v_proj(x).view(b, q, self.n_kv, self.hd).transpose(1, 2)
-            qh, kh = apply_rope(qh, cos, sin), apply_rope(kh, cos, sin)
-        else:  # one RoPE call rotates q and k together
-            h = self.qkv_proj(x).view(b, q, self.n_heads + 2 * self.n_kv, self.hd).transpose(1, 2)
-            qk = apply_rope(h[:, : self.n_heads + self.n_kv], cos, sin)
-            qh, kh, vh = qk[:, : self.n_heads], qk[:, self.n_heads :], h[:, self.n_heads + self.n_kv :]
-        k_all, v_all = kh, vh
-        if isinstance(write, Tensor):  # explicit per-row slots [b, n] for the first n fed
-            pk, pv = cache.get(layer)
-            if pk is not None:
-                k_all, v_all = torch.cat([pk, kh], 2), torch.cat([pv, vh], 2)
-            cache.write(layer, kh[:, :, : write.shape[1]], vh[:, :, : write.shape[1]], write)
-        elif cache is not None:
-            keep = 0 if not write else q if write is True else int(write)
-            k_all, v_all = cache.extend(layer, kh, vh, keep)
+        b, q, _ = x.shape  # the unfused modules (training); a prepared model runs `runtime.FusedLayers`
+        qh = self.q_proj(x).view(b, q, self.n_heads, self.hd).transpose(1, 2)
+        kh = self.k_proj(x).view(b, q, self.n_kv, self.hd).transpose(1, 2)
+        vh = self.v_proj(x).view(b, q, self.n_kv, self.hd).transpose(1, 2)
+        qh, kh = apply_rope(qh, cos, sin), apply_rope(kh, cos, sin)
+        k_all, v_all = (kh, vh) if cache is None else cache.update(layer, kh, vh, write)
         gqa = self.n_heads != self.n_kv
         if isinstance(mask, SplitMask):
             # [xt ⊕ x0]: the clean half never attends to the noisy half, so its queries need
@@ -243,10 +239,7 @@ class MLP(nn.Module):
         self.gate_up_proj, self.gate_proj, self.up_proj = gate_up, None, None
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.gate_up_proj is None:
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
@@ -282,6 +275,7 @@ class BlockDiffLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.width_switch = None  # the int4 runtime's choice of weights per forward (quant.WidthSwitch)
+        self.fused_layers = None  # a prepared model's decoder loop (runtime.FusedLayers)
 
     @staticmethod
     def _init(m: nn.Module) -> None:
@@ -327,8 +321,11 @@ class BlockDiffLM(nn.Module):
             self.width_switch.set(q, len(cache) if cache is not None else 0)
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
-        for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, mask, cache, i, write_cache)
+        if self.fused_layers is not None:
+            x = self.fused_layers(x, cos, sin, mask, cache, write_cache)
+        else:
+            for i, layer in enumerate(self.model.layers):
+                x = layer(x, cos, sin, mask, cache, i, write_cache)
         if cache is not None:
             cache.advance()
         if logits_slice is not None:  # the LM head (and final norm) only where logits are read

@@ -142,7 +142,7 @@ class ByWidth(nn.Module):
         self.in_features, self.out_features = wide.in_features, wide.out_features
 
     def forward(self, x: Tensor) -> Tensor:
-        return (self.wide if self.switch.wide else self.narrow)(x)
+        return (self.wide if self.switch.wide else self.narrow).forward(x)  # no second dispatch
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:

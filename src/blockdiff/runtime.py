@@ -12,16 +12,20 @@ RoPE call for q and k together); each fused projection is stored as the precisio
 * auto  — on a CPU, int4 where it is exact, float32 otherwise (the default: never rounds a
   stored weight; activations are bfloat16 in int4); float32 on other devices.
 
-Training never sees this: it works on the unfused modules that checkpoints name.
+Every RMSNorm becomes `FastRMSNorm` (one fused kernel instead of eight small operations), and the
+decoder layers run as one plain loop (`FusedLayers`). Training never sees this: it works on the
+unfused modules that checkpoints name.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ConfigError
 from .delta import EmbeddingRows, LoRALinear
+from .model import KVCache, RMSNorm, SplitMask, apply_rope
 from .quant import ByWidth, Int4Linear, Int8Linear, NotOnGrid, WidthSwitch
 
 PRECISIONS = ("auto", "float32", "bfloat16", "int8", "int4")
@@ -31,6 +35,58 @@ def check_precision(precision: str) -> str:
     if precision not in PRECISIONS:
         raise ConfigError(f"unknown precision '{precision}' (known: {', '.join(PRECISIONS)})")
     return precision
+
+
+class FastRMSNorm(nn.Module):
+    """RMSNorm as one LayerNorm over [x, -x]: that vector's mean is 0 and its variance is mean(x²),
+    so its first half is x / sqrt(mean(x²) + eps), scaled by the gain. torch's CPU RMSNorm is a
+    chain of ~8 small operations (24 µs for one 576-wide token, BENCHMARKS.md), its LayerNorm one
+    kernel (11 µs), and a one-token step runs 61 norms. Equal to `RMSNorm` up to rounding (one
+    rounding to the activation dtype instead of two)."""
+
+    def __init__(self, norm: RMSNorm):
+        super().__init__()
+        self.weight = nn.Parameter(norm.weight.detach().repeat(2), requires_grad=False)
+        self.eps = norm.eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        d = x.shape[-1]
+        y = F.layer_norm(torch.cat([x, -x], -1), (2 * d,), self.weight, None, self.eps)
+        return y[..., :d].contiguous()
+
+
+class FusedLayers:
+    """A prepared model's decoder layers as one loop over their fused projections, calling each
+    module's `forward` directly: a one-token step of SmolLM2 made ~400 module calls (dispatch,
+    hooks, attribute lookups), 17-20 % of its time (BENCHMARKS.md). The same operations in the
+    same order as the modules would run, so the same logits (tested). Inference only: training
+    runs the modules (their hooks, the split training mask)."""
+
+    def __init__(self, model):
+        cfg = model.config
+        self.nh, self.nkv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.layers = [
+            (l.input_layernorm.forward, l.self_attn.qkv_proj.forward, l.self_attn.o_proj.forward,
+             l.post_attention_layernorm.forward, l.mlp.gate_up_proj.forward, l.mlp.down_proj.forward)
+            for l in model.model.layers
+        ]  # fmt: skip
+
+    def __call__(self, x: Tensor, cos, sin, mask, cache: KVCache | None, write) -> Tensor:
+        if isinstance(mask, SplitMask):
+            raise ValueError("the split training mask runs on the training modules, not a prepared model")
+        b, q, _ = x.shape
+        nh, nkv, gqa = self.nh, self.nkv, self.nh != self.nkv
+        for i, (norm1, qkv, o, norm2, gate_up, down) in enumerate(self.layers):
+            h = qkv(norm1(x)).view(b, q, nh + 2 * nkv, self.hd).transpose(1, 2)
+            qk = apply_rope(h[:, : nh + nkv], cos, sin)  # one RoPE call rotates q and k together
+            k, v = qk[:, nh:], h[:, nh + nkv :]
+            if cache is not None:
+                k, v = cache.update(i, k, v, write)
+            a = F.scaled_dot_product_attention(qk[:, :nh], k, v, attn_mask=mask, enable_gqa=gqa)
+            x = x + o(a.transpose(1, 2).reshape(b, q, -1))
+            gate, up = gate_up(norm2(x)).chunk(2, dim=-1)
+            x = x + down(F.silu(gate) * up)
+        return x
 
 
 def _parts(mods: list[nn.Module]) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
@@ -112,6 +168,9 @@ def prepare(model, precision: str = "auto", device: str | torch.device = "cpu"):
             a.o_proj = _store(*_parts([a.o_proj]), precision, sw)
             m.fuse(_store(*_parts([m.gate_proj, m.up_proj]), precision, sw))
             m.down_proj = _store(*_parts([m.down_proj]), precision, sw)
+            layer.input_layernorm = FastRMSNorm(layer.input_layernorm)
+            layer.post_attention_layernorm = FastRMSNorm(layer.post_attention_layernorm)
+        model.model.norm = FastRMSNorm(model.model.norm)
         if isinstance(model.model.embed_tokens, EmbeddingRows):
             model.model.embed_tokens = model.model.embed_tokens.merged()
         head = model.lm_head.weight.detach().float()
@@ -127,4 +186,5 @@ def prepare(model, precision: str = "auto", device: str | torch.device = "cpu"):
         if p.is_floating_point() and p.dtype != act:
             p.data = p.data.to(act)
     model.precision = precision
+    model.fused_layers = FusedLayers(model)
     return model.eval()

@@ -72,6 +72,19 @@ def cmd_eval_lm_eval(a: argparse.Namespace) -> int:
     return harness.main(a.args)
 
 
+def cmd_eval_lm_eval_task(a: argparse.Namespace) -> int:
+    try:
+        from ..eval import harness
+    except ImportError as e:
+        raise ConfigError(f"lm-eval needs its extra: pip install 'blockdiff[lmeval]' ({e})") from None
+    if a.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
+    path = harness.write_task(a.task, a.n, a.out, a.max_new_tokens)
+    run = f"blockdiff eval lm-eval run --tasks {path.stem} --include_path {a.out}"
+    print(f"wrote {path}: run it with {run} --model blockdiff --model_args pretrained=...")
+    return 0
+
+
 def cmd_eval_table(a: argparse.Namespace) -> int:
     from ..experiments.table import run_table
 
@@ -112,6 +125,16 @@ def add(sub) -> None:
     )
     lm.add_argument("args", nargs=argparse.REMAINDER)
     lm.set_defaults(fn=cmd_eval_lm_eval)
+
+    lt = ev.add_parser(
+        "lm-eval-task",
+        help="write a task's held-out items as a local lm-eval task scored by the task's own checker",
+    )
+    lt.add_argument("task", help="a task of `blockdiff eval task` (basic_arithmetic, countdown, ...)")
+    lt.add_argument("--n", type=int, default=50, help="held-out items (the ones `eval task --n` asks)")
+    lt.add_argument("--max-new-tokens", type=int, default=128, dest="max_new_tokens")
+    lt.add_argument("--out", required=True, help="folder for the task (pass it as --include_path)")
+    lt.set_defaults(fn=cmd_eval_lm_eval_task)
 
     tb = ev.add_parser("table", help="train models at one budget and compare them (the talk's table)")
     tb.add_argument("recipe", help="a table recipe, e.g. recipes/table-shakespeare.yaml")

@@ -12,13 +12,17 @@ as with any other backend.
   Monte-Carlo ELBO that LLaDA's harness reports: `mc_samples` draws of l ~ U{1..m} masked
   continuation tokens (stratified over l, a fixed generator: the same seed gives the same
   number), each masked token's -log p weighted by m / l, under full attention.
+* `write_task`: a blockdiff task (its held-out items, scored by the task's own checker) as a local
+  lm-eval task, so that the harness and `blockdiff eval task` score the same items alike.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from lm_eval.api.model import LM
@@ -26,10 +30,12 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from .. import masks
+from ..checkpoint import write_text_atomic
 from ..config import ConfigError
 from ..decoding import DEFAULT_SAMPLER, DecodeSpec, decode_all
 from ..model import token_logits
 from ..models import load_model
+from . import tasks
 
 HARNESS_ARGS = ("batch_size", "max_batch_size", "device")  # what lm-eval adds to model_args
 
@@ -72,6 +78,20 @@ class BlockdiffLM(LM):
 
     # ---- the harness's questions ---------------------------------------------------------------
 
+    def get_model_info(self) -> dict:
+        """What the results file records beside the harness's numbers: the decoding and its cost."""
+        return {
+            "blockdiff": {
+                "sampler": self.spec.sampler,
+                "options": self.spec.kwargs,
+                "seed": self.spec.seed,
+                "nfe": self.nfe,
+                "tokens": self.tokens,
+                "tokens_per_nfe": round(self.tokens / self.nfe, 4) if self.nfe else None,
+                "loglikelihood": self.ll_mode,
+            }
+        }
+
     @property
     def tokenizer_name(self) -> str:
         return self.name
@@ -101,8 +121,13 @@ class BlockdiffLM(LM):
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         pairs = [self._split(*r.args) for r in requests]
+        for ctx, cont in pairs:
+            self._fits(len(ctx) + len(cont))
         if self.ll_mode == "ar":
-            return [self._ar(ctx, cont) for ctx, cont in pairs]
+            out: list[tuple[float, bool]] = []
+            for lo in range(0, len(pairs), self.batch_size):
+                out += self._ar_batch(pairs[lo : lo + self.batch_size])
+            return out
         return [(self.elbo(ctx, cont), False) for ctx, cont in pairs]
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
@@ -112,8 +137,9 @@ class BlockdiffLM(LM):
         out = []
         for r in requests:
             ids = self.tok.encode(r.args[0])
-            windows = get_rolling_token_windows(ids, self.tok.eos_id, L, 1)
-            out.append(sum(self._ar(c, t)[0] for c, t in map(make_disjoint_window, windows)))
+            windows = list(map(make_disjoint_window, get_rolling_token_windows(ids, self.tok.eos_id, L, 1)))
+            chunks = (windows[i : i + self.batch_size] for i in range(0, len(windows), self.batch_size))
+            out.append(sum(ll for chunk in chunks for ll, _ in self._ar_batch(chunk)))
         return out
 
     # ---- scoring -------------------------------------------------------------------------------
@@ -126,14 +152,32 @@ class BlockdiffLM(LM):
         cont = whole[len(ctx) :] if whole[: len(ctx)] == ctx else self.tok.encode(continuation)
         return (ctx or [self.tok.eos_id]), cont
 
-    @torch.no_grad()
+    def _fits(self, n: int) -> None:
+        L = self.model.config.max_position_embeddings
+        if n > L:
+            raise ConfigError(
+                f"a request of {n} tokens (context + continuation) is longer than the model's "
+                f"context of {L} positions; shorten the task's prompts or few-shot examples"
+            )
+
     def _ar(self, ctx: Sequence[int], cont: Sequence[int]) -> tuple[float, bool]:
-        """Sum of log p(continuation token | everything before it) on the AR path; greedy?"""
-        ids = torch.tensor([list(ctx) + list(cont)])
-        out = self.model(ids, mask=masks.block_causal(ids.shape[1], 1))
-        logp = token_logits(out, self.model.config).float().log_softmax(-1)[0, len(ctx) :]
-        tgt = torch.tensor(cont)
-        return float(logp.gather(-1, tgt[:, None]).sum()), bool((logp.argmax(-1) == tgt).all())
+        return self._ar_batch([(ctx, cont)])[0]
+
+    @torch.no_grad()
+    def _ar_batch(self, pairs: list[tuple[Sequence[int], Sequence[int]]]) -> list[tuple[float, bool]]:
+        """Per pair: sum of log p(continuation token | everything before it) on the AR path, and
+        whether every continuation token is the greedy one. One causal forward for the batch,
+        rows padded on the right (a causal row never reads what comes after it)."""
+        seqs = [list(ctx) + list(cont) for ctx, cont in pairs]
+        n = max(map(len, seqs))
+        ids = torch.tensor([s + [self.tok.eos_id] * (n - len(s)) for s in seqs])
+        out = self.model(ids, mask=masks.block_causal(n, 1))
+        logp = token_logits(out, self.model.config).float().log_softmax(-1)
+        res = []
+        for row, (ctx, cont) in zip(logp, pairs, strict=True):
+            lp, tgt = row[len(ctx) : len(ctx) + len(cont)], torch.tensor(cont, dtype=torch.long)
+            res.append((float(lp.gather(-1, tgt[:, None]).sum()), bool((lp.argmax(-1) == tgt).all())))
+        return res
 
     @torch.no_grad()
     def _masked_logp(self, ctx: Sequence[int], cont: Sequence[int], hidden: torch.Tensor) -> torch.Tensor:
@@ -147,6 +191,7 @@ class BlockdiffLM(LM):
     def elbo(self, ctx: Sequence[int], cont: Sequence[int], samples: int | None = None) -> float:
         """Monte-Carlo ELBO of the continuation (a lower bound on its log-likelihood)."""
         m, n = len(cont), samples or self.mc_samples
+        self._fits(len(ctx) + m)
         if m == 0:  # nothing to score
             return 0.0
         gen = torch.Generator().manual_seed(self.spec.seed)
@@ -174,6 +219,58 @@ class BlockdiffLM(LM):
         # E_l U{1..m} E_{S, |S| = l}: a pattern of size l has weight 1 / (m * C(m, l))
         weight = torch.tensor([1 / (m * math.comb(m, int(x))) for x in k])
         return float((per * weight).sum())
+
+
+def json_task(task: str, data: str | Path) -> str:
+    """The head of an lm-eval task YAML whose test split is a local JSON file (no hub)."""
+    files = f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+    return f"task: {task}\ndataset_path: json\n{files}test_split: test\n"
+
+
+TASK_YAML = """output_type: generate_until
+doc_to_text: !function blockdiff_checker.doc_to_text
+doc_to_target: answer
+generation_kwargs:
+  until: []
+  max_gen_toks: {tokens}
+process_results: !function blockdiff_checker.process_results
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: score
+    aggregation: mean
+    higher_is_better: true
+"""
+CHECKER = "from blockdiff.eval.harness import doc_to_text, process_results  # noqa: F401\n"
+
+
+def write_task(name: str, n: int, out: str | Path, max_gen_toks: int) -> Path:
+    """`name`'s first `n` held-out items as the lm-eval task `blockdiff_<name>` in `out` (its JSON
+    data, its YAML, and the checker module the YAML names): prompts exactly as `blockdiff eval
+    task` asks them, scored by the task's own checker (`acc`: scored 1.0; `score`: the mean)."""
+    its = tasks.items(name, n)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    task = f"blockdiff_{name}"
+    rows = [dict(task=name, prompt=it.prompt, answer=it.answer, entry=json.dumps(it.entry)) for it in its]
+    write_text_atomic(out / f"{task}.json", json.dumps(rows))
+    write_text_atomic(out / "blockdiff_checker.py", CHECKER)
+    yaml = json_task(task, (out / f"{task}.json").resolve()) + TASK_YAML.format(tokens=int(max_gen_toks))
+    write_text_atomic(out / f"{task}.yaml", yaml)
+    return out / f"{task}.yaml"
+
+
+def doc_to_text(doc: dict) -> str:
+    return doc["prompt"]  # verbatim: a template would be one more place for whitespace to change
+
+
+def process_results(doc: dict, results: list[str]) -> dict[str, float]:
+    """The task's own checker on a completion (an empty one scores 0, as in `blockdiff eval task`)."""
+    item = tasks.Item(doc["prompt"], doc["answer"], json.loads(doc["entry"]))
+    text = results[0]
+    s = tasks.score(doc["task"], item, text) if text.strip() else 0.0
+    return {"acc": float(s == 1.0), "score": float(s)}
 
 
 def main(argv: list[str] | None = None) -> int:
