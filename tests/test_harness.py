@@ -209,7 +209,14 @@ def test_a_request_longer_than_the_context_is_refused(shifted_ckpt):
     from blockdiff.config import ConfigError
 
     lm = BlockdiffLM(pretrained=str(shifted_ckpt), sampler="ar")
-    long = "To be, or not to be " * lm.model.config.max_position_embeddings
+    L = lm.model.config.max_position_embeddings
+    ids = lm.tok.encode("To be, or not to be " * L)
+    # the last token is predicted, never fed: L + 1 tokens fit, L + 2 do not
+    (got, _), (want, _) = lm._ar_batched([(ids[:L], ids[L : L + 1]), (ids[:2], ids[2:3])])
+    assert got < 0 and want < 0
+    with pytest.raises(ConfigError, match="longer than the model's context"):
+        lm._ar_batched([(ids[: L + 1], ids[L + 1 : L + 2])])
+    long = "To be, or not to be " * L
     with pytest.raises(ConfigError, match="longer than the model's context"):
         lm.loglikelihood([req("loglikelihood", long, " be")])
 

@@ -7,6 +7,7 @@ from blockdiff import masks
 from blockdiff.config import ConfigError
 from blockdiff.convert import config_from_hf, from_hf_state_dict
 from blockdiff.model import KVCache
+from blockdiff.runtime import prepare
 
 transformers = pytest.importorskip("transformers")
 
@@ -36,7 +37,11 @@ def test_logits_match_transformers_llama(tied, kv_heads):
     with torch.no_grad():
         want = ref(ids).logits
         got = ours(ids, mask=masks.block_causal(20, 1, 2))
+        fast = prepare(ours, "float32")(ids, mask=masks.block_causal(20, 1, 2))  # the inference loop
     assert (got - want).abs().max().item() <= 1e-5
+    assert (fast - want).abs().max().item() <= 1e-5
+    with pytest.raises(RuntimeError, match="FusedLayers"):  # its modules are not a second path
+        ours.model.layers[0].self_attn(ids, None, None, None, None, 0, False)
 
 
 def test_kv_cache_equals_recomputation():
@@ -71,3 +76,15 @@ def test_kv_cache_equals_recomputation():
 def test_unsupported_architecture_is_named():
     with pytest.raises(ConfigError, match="unsupported architecture.*supported: LlamaForCausalLM"):
         config_from_hf({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})
+
+
+def test_a_failed_forward_leaves_nothing_pending_in_the_cache():
+    """A forward that dies after writing some layers must not move the next forward's lengths."""
+    k = torch.zeros(1, 2, 4, 8)
+    cache = KVCache(2)
+    cache.extend(0, k, k, 4)  # layer 0 of a forward that then failed: 4 slots pending
+    cache.begin()  # the next forward starts
+    cache.extend(0, k[:, :, :2], k[:, :, :2], 2)
+    cache.extend(1, k[:, :, :2], k[:, :, :2], 2)
+    cache.advance()
+    assert len(cache) == 2 and cache.lengths.tolist() == [2]

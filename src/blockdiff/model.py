@@ -102,9 +102,13 @@ class KVCache:
         self._ensure(layer, k, end)
         self.k[layer][:, :, self.span : end] = k
         self.v[layer][:, :, self.span : end] = v
-        if keep and self._pending is None:  # the same for every layer: made once per forward
+        if keep and self._pending is None:  # the same for every layer: made once per forward (`begin`)
             self._pending = torch.full_like(self.lengths, self.span + keep)
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def begin(self) -> None:
+        """A forward starts: nothing of an earlier, failed one is pending."""
+        self._pending = None
 
     def update(self, layer: int, k: Tensor, v: Tensor, write: bool | int | Tensor) -> tuple[Tensor, Tensor]:
         """Store this forward's k/v [b, h, q, d] as `write` says (see `BlockDiffLM.forward`) and
@@ -196,7 +200,9 @@ class Attention(nn.Module):
         self.qkv_proj, self.q_proj, self.k_proj, self.v_proj = qkv, None, None, None
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int, write: bool) -> Tensor:
-        b, q, _ = x.shape  # the unfused modules (training); a prepared model runs `runtime.FusedLayers`
+        if self.qkv_proj is not None:
+            raise RuntimeError("a prepared model's layers run in runtime.FusedLayers, not the modules")
+        b, q, _ = x.shape  # the unfused modules (training)
         qh = self.q_proj(x).view(b, q, self.n_heads, self.hd).transpose(1, 2)
         kh = self.k_proj(x).view(b, q, self.n_kv, self.hd).transpose(1, 2)
         vh = self.v_proj(x).view(b, q, self.n_kv, self.hd).transpose(1, 2)
@@ -239,6 +245,8 @@ class MLP(nn.Module):
         self.gate_up_proj, self.gate_proj, self.up_proj = gate_up, None, None
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.gate_up_proj is not None:
+            raise RuntimeError("a prepared model's layers run in runtime.FusedLayers, not the modules")
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -319,6 +327,8 @@ class BlockDiffLM(nn.Module):
             positions = torch.arange(start, start + q, device=input_ids.device).expand(b, q)
         if self.width_switch is not None:
             self.width_switch.set(q, len(cache) if cache is not None else 0)
+        if cache is not None:
+            cache.begin()
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         if self.fused_layers is not None:

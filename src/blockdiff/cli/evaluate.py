@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 
 from ..config import ConfigError
 from .common import decode_args, decode_spec, load
@@ -80,7 +81,7 @@ def cmd_eval_lm_eval_task(a: argparse.Namespace) -> int:
     if a.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
     path = harness.write_task(a.task, a.n, a.out, a.max_new_tokens)
-    run = f"blockdiff eval lm-eval run --tasks {path.stem} --include_path {a.out}"
+    run = f"blockdiff eval lm-eval run --tasks {path.stem} --include_path {shlex.quote(str(a.out))}"
     print(f"wrote {path}: run it with {run} --model blockdiff --model_args pretrained=...")
     return 0
 
@@ -132,7 +133,10 @@ def add(sub) -> None:
     )
     lt.add_argument("task", help="a task of `blockdiff eval task` (basic_arithmetic, countdown, ...)")
     lt.add_argument("--n", type=int, default=50, help="held-out items (the ones `eval task --n` asks)")
-    lt.add_argument("--max-new-tokens", type=int, default=128, dest="max_new_tokens")
+    lt.add_argument(
+        "--max-new-tokens", type=int, default=128, dest="max_new_tokens",
+        help="pass the same to `blockdiff eval task` to score alike (it otherwise sizes the canvas itself)",
+    )  # fmt: skip
     lt.add_argument("--out", required=True, help="folder for the task (pass it as --include_path)")
     lt.set_defaults(fn=cmd_eval_lm_eval_task)
 

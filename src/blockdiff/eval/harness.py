@@ -121,13 +121,8 @@ class BlockdiffLM(LM):
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         pairs = [self._split(*r.args) for r in requests]
-        for ctx, cont in pairs:
-            self._fits(len(ctx) + len(cont))
         if self.ll_mode == "ar":
-            out: list[tuple[float, bool]] = []
-            for lo in range(0, len(pairs), self.batch_size):
-                out += self._ar_batch(pairs[lo : lo + self.batch_size])
-            return out
+            return self._ar_batched(pairs)
         return [(self.elbo(ctx, cont), False) for ctx, cont in pairs]
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
@@ -138,8 +133,7 @@ class BlockdiffLM(LM):
         for r in requests:
             ids = self.tok.encode(r.args[0])
             windows = list(map(make_disjoint_window, get_rolling_token_windows(ids, self.tok.eos_id, L, 1)))
-            chunks = (windows[i : i + self.batch_size] for i in range(0, len(windows), self.batch_size))
-            out.append(sum(ll for chunk in chunks for ll, _ in self._ar_batch(chunk)))
+            out.append(sum(ll for ll, _ in self._ar_batched(windows)))
         return out
 
     # ---- scoring -------------------------------------------------------------------------------
@@ -161,23 +155,48 @@ class BlockdiffLM(LM):
             )
 
     def _ar(self, ctx: Sequence[int], cont: Sequence[int]) -> tuple[float, bool]:
-        return self._ar_batch([(ctx, cont)])[0]
+        return self._ar_batched([(ctx, cont)])[0]
+
+    SCORED_TOKENS = 8192  # fed positions per AR forward (batch x padded length): bounds memory
+
+    def _ar_batched(self, pairs: list[tuple[Sequence[int], Sequence[int]]]) -> list[tuple[float, bool]]:
+        """`_ar_batch` over groups of at most `batch_size` pairs and `SCORED_TOKENS` fed positions."""
+        for ctx, cont in pairs:
+            self._fits(len(ctx) + len(cont) - 1)  # the last token is predicted, never fed
+        out: list[tuple[float, bool]] = []
+        group: list = []
+        for pair in pairs:
+            longest = max([len(c) + len(t) for c, t in [*group, pair]])
+            if group and (len(group) == self.batch_size or (len(group) + 1) * longest > self.SCORED_TOKENS):
+                out += self._ar_batch(group)
+                group = []
+            group.append(pair)
+        return out + (self._ar_batch(group) if group else [])
 
     @torch.no_grad()
     def _ar_batch(self, pairs: list[tuple[Sequence[int], Sequence[int]]]) -> list[tuple[float, bool]]:
         """Per pair: sum of log p(continuation token | everything before it) on the AR path, and
         whether every continuation token is the greedy one. One causal forward for the batch,
-        rows padded on the right (a causal row never reads what comes after it)."""
-        seqs = [list(ctx) + list(cont) for ctx, cont in pairs]
-        n = max(map(len, seqs))
+        rows padded on the right (a causal row never reads what comes after it). A shifted
+        model's raw output j predicts token j + 1 (`token_logits`): the last token is not fed,
+        and the LM head runs only from the shortest context's last token on."""
+        res: list[tuple[float, bool] | None] = [(0.0, True) if not cont else None for _, cont in pairs]
+        live = [i for i, r in enumerate(res) if r is None]
+        if not live:
+            return res  # type: ignore[return-value]
+        seqs = [list(pairs[i][0]) + list(pairs[i][1])[:-1] for i in live]
+        n, start = max(map(len, seqs)), min(len(pairs[i][0]) for i in live) - 1
         ids = torch.tensor([s + [self.tok.eos_id] * (n - len(s)) for s in seqs])
-        out = self.model(ids, mask=masks.block_causal(n, 1))
-        logp = token_logits(out, self.model.config).float().log_softmax(-1)
-        res = []
-        for row, (ctx, cont) in zip(logp, pairs, strict=True):
-            lp, tgt = row[len(ctx) : len(ctx) + len(cont)], torch.tensor(cont, dtype=torch.long)
-            res.append((float(lp.gather(-1, tgt[:, None]).sum()), bool((lp.argmax(-1) == tgt).all())))
-        return res
+        out = self.model(ids, mask=masks.block_causal(n, 1), logits_slice=slice(start, None))
+        mid = self.model.config.mask_token_id
+        for row, i in zip(out, live, strict=True):
+            ctx, cont = pairs[i]
+            lp = row[len(ctx) - 1 - start : len(ctx) - 1 - start + len(cont)].float()
+            if mid is not None and mid < lp.shape[-1]:
+                lp[:, mid] = float("-inf")  # a mask token is never a prediction
+            lp, tgt = lp.log_softmax(-1), torch.tensor(cont, dtype=torch.long)
+            res[i] = (float(lp.gather(-1, tgt[:, None]).sum()), bool((lp.argmax(-1) == tgt).all()))
+        return res  # type: ignore[return-value]
 
     @torch.no_grad()
     def _masked_logp(self, ctx: Sequence[int], cont: Sequence[int], hidden: torch.Tensor) -> torch.Tensor:
@@ -223,7 +242,7 @@ class BlockdiffLM(LM):
 
 def json_task(task: str, data: str | Path) -> str:
     """The head of an lm-eval task YAML whose test split is a local JSON file (no hub)."""
-    files = f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+    files = f"dataset_kwargs:\n  data_files:\n    test: {json.dumps(str(data))}\n"  # JSON is YAML
     return f"task: {task}\ndataset_path: json\n{files}test_split: test\n"
 
 
@@ -253,7 +272,15 @@ def write_task(name: str, n: int, out: str | Path, max_gen_toks: int) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     task = f"blockdiff_{name}"
-    rows = [dict(task=name, prompt=it.prompt, answer=it.answer, entry=json.dumps(it.entry)) for it in its]
+    try:
+        rows = [dict(task=name, prompt=it.prompt, answer=it.answer, entry=json.dumps(it.entry)) for it in its]
+    except TypeError as e:
+        raise ConfigError(f"task {name}: its items cannot be written as JSON ({e})") from None
+    # JSON turns tuples into lists (reasoning-gym's difficulty ranges): the reference answer must
+    # score the same through the written entry as through the item itself
+    back = tasks.Item(its[0].prompt, its[0].answer, json.loads(rows[0]["entry"]))
+    if tasks.score(name, back, its[0].answer) != tasks.score(name, its[0], its[0].answer):
+        raise ConfigError(f"task {name}: its checker scores a JSON copy of an item differently")
     write_text_atomic(out / f"{task}.json", json.dumps(rows))
     write_text_atomic(out / "blockdiff_checker.py", CHECKER)
     yaml = json_task(task, (out / f"{task}.json").resolve()) + TASK_YAML.format(tokens=int(max_gen_toks))
