@@ -203,6 +203,14 @@ def test_batched_loglikelihood_equals_one_request_at_a_time(shifted_ckpt):
     assert [g for _, g in together] == [g for _, g in alone]
     assert [v for v, _ in together] == pytest.approx([v for v, _ in alone], abs=1e-4)
     assert together[2] == (0.0, True)  # an empty continuation: probability 1
+    from blockdiff.objectives import ar_logprobs
+
+    rows = [lm.tok.encode(c + x) for c, x in [("The", " king"), ("To be, or not to", " be")]]
+    starts = [len(lm.tok.encode("The")), len(lm.tok.encode("To be, or not to"))]
+    one = ar_logprobs(lm.model, rows, starts, lm.tok.eos_id)
+    split = ar_logprobs(lm.model, rows, starts, lm.tok.eos_id, max_fed=len(rows[1]))  # a group each
+    for (a, ga), (b, gb) in zip(one, split, strict=True):
+        assert torch.allclose(a, b, atol=1e-5) and torch.equal(ga, gb) and len(a) == len(ga) >= 1
 
 
 def test_a_request_longer_than_the_context_is_refused(shifted_ckpt):

@@ -200,3 +200,44 @@ def block_diffusion_loss(
         tok_w = token_weights(ce, *token_weight) if token_weight is not None else 1.0
         obj = (ce * tok_w * w * time_weights(tt, time_weight) * tt).sum() / total
     return LossOut(obj + ar_weight * ar, diff, ar, int(counted.sum()), rows)
+
+
+@torch.no_grad()
+def ar_logprobs(
+    model: BlockDiffLM, rows: list[list[int]], starts: list[int], pad_id: int, max_rows: int = 64,
+    max_fed: int = 8192,
+) -> list[tuple[Tensor, Tensor]]:  # fmt: skip
+    """Per row, the AR path's log p(row[t] | row[:t]) for t = starts[i] .. len(row) - 1 [float32],
+    and whether each token is the greedy one: what scores a continuation (lm-eval's
+    log-likelihoods) or a reasoning step. Causal forwards over groups of at most `max_rows` rows
+    and `max_fed` fed positions, right-padded (a causal position never reads its padding); the
+    last token is predicted, never fed, and the LM head runs only from the earliest scored
+    position on. Shifted-logits models only: raw output j predicts token j + 1, and the mask
+    token is never a prediction (as in `token_logits`)."""
+    if not model.config.shifted:
+        raise ValueError(
+            "this score reads next-token probabilities: it needs a model with an AR path "
+            "(logits: shifted, trained with block size 1 or an AR loss)"
+        )
+    out: list[tuple[Tensor, Tensor]] = [(torch.zeros(0), torch.zeros(0, dtype=torch.bool))] * len(rows)
+    live = [i for i in range(len(rows)) if starts[i] < len(rows[i])]
+    groups: list[list[int]] = [[]]
+    for i in live:
+        widest = max(len(rows[j]) for j in [*groups[-1], i])
+        if groups[-1] and (len(groups[-1]) == max_rows or (len(groups[-1]) + 1) * widest > max_fed):
+            groups.append([])
+        groups[-1].append(i)
+    dev = next(model.parameters()).device
+    mid = model.config.mask_token_id
+    for group in filter(None, groups):
+        n = max(len(rows[i]) for i in group) - 1
+        first = min(starts[i] for i in group) - 1
+        ids = torch.tensor([rows[i][:-1] + [pad_id] * (n + 1 - len(rows[i])) for i in group], device=dev)
+        logits = model(ids, mask=masks.block_causal(n, 1).to(dev), logits_slice=slice(first, None)).float()
+        for i, row in zip(group, logits.cpu(), strict=True):
+            lp = row[starts[i] - 1 - first : len(rows[i]) - 1 - first]
+            if mid is not None and mid < lp.shape[-1]:
+                lp[:, mid] = float("-inf")
+            lp, tgt = lp.log_softmax(-1), torch.tensor(rows[i][starts[i] :], dtype=torch.long)
+            out[i] = (lp.gather(-1, tgt[:, None])[:, 0], lp.argmax(-1) == tgt)
+    return out

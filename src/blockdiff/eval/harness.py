@@ -29,12 +29,12 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from .. import masks
 from ..checkpoint import write_text_atomic
 from ..config import ConfigError
 from ..decoding import DEFAULT_SAMPLER, DecodeSpec, decode_all
 from ..model import token_logits
 from ..models import load_model
+from ..objectives import ar_logprobs
 from . import tasks
 
 HARNESS_ARGS = ("batch_size", "max_batch_size", "device")  # what lm-eval adds to model_args
@@ -157,46 +157,13 @@ class BlockdiffLM(LM):
     def _ar(self, ctx: Sequence[int], cont: Sequence[int]) -> tuple[float, bool]:
         return self._ar_batched([(ctx, cont)])[0]
 
-    SCORED_TOKENS = 8192  # fed positions per AR forward (batch x padded length): bounds memory
-
     def _ar_batched(self, pairs: list[tuple[Sequence[int], Sequence[int]]]) -> list[tuple[float, bool]]:
-        """`_ar_batch` over groups of at most `batch_size` pairs and `SCORED_TOKENS` fed positions."""
+        """Per pair: the continuation's log-probability on the AR path, and whether it is greedy."""
         for ctx, cont in pairs:
             self._fits(len(ctx) + len(cont) - 1)  # the last token is predicted, never fed
-        out: list[tuple[float, bool]] = []
-        group: list = []
-        for pair in pairs:
-            longest = max([len(c) + len(t) for c, t in [*group, pair]])
-            if group and (len(group) == self.batch_size or (len(group) + 1) * longest > self.SCORED_TOKENS):
-                out += self._ar_batch(group)
-                group = []
-            group.append(pair)
-        return out + (self._ar_batch(group) if group else [])
-
-    @torch.no_grad()
-    def _ar_batch(self, pairs: list[tuple[Sequence[int], Sequence[int]]]) -> list[tuple[float, bool]]:
-        """Per pair: sum of log p(continuation token | everything before it) on the AR path, and
-        whether every continuation token is the greedy one. One causal forward for the batch,
-        rows padded on the right (a causal row never reads what comes after it). A shifted
-        model's raw output j predicts token j + 1 (`token_logits`): the last token is not fed,
-        and the LM head runs only from the shortest context's last token on."""
-        res: list[tuple[float, bool] | None] = [(0.0, True) if not cont else None for _, cont in pairs]
-        live = [i for i, r in enumerate(res) if r is None]
-        if not live:
-            return res  # type: ignore[return-value]
-        seqs = [list(pairs[i][0]) + list(pairs[i][1])[:-1] for i in live]
-        n, start = max(map(len, seqs)), min(len(pairs[i][0]) for i in live) - 1
-        ids = torch.tensor([s + [self.tok.eos_id] * (n - len(s)) for s in seqs])
-        out = self.model(ids, mask=masks.block_causal(n, 1), logits_slice=slice(start, None))
-        mid = self.model.config.mask_token_id
-        for row, i in zip(out, live, strict=True):
-            ctx, cont = pairs[i]
-            lp = row[len(ctx) - 1 - start : len(ctx) - 1 - start + len(cont)].float()
-            if mid is not None and mid < lp.shape[-1]:
-                lp[:, mid] = float("-inf")  # a mask token is never a prediction
-            lp, tgt = lp.log_softmax(-1), torch.tensor(cont, dtype=torch.long)
-            res[i] = (float(lp.gather(-1, tgt[:, None]).sum()), bool((lp.argmax(-1) == tgt).all()))
-        return res  # type: ignore[return-value]
+        rows = [list(ctx) + list(cont) for ctx, cont in pairs]
+        scored = ar_logprobs(self.model, rows, [len(c) for c, _ in pairs], self.tok.eos_id, self.batch_size)
+        return [(float(lp.sum()), bool(greedy.all())) for lp, greedy in scored]
 
     @torch.no_grad()
     def _masked_logp(self, ctx: Sequence[int], cont: Sequence[int], hidden: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ from typing import Protocol
 import torch
 
 from ..eval import tasks as T
+from ..objectives import ar_logprobs
 from .steps import Rollout, join_steps
 
 
@@ -82,20 +83,13 @@ class LogProbScorer:
             starts = [len(self.tok.encode(item.prompt)), *ends[:-1]][: len(ends)]  # a step owns its separator
             rows.append(self.tok.encode(item.prompt + join_steps(r.steps, sep)))
             spans.append(list(zip(starts, ends, strict=True)))
-        logits = _causal_logits(self.model, rows) if rows else []
+        starts = [b[0][0] if b else len(ids) for ids, b in zip(rows, spans, strict=True)]
+        scored = ar_logprobs(self.model, rows, starts, self.tok.eos_id) if rows else []
         self.forwards += len(rows)
-        out = []
-        for ids, bounds, lg in zip(rows, spans, logits, strict=True):
-            if self.model.config.mask_token_id is not None:  # never a prediction (SUBS), as in `ar`
-                lg[..., self.model.config.mask_token_id] = float("-inf")
-            logp = torch.log_softmax(lg, -1)
-            out.append(
-                [
-                    math.exp(sum(float(logp[t - 1, ids[t]]) for t in range(a, b)) / max(1, b - a))
-                    for a, b in bounds
-                ]
-            )
-        return out
+        return [
+            [math.exp(float(lp[a - s : b - s].sum()) / max(1, b - a)) for a, b in bounds]
+            for (lp, _), bounds, s in zip(scored, spans, starts, strict=True)
+        ]
 
 
 PRM_QUERY, PRM_GOOD, PRM_BAD = "?", "+", "-"
