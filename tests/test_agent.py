@@ -187,6 +187,23 @@ def test_parser_accepts_good_calls(text):
 
 
 @pytest.mark.parametrize(
+    "text, at",
+    [
+        ('{"tool": "search", "args": {"query": "x"}}', None),
+        ("KING. Enter.", 12),  # no object: the end
+        ('{"tool": "search", "args": {"query": ', 37),  # where the JSON stops
+        ('{"tool": "search", "args": {"query": "x"}', 41),
+        ('{"tool": "fly", "args": {}}', 1),  # the tool
+        ('ok {"tool": "search", "args": {"q": "x"}}', 22),  # the arguments
+    ],
+)
+def test_call_error_at_points_at_the_error(text, at):
+    from blockdiff.agent.trajectory import call_error_at
+
+    assert call_error_at(text) == at
+
+
+@pytest.mark.parametrize(
     "text, kind, says",
     [
         ("", "unparsable", "no JSON object"),
@@ -311,6 +328,20 @@ def test_tiny_model_ends_in_a_failure_record(tiny, task, sampler):
     assert not res.success and res.failure and res.rounds >= 1
     assert res.tokens > 0 and res.nfe > 0 and res.seconds > 0
     json.dumps(res.as_dict(dialogue=True))  # the record serialises (for eval tables, the page)
+
+
+@pytest.mark.parametrize("sampler", ["ar", "fastdllm", "bd3"])
+def test_constrained_calls_always_parse(tiny, task, sampler):
+    """A model that has never seen JSON, decoding under the call schema: every call parses
+    (the failure, if any, is the task's, never an unparsable call)."""
+    from blockdiff.agent.trajectory import call_schema
+
+    model, tok = tiny
+    policy = ModelPolicy(model, tok, sampler, max_new_tokens=48, json_schema=call_schema())
+    res = run_agent(task, policy, max_rounds=3)
+    calls = [s for s in res.steps if s.round]
+    assert calls and all(s.call is not None for s in calls), [s.text for s in calls]
+    assert not (res.failure or "").startswith(("unparsable", "unknown_tool", "bad_args")), res.failure
 
 
 def test_tiny_model_context_limit(tiny, task):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 
@@ -88,6 +89,17 @@ def test_page_draws_the_denoising_and_races(tmp_path, url):
         assert any(mask in s and s.replace("|", "").replace(mask, "") for s in snaps)  # partly denoised
         assert mask not in snaps[-1]
         assert d.find_element("css selector", ".panel .nfe").text == "8"
+
+        # a constraint: the answer matches, equals the API's, and the overruled tokens are marked
+        regex = "(ROMEO|JULIET)[.:]( [a-z]+){1,3}[.!]"
+        fill(d, constraint="regex", constraint_text=regex, sampler="bd3", steps="", block_size="")
+        d.find_element("id", "run").click()
+        run = wait(d, "const r = window.blockdiffRuns[1]; return r && r.text !== null && r")
+        assert run["text"] == api_text(url, "bd3", regex=regex)
+        assert re.fullmatch(regex, run["text"]), run["text"]
+        assert d.execute_script("return document.querySelectorAll('.canvas [data-steered]').length") > 0
+        fill(d, constraint="none")
+        d.execute_script("window.blockdiffRuns.splice(1)")
 
         fill(d, mode="race", sampler="bd3", steps="", block_size="")
         d.find_element("id", "run").click()

@@ -30,6 +30,8 @@ SLOW = {
     "steps": 240,
     "block_size": 240,
 }
+# a schema no answer of a few tokens can meet (a string of at least 9 characters)
+LONG = {"type": "object", "properties": {"a": {"type": "string", "minLength": 9}}, "required": ["a"]}
 PROMPTS = ["ROMEO:", "JULIET:\nO", "First Citizen:\nBefore we proceed", "KING", "To be, or not", "HAMLET:"]
 
 
@@ -204,7 +206,14 @@ def test_bad_input_is_a_clear_4xx_and_the_server_keeps_serving(url, client):
         ({**ok, "max_tokens": 0}, 400, "max_tokens must be >= 1"),
         ({**ok, "max_tokens": 2**63}, 400, "context"),
         ({**ok, "prompt": "\ud800"}, 400, "not valid Unicode"),
-        ({**ok, "response_format": {"type": "json_object"}}, 400, "not supported"),
+        ({**ok, "response_format": {"type": "yaml"}}, 400, "not one of text, json_object, json_schema"),
+        ({**ok, "response_format": {"type": "json_schema"}}, 400, "json_schema.schema"),
+        (
+            {**ok, "response_format": {"type": "json_schema", "json_schema": {"schema": LONG}}},
+            400,
+            "no text of at most",
+        ),
+        ({**ok, "regex": "a("}, 400, "cannot be compiled"),
     ]
     for body, status, words in cases:
         code, r = post(url, body)
@@ -360,6 +369,31 @@ def test_chat_with_the_shipped_model():
             model=models.DEFAULT, messages=msgs, max_tokens=24, seed=0, extra_body={"sampler": "spec"}
         )
         assert r.choices[0].message.content == generate(model, tok, [tok.chat(msgs)], "spec", 24).texts[0]
+        # structured output: OpenAI's response_format, through the real client, every kind of sampler
+        ask = [{"role": "user", "content": "Give the name and age of Anna, who is 31, as JSON."}]
+        schema = {
+            "type": "object",
+            "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+            "required": ["name", "age"],
+        }
+        rf = {"type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": True}}
+        for sampler in ("fastdllm", "bd3", "spec", "ar"):
+            r = c.chat.completions.create(
+                model=models.DEFAULT,
+                messages=ask,
+                max_tokens=32,
+                seed=0,
+                response_format=rf,
+                extra_body={"sampler": sampler},
+            )
+            obj = json.loads(r.choices[0].message.content)
+            assert isinstance(obj["name"], str) and isinstance(obj["age"], int), (sampler, obj)
+            want = generate(model, tok, [tok.chat(ask)], sampler, 32, seed=0, json_schema=schema)
+            assert r.choices[0].message.content == want.texts[0]
+        r = c.chat.completions.create(
+            model=models.DEFAULT, messages=ask, max_tokens=32, seed=0, response_format={"type": "json_object"}
+        )
+        assert isinstance(json.loads(r.choices[0].message.content), dict)
 
 
 def test_a_failing_batch_fails_its_requests_not_the_server(monkeypatch):

@@ -2,6 +2,8 @@
 after rejections = recomputation, sampled output distributed as AR's (and a wrong acceptance
 rule caught), >= 1 token per forward, clear errors for models without an AR path."""
 
+import re
+
 import pytest
 import torch
 
@@ -90,11 +92,48 @@ def _tiny_vocab_model():
     return model
 
 
-def _first_two(model, sampler, n, seed0):
+class PairRule:
+    """A constraint policy over the 6-token vocabulary: two tokens in 0..3 whose sum is odd."""
+
+    def cursor(self, c, r, col):
+        cur = _PairCursor(0)
+        for k in range(int(c.start[r]), min(col, c.T)):  # the committed prefix
+            cur.feed(int(c.tokens[r, k]))
+        return cur
+
+    def mask(self, c, r, cols, logits):  # the AR sampler's one-column steps
+        return torch.stack([self.cursor(c, r, k).mask(logits[j]) for j, k in enumerate(cols.tolist())])
+
+    def admit(self, c, r, cols, toks, conf):
+        return torch.arange(len(cols))
+
+
+class _PairCursor:
+    def __init__(self, at):
+        self.at, self.first = at, None
+
+    def mask(self, logits):
+        ok = torch.zeros(len(logits), dtype=torch.bool)
+        if self.at == 0:
+            ok[:4] = True
+        elif self.at == 1:
+            ok[[v for v in range(4) if (v + self.first) % 2]] = True
+        else:
+            return logits
+        return logits.masked_fill(~ok, float("-inf"))
+
+    def feed(self, tok):
+        if self.at == 0:
+            self.first = tok
+        self.at += 1
+
+
+def _first_two(model, sampler, n, seed0, constraint=None):
     c = Canvas.build([[1, 2, 3]] * n, 2, 5, 4, 4, 1)
     c.set_grid(1)
     c.stop_at_eos = False
     plan = PLANS[sampler](model, 2, [], temperature=1.0)
+    plan.constraint = constraint
     gens = [torch.Generator().manual_seed(seed0 + r) for r in range(n)]
     with torch.no_grad():
         _decode(model, c, plan, gens, None)
@@ -119,6 +158,41 @@ def test_sampled_spec_is_distributed_as_ar(monkeypatch):
     bad = _first_two(model, "spec", n, 10**6)
     stat_bad, df = _chi2(ar, bad)
     assert stat_bad > df + 4 * (2 * df) ** 0.5, (stat_bad, df)
+
+
+def test_constrained_sampled_spec_is_distributed_as_constrained_ar():
+    """Under a constraint the drafts are proposed from the masked drafter and verified against
+    the masked AR path: the pairs are still distributed as constrained AR's (and all valid)."""
+    model = _tiny_vocab_model()
+    n = 4000
+    ar = _first_two(model, "ar", n, 0, PairRule())
+    sp = _first_two(model, "spec", n, 10**6, PairRule())
+    a, b = torch.arange(36) // 6, torch.arange(36) % 6
+    valid = (a < 4) & (b < 4) & ((a + b) % 2 == 1)
+    assert ar[~valid].sum() == 0 and sp[~valid].sum() == 0
+    stat, df = _chi2(ar, sp)
+    assert df >= 5
+    assert stat < df + 4 * (2 * df) ** 0.5, (stat, df)
+
+
+def test_constrained_greedy_spec_equals_constrained_greedy_ar(nbdiff, monkeypatch):
+    """Greedy under a regex: spec = ar token for token (every draft length), and both equal the
+    decode with the brute-force enumeration in the constraint's place."""
+    from blockdiff.decoding.constraint import Constrain
+    from tests.test_constraint import Brute
+
+    model, tok = nbdiff
+    pattern, n = r"(the|a) (king|sea)( is)?\.", 14
+    ar = generate(model, tok, PROMPTS, sampler="ar", max_new_tokens=n, regex=pattern)
+    assert all(re.fullmatch(pattern, t) for t in ar.texts), ar.texts
+    for draft in (1, 3):
+        sp = generate(model, tok, PROMPTS, sampler="spec", max_new_tokens=n, draft_len=draft, regex=pattern)
+        assert sp.tokens == ar.tokens
+    pattern, n = r"(ab|ba)+c?", 6
+    real = generate(model, tok, PROMPTS, sampler="spec", max_new_tokens=n, regex=pattern, temperature=1.0)
+    monkeypatch.setattr(Constrain, "bind", lambda self, t: Brute(pattern, "abc", t, n))
+    brute = generate(model, tok, PROMPTS, sampler="spec", max_new_tokens=n, regex=pattern, temperature=1.0)
+    assert real.tokens == brute.tokens
 
 
 def test_spec_refuses_models_without_an_ar_path(make_model, tok, nbdiff):

@@ -25,7 +25,8 @@ AGENTS = ("ar", "diffusion")
 DIFFUSION_SAMPLER = DEFAULT_SAMPLER  # the diffusion agent's, unless told
 # the sampling options the AR agent shares with the diffusion agent; the rest (block size,
 # threshold, steps, cache, ...) configure the diffusion sampler only
-SHARED_OPTIONS = ("temperature", "top_p", "top_k")
+# what both agents decode with: sampling, the call schema (--constrain), revision (--revise)
+SHARED_OPTIONS = ("temperature", "top_p", "top_k", "json_schema", "regex", "revise")
 # how a run ends when it fails, in the order the table lists them; `unparsable_call` is every
 # reply the parser rejects (not JSON, unknown tool, wrong arguments)
 FAILURE_KINDS = (

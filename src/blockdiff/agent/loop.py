@@ -16,7 +16,16 @@ from dataclasses import asdict, dataclass, field
 from ..decoding.engine import check_length
 from ..decoding.request import DecodeSpec, as_spec
 from .tools import Toolbox
-from .trajectory import OBSERVATION, Call, CallError, format_observation, parse_call, render, start_messages
+from .trajectory import (
+    OBSERVATION,
+    Call,
+    CallError,
+    call_error_at,
+    format_observation,
+    parse_call,
+    render,
+    start_messages,
+)
 from .world import Task
 
 
@@ -167,14 +176,23 @@ class ModelPolicy:
 
     `sampler="ar"` is the AR agent; a diffusion sampler (`fastdllm`, `bd3`, ...) the diffusion
     agent. Round r (0-based) decodes at most `max_new_tokens` tokens with seed `seed + r`, so a
-    policy holds no state between tasks and a task replays exactly. A dialogue that no longer
+    policy holds no state between tasks and a task replays exactly. `revise=N`: a reply that is
+    not a usable call is remasked around the error and decoded again, at most N times
+    (`call_error_at`, `policies.Recheck`). A dialogue that no longer
     fits the model's context raises `ContextLimit` (a failure record). `decode` is the one model
     call: the server overrides it to go through its scheduler, the rest stays the same."""
 
     def __init__(
-        self, model, tok, sampler: str | DecodeSpec = "ar", max_new_tokens: int = 96, seed: int = 0, **options
+        self,
+        model,
+        tok,
+        sampler: str | DecodeSpec = "ar",
+        max_new_tokens: int = 96,
+        seed: int = 0,
+        revise: int = 0,
+        **options,
     ):
-        self.model, self.tok = model, tok
+        self.model, self.tok, self.revise = model, tok, revise
         if isinstance(sampler, DecodeSpec):  # a face's checked request
             max_new_tokens = sampler.max_new_tokens or max_new_tokens
         self.spec = s = as_spec(model, sampler, max_new_tokens, seed, options)  # checked here
@@ -195,7 +213,8 @@ class ModelPolicy:
     def decode(self, prompt: str, seed: int) -> Reply:
         from ..decoding import generate
 
-        out = generate(self.model, self.tok, [prompt], self.spec, seed=seed)
+        check = {"check": call_error_at, "check_rounds": self.revise} if self.revise else {}
+        out = generate(self.model, self.tok, [prompt], self.spec, seed=seed, **check)
         row = out.rows[0]
         return Reply(out.texts[0], row.tokens, row.nfe)
 

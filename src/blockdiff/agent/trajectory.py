@@ -74,6 +74,34 @@ def render(messages: list[dict[str, str]], tok: Tokenizer | None = None) -> str:
     return "".join(f"### {m['role']}\n{m['content']}\n" for m in messages) + "### assistant\n"
 
 
+def call_schema() -> dict:
+    """The JSON schema of one call (what constrained decoding enforces): one of the tools with its
+    arguments, in the format's order. A claim is any object ({source, FIELD: VALUE}: its fields
+    vary), an answer {entity, value}; `parse_call` still checks the rest."""
+    text = {"type": "string"}
+    kinds = {str: text, dict: {"type": "object"}}
+    args = {name: {k: kinds[t] for k, t in sig.items()} for name, sig in SIGNATURES.items()}
+    args["finish"] = {
+        "answer": {
+            "type": "object",
+            "properties": {"entity": text, "value": {"type": "number"}},
+            "required": ["entity", "value"],
+        }
+    }
+    one = [
+        {
+            "type": "object",
+            "required": ["tool", "args"],
+            "properties": {
+                "tool": {"const": name},
+                "args": {"type": "object", "properties": a, "required": list(a)},
+            },
+        }
+        for name, a in args.items()
+    ]
+    return {"anyOf": one}
+
+
 def parse_call(text: str) -> Call | CallError:
     """A model's turn as a checked call, or a record of why not.
 
@@ -102,6 +130,26 @@ def parse_call(text: str) -> Call | CallError:
         if not isinstance(args[name], typ):
             return CallError("bad_args", f"{tool}: '{name}' must be a {typ.__name__}", text)
     return Call(tool, args)
+
+
+def call_error_at(text: str) -> int | None:
+    """Where a reply stops being a usable call (a character offset for `generate(check=...)`),
+    None when it parses: the JSON error's position, or the start of the tool name or arguments
+    that are wrong, or the end when there is no object at all."""
+    got = parse_call(text)
+    if isinstance(got, Call):
+        return None
+    start = text.find("{")
+    if start < 0:
+        return len(text)
+    if got.kind == "unparsable":
+        try:
+            json.JSONDecoder().raw_decode(text[start:])
+        except json.JSONDecodeError as e:
+            return start + e.pos
+        return start
+    at = text.find('"args"' if got.kind == "bad_args" else '"tool"', start)
+    return at if at >= 0 else start
 
 
 def scripted_calls(task: Task) -> list[Call]:

@@ -30,7 +30,9 @@ def cmd_agent_run(a: argparse.Namespace) -> int:
 
     task = make_task("eval", a.task_seed)
     model, tok = load(a, a.model)
-    policy = ModelPolicy(model, tok, decode_spec(a, model, a.max_new_tokens))
+    calls = _calls(a)
+    revise = calls.pop("revise", 0)
+    policy = ModelPolicy(model, tok, decode_spec(a, model, a.max_new_tokens, **calls), revise=revise)
     out = sys.stderr if a.json else sys.stdout
     print(f"task {task.id}: {task.question.text}", file=out)
 
@@ -62,7 +64,7 @@ def cmd_agent_eval(a: argparse.Namespace) -> int:
     check_limits(max_rounds=a.max_rounds, max_tokens=a.max_tokens, max_new_tokens=a.max_new_tokens)
     if a.sampler not in SAMPLERS:
         raise ConfigError(f"unknown sampler '{a.sampler}'; known samplers: {', '.join(SAMPLERS)}")
-    kw = sampler_kwargs(a)
+    kw = {**_calls(a), **sampler_kwargs(a)}
     seed = kw.pop("seed", 0)
     names = {"ar": a.ar_model or a.model, "diffusion": a.diffusion_model or a.model}
     ev.agent_sampler("diffusion", a.sampler)  # before any model loads
@@ -103,7 +105,20 @@ def cmd_agent_eval(a: argparse.Namespace) -> int:
     return 0
 
 
+def _calls(a: argparse.Namespace) -> dict:
+    """--constrain: every call decoded under the call schema (it parses by construction);
+    --revise N: a reply that is not a usable call is remasked around the error, N times at most."""
+    from ..agent.trajectory import call_schema
+
+    calls = {"json_schema": json.dumps(call_schema())} if a.constrain else {}
+    return calls | ({"revise": a.revise} if a.revise else {})
+
+
 def _agent_limits(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--constrain", action="store_true", help="decode every call under the call's JSON schema")
+    p.add_argument(
+        "--revise", type=int, default=0, help="revise a reply that is not a usable call, N times [0]"
+    )
     p.add_argument("--max-new-tokens", type=int, default=96, dest="max_new_tokens", help="per call [96]")
     p.add_argument("--max-rounds", type=int, default=12, dest="max_rounds", help="[12]")
     p.add_argument("--max-tokens", type=int, default=2048, dest="max_tokens", help="in all [2048]")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 
@@ -16,11 +17,25 @@ from ..runtime import PRECISIONS
 def sampler_kwargs(a: argparse.Namespace) -> dict:
     names = ("block_size", "steps", "threshold", "temperature", "top_p", "top_k", "seed", "draft_len")
     kw = {k: getattr(a, k) for k in names if getattr(a, k, None) is not None}
+    if getattr(a, "regex", None) is not None:
+        kw["regex"] = a.regex
+    if getattr(a, "json_schema", None) is not None:
+        kw["json_schema"] = schema_text(a.json_schema)
     if getattr(a, "no_cache", False):
         kw["cache"] = "none"
     elif getattr(a, "cache", None):
         kw["cache"] = a.cache
     return kw
+
+
+def schema_text(arg: str) -> str:
+    """--json-schema: a schema file's text, or the argument itself (JSON text)."""
+    p = Path(arg)
+    if not arg.lstrip().startswith("{") and p.is_file():
+        return p.read_text()
+    if not arg.lstrip().startswith("{"):
+        raise ConfigError(f"--json-schema {arg!r}: no such file, and not JSON text")
+    return arg
 
 
 def decode_spec(a: argparse.Namespace, model, max_new_tokens: int | None, **defaults) -> DecodeSpec:

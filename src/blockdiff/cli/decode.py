@@ -87,6 +87,13 @@ def add(sub) -> None:
     decode_args(g)
     g.add_argument("--quiet", action="store_true", help="no live canvas")
     g.add_argument("--raw", action="store_true", help="do not wrap the prompt in the model's chat template")
+    con = g.add_mutually_exclusive_group()
+    con.add_argument("--regex", help="the answer must match this regular expression (fully)")
+    con.add_argument(
+        "--json-schema",
+        dest="json_schema",
+        help="the answer must be JSON valid for this schema (a file or JSON text)",
+    )
     g.set_defaults(fn=cmd_generate)
     sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server and the live denoising page")
     sv.add_argument("--model", help="model name or checkpoint/run dir (default: smollm2-nbdiff)")

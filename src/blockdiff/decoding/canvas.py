@@ -59,6 +59,7 @@ class Canvas:
     stop_at_eos: bool = True  # False: EOS is an ordinary token (fixed-length decoding)
     blk: Tensor = None  # [b, T] block id of each column (negative in the prompt); see set_grid
     born: Tensor = None  # [b] seconds after `started` at which the row began (0 unless joined)
+    steered: Tensor = None  # [b, T] committed where a constraint forbade the model's own top token
 
     @classmethod
     def build(
@@ -102,6 +103,7 @@ class Canvas:
             eos_at=torch.full((b,), T, dtype=torch.long),
             finished_at=torch.full((b,), float("nan"), dtype=torch.float64),
             born=torch.zeros(b, dtype=torch.float64),
+            steered=torch.zeros((b, T), dtype=torch.bool),
         )
 
     @property
@@ -118,7 +120,7 @@ class Canvas:
         are padding. In place: the step policy and the runner that hold this canvas go on."""
         T = max(c.T + shift for c, _, shift, _ in parts)
         fills = {"tokens": self.pad_id, "masked": False, "valid": False, "pos": 0, "commit_step": -1}
-        fills |= {"conf": 0.0, "blk": -(10**9)}
+        fills |= {"conf": 0.0, "blk": -(10**9), "steered": False}
         new = {k: [] for k in (*fills, "start", "nfe", "eos_at", "finished_at", "born")}
         for c, rows, shift, blk_by in parts:
             idx = torch.tensor(rows, dtype=torch.long)
@@ -169,11 +171,14 @@ class Canvas:
         """[b] rows with nothing left to decide."""
         return ~self.masked.any(1)
 
-    def commit(self, rows: Tensor, cols: Tensor, toks: Tensor, conf: Tensor) -> None:
+    def commit(
+        self, rows: Tensor, cols: Tensor, toks: Tensor, conf: Tensor, steered: Tensor | None = None
+    ) -> None:
         """Write decided tokens; an EOS ends its row: masks after it become padding."""
         if len(rows) == 0:
             return
         self.tokens[rows, cols] = toks
+        self.steered[rows, cols] = False if steered is None else steered
         self.masked[rows, cols] = False
         self.commit_step[rows, cols] = self.step
         self.conf[rows, cols] = conf.float()
@@ -200,6 +205,7 @@ class Canvas:
 
     def remask(self, rows: Tensor, cols: Tensor) -> None:
         self.tokens[rows, cols] = self.mask_id
+        self.steered[rows, cols] = False
         self.masked[rows, cols] = True
         self.commit_step[rows, cols] = -1
         self.finished_at[rows] = float("nan")

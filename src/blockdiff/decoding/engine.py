@@ -24,7 +24,7 @@ import torch
 from ..model import BlockDiffLM
 from ..tokenizer import Tokenizer
 from .canvas import Canvas, RowStats
-from .policies import PROB, Plan, sample
+from .policies import PROB, Plan, Recheck, sample
 from .request import DEFAULT_SAMPLER, DecodeSpec
 from .runner import Runner
 from .samplers import PLANS, SAMPLERS, build_plan
@@ -97,15 +97,24 @@ class DenoiseStep:
         q_lo, q_hi = int(cols_any[0]), int(cols_any[-1]) + 1
         logits = runner.logits(q_lo, q_hi, frontier=lo if self.block_causal else 0, end=hi)
         c.step += 1
-        rows_w, cols_w, toks_w, conf_w = [], [], [], []
+        rows_w, cols_w, toks_w, conf_w, steer_w = [], [], [], [], []
         for r in range(c.batch):
             cols = cand[r].nonzero().flatten()
             if len(cols) == 0:
                 continue
             c.nfe[r] += 1
             row_logits = logits[r, cols - q_lo]
+            steered = torch.zeros(len(cols), dtype=torch.bool)
+            if plan.constraint is not None:
+                top = row_logits.argmax(-1)
+                row_logits = plan.constraint.mask(c, r, cols, row_logits)
+                steered = row_logits.gather(-1, top[:, None])[:, 0] == float(
+                    "-inf"
+                )  # the model's pick forbidden
             tok, conf = sample(row_logits, plan.temperature, plan.top_k, plan.top_p, self.gens[r], plan.score)
             keep = plan.commit.select(conf, self.step_in_region, int(self.masks_at_start[r]))
+            if plan.constraint is not None and len(keep) > 1:  # jointly completable, or by confidence
+                keep = keep[plan.constraint.admit(c, r, cols[keep], tok[keep], conf[keep])]
             if plan.score is not PROB:  # snapshot confidence is always the token's probability
                 conf = row_logits.double().softmax(-1).gather(-1, tok[:, None])[:, 0]
             if plan.expand is not None and plan.expand.grow(
@@ -116,9 +125,10 @@ class DenoiseStep:
             cols_w.append(cols[keep])
             toks_w.append(tok[keep])
             conf_w.append(conf[keep])
+            steer_w.append(steered[keep])
         if rows_w:
             rows, cols, toks = torch.cat(rows_w), torch.cat(cols_w), torch.cat(toks_w)
-            c.commit(rows, cols, toks, torch.cat(conf_w))
+            c.commit(rows, cols, toks, torch.cat(conf_w), torch.cat(steer_w))
             runner.committed(len(rows))
         self.step_in_region += 1
         return True
@@ -157,6 +167,7 @@ class StepEvent:
     remasked: list[tuple[int, int]]  # (row, canvas column)
     nfe: list[int]  # per row, so far
     finished: list[int]  # rows that finished at this step
+    steered: list[tuple[int, int]] = field(default_factory=list)  # committed where a constraint overruled
 
 
 class Decoding:
@@ -192,12 +203,14 @@ class Decoding:
                     return
             com = (masked & ~c.masked) | ((tokens != c.tokens) & ~c.masked)
             rem = ~masked & c.masked
+            steer = com & c.steered
             yield StepEvent(
                 c.step,
                 [(r, k, int(c.tokens[r, k])) for r, k in com.nonzero().tolist()],
                 [tuple(x) for x in rem.nonzero().tolist()],
                 c.nfe.tolist(),
                 (~done & c.done()).nonzero().flatten().tolist(),
+                [tuple(x) for x in steer.nonzero().tolist()],
             )
 
     def output(self) -> GenerateOutput:
@@ -257,6 +270,8 @@ def start_decoding(
     max_new_tokens: int = 64,
     seed: int | list[int] | None = None,
     trace: bool = False,
+    check: Callable[[str], int | None] | None = None,
+    check_rounds: int = 2,
     **kwargs,
 ) -> Decoding:
     """A decode of a batch of prompts with a named sampler or a checked `DecodeSpec` (its
@@ -275,9 +290,18 @@ def start_decoding(
     prompts = [prompts] if single else list(prompts)
     notes: list[str] = []
     plan = build_plan(model, sampler, max_new_tokens, notes, kwargs)
+    if check is not None:
+        if isinstance(check_rounds, bool) or not isinstance(check_rounds, int) or check_rounds < 1:
+            raise ValueError(f"check_rounds must be an integer >= 1, got {check_rounds!r}")
+        plan.revise = [*plan.revise, Recheck(check, check_rounds, decode=tokenizer.decode)]
     cfg = model.config
     ids = [tokenizer.encode(p) for p in prompts]
     check_length(model, max((len(i) for i in ids), default=0), max_new_tokens)  # before allocating
+    if plan.constraint is not None:
+        if any(cfg.mask_token_id in i for i in ids):
+            raise ValueError("a constraint applies to the answer: a prompt with blanks cannot take one")
+        plan.constraint = plan.constraint.bind(tokenizer)
+        plan.constraint.check_fits(max_new_tokens)
     grid = plan.window.grid_size()  # None: the whole canvas is one block
     c = Canvas.build(ids, max_new_tokens, cfg.mask_token_id, tokenizer.eos_id, tokenizer.pad_id, grid or 1)
     c.set_grid(grid or c.T)
@@ -303,6 +327,8 @@ def generate(
     seed: int | list[int] | None = None,
     trace: bool = False,
     on_step: Callable[[Canvas], None] | None = None,
+    check: Callable[[str], int | None] | None = None,
+    check_rounds: int = 2,
     **kwargs,
 ) -> GenerateOutput:
     """Decode a batch of prompts with a named sampler (or a `DecodeSpec`); `<|mask|>` in a prompt
@@ -312,8 +338,12 @@ def generate(
     seed * 1000003 + row, or by seed[row] when a list is given).
     Returns texts (for a prompt with blanks: the whole text, blanks filled), per-row statistics
     (NFEs, tokens, tokens per NFE, seconds) and the canvas. `on_step(canvas)` after every step.
+    `check(text)` -> offset of an error or None: rejected spans are remasked and decoded again,
+    at most `check_rounds` times (`policies.Recheck`).
     """
-    d = start_decoding(model, tokenizer, prompts, sampler, max_new_tokens, seed, trace, **kwargs)
+    d = start_decoding(
+        model, tokenizer, prompts, sampler, max_new_tokens, seed, trace, check, check_rounds, **kwargs
+    )
     for _ in d._it:  # the steps alone: no per-step events to build when nobody reads them
         if on_step is not None:
             on_step(d.c)

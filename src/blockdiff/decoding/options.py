@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..config import did_you_mean
+from .constraint import schema_text
 from .policies import SCORES
 
 ALIASES = {"gen_length": "max_new_tokens", "block_length": "block_size", "alg": "order"}
@@ -62,6 +63,15 @@ def _choice(name: str) -> Callable[[Any], Any]:
     return check
 
 
+def _text(name: str) -> Callable[[Any], Any]:
+    def check(v):
+        if not isinstance(v, str) or not v:
+            raise ValueError(f"{name} must be a non-empty string, got {v!r}")
+        return v
+
+    return check
+
+
 CHECKS: dict[str, Callable[[Any], Any]] = {
     "block_size": _int("block_size", 1),
     "steps": _int("steps", 1),
@@ -78,12 +88,14 @@ CHECKS: dict[str, Callable[[Any], Any]] = {
     "threshold": _float("threshold", 0.0, 1.0, lo_open=True),
     "factor": _float("factor", 0.0, 1e9, lo_open=True),
     "expand_below": _float("expand_below", 0.0, 1.0),
+    "regex": _text("regex"),
+    "json_schema": schema_text,
     **{k: _choice(k) for k in CHOICES},
 }
 
 
 def accepted(plan: Callable, extra: tuple[str, ...] = ()) -> set[str]:
-    names = set(inspect.signature(plan).parameters) | {"stop_at_eos", "score", *extra}
+    names = set(inspect.signature(plan).parameters) | {"stop_at_eos", "score", "regex", "json_schema", *extra}
     return names - {"model", "max_new_tokens", "notes", "kw"}
 
 

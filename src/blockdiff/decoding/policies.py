@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -293,17 +293,65 @@ class Revise:
         c.set_grid(self.block_size or c.T)
 
     def plan(self, draft: Plan) -> Plan:
-        B = self.block_size
-        return Plan(
-            GlobalWindow() if B is None else BlockWindow(B),
-            draft.commit.for_revision(),
-            B,
-            "none",
-            score=PROB,
-            temperature=draft.temperature,
-            top_k=draft.top_k,
-            top_p=draft.top_p,
-            stop_at_eos=draft.stop_at_eos,
+        return redecode(draft, self.block_size)
+
+
+def redecode(draft: Plan, B: int | None, again: list | None = None) -> Plan:
+    """What a revision stage decodes its masks with: blocks of B (None: the whole canvas), the
+    draft's commit rule made confidence-based, its sampling and constraint, no cache."""
+    return Plan(
+        GlobalWindow() if B is None else BlockWindow(B),
+        draft.commit.for_revision(),
+        B,
+        "none",
+        score=PROB,
+        temperature=draft.temperature,
+        top_k=draft.top_k,
+        top_p=draft.top_p,
+        revise=again or [],
+        stop_at_eos=draft.stop_at_eos,
+        constraint=draft.constraint,
+    )
+
+
+@dataclass
+class Recheck:
+    """Adaptive refinement: after the decode, `check` reads each row's text and returns the
+    character offset of what it rejects (None: accepted); the token there and the `span` least
+    confident tokens around it (EOS included: a text may end too early) go back to the mask and
+    are decoded again, as `Revise` does — at most `rounds` times, every forward counted as NFEs.
+    For what a constraint cannot express (a schema's ranges, a tool call that fails)."""
+
+    check: Callable[[str], int | None]
+    rounds: int = 2
+    span: int = 4
+    decode: Callable[[list[int]], str] | None = None  # the tokenizer's, bound where the decode starts
+
+    def remask(self, c: Canvas, gens: list[torch.Generator]) -> None:
+        for r in range(c.batch):
+            g, eos = int(c.start[r]), int(c.eos_at[r])
+            cols = torch.arange(g, min(eos, c.T))
+            cols = cols[c.valid[r, cols]]
+            ids = c.tokens[r, cols].tolist()
+            at = self.check(self.decode(ids))
+            if at is None:
+                continue
+            cand = torch.cat([cols, torch.tensor([eos])]) if eos < c.T else cols
+            ends = [len(self.decode(ids[: i + 1])) for i in range(len(ids))]
+            k = next((i for i, e in enumerate(ends) if e > at), len(cand) - 1)  # past the text: its end
+            lo, hi = max(0, k - 2 * self.span), min(len(cand), k + self.span + 1)
+            near = torch.cat([torch.arange(lo, k), torch.arange(k + 1, hi)])
+            low = near[c.conf[r, cand[near]].argsort()[: self.span]]
+            pick = cand[torch.cat([torch.tensor([k]), low])]
+            if eos < c.T and bool((pick == eos).any()):  # the end reopens: the EOS fill after it too
+                tail = torch.arange(eos, c.T)
+                pick = torch.unique(torch.cat([pick, tail[c.valid[r, tail]]]))
+                c.eos_at[r] = c.T
+            c.remask(torch.full((len(pick),), r), pick)
+
+    def plan(self, draft: Plan) -> Plan:
+        return redecode(
+            draft, draft.attn_block, [replace(self, rounds=self.rounds - 1)] if self.rounds > 1 else []
         )
 
 
@@ -321,10 +369,11 @@ class Plan:
     temperature: float = 0.0
     top_k: int | None = None
     top_p: float | None = None
-    revise: list[Revise] = field(default_factory=list)  # structural: stages after the draft
+    revise: list[Revise | Recheck] = field(default_factory=list)  # stages after the draft
     stop_at_eos: bool = True
     expand: Expand | None = None  # DCD block expansion (block-causal only)
     spec: object | None = None  # speculative.Speculate: draft with mask blocks, verify with the AR path
+    constraint: object | None = None  # constraint.Constrain: commit only what can still be completed
 
     @property
     def joins(self) -> bool:

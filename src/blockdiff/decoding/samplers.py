@@ -13,6 +13,7 @@ from typing import Any
 from ..config import did_you_mean
 from ..model import BlockDiffLM
 from . import options
+from .constraint import constraint_of
 from .policies import (
     SCORES,
     BlockWindow,
@@ -314,7 +315,10 @@ def build_plan(
     kwargs = check_options(model, sampler, kwargs, notes)
     if "score" in kwargs:  # the option names a scoring; the plan holds the function
         kwargs = {**kwargs, "score": SCORES[kwargs["score"]]}
+    kwargs = dict(kwargs)
+    constraint = constraint_of(kwargs)
     plan = PLANS[sampler](model, max_new_tokens, notes, **kwargs)
+    plan.constraint = constraint
     grid = plan.window.grid_size()
     if grid is not None and grid > max_new_tokens > 0:
         raise ValueError(f"block_size {grid} is larger than the canvas ({max_new_tokens} new tokens)")

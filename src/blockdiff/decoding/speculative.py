@@ -97,15 +97,41 @@ class SpecStep:
                 qs.append(None)
                 continue
             c.nfe[r] += 1
-            m, tok, conf = self._verify(r, ar[r])
+            m, tok, conf = self._verify(r, self._constrained(r, int(start[r]) + 1, ar[r]))
             cols = start[r] + 1 + torch.arange(m + 1)
             self._commit(r, cols, tok, conf)
             n_new[r] = start[r] + m + 1
-            drafts[r], q = self._pick(dr[r, m, : self.k], r)
+            drafts[r], q = self._draft(r, int(n_new[r]) + 1, dr[r, m, : self.k])
             qs.append(q)
         self.n, self.drafts = n_new, drafts
         self.q = qs
         return True
+
+    def _constrained(self, r: int, col: int, ar: Tensor) -> Tensor:
+        """The AR logits for columns col.. under the plan's constraint, each read after the
+        drafts before it (a draft that breaks it is masked out of the AR target: rejected)."""
+        con = self.plan.constraint
+        if con is None:
+            return ar
+        cur, out = con.cursor(self.c, r, col), ar.clone()
+        for i in range(len(ar)):
+            out[i] = cur.mask(ar[i])
+            if self.n is not None and i < self.k:
+                cur.feed(int(self.drafts[r, i]))
+        return out
+
+    def _draft(self, r: int, col: int, logits: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The k drafts for columns col.. (under a constraint: one at a time, each after the last)."""
+        con = self.plan.constraint
+        if con is None:
+            return self._pick(logits, r)
+        cur, toks, dists = con.cursor(self.c, r, col), [], []
+        for i in range(len(logits)):
+            tok, d = self._pick(cur.mask(logits[i]), r)
+            cur.feed(int(tok))
+            toks.append(tok)
+            dists.append(d)
+        return torch.stack(toks), None if dists[0] is None else torch.stack(dists)
 
     def _verify(self, r: int, ar: Tensor) -> tuple[int, Tensor, Tensor]:
         """(drafts accepted m, the m + 1 tokens to commit, their AR probabilities)."""

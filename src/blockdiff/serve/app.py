@@ -30,6 +30,7 @@ from ..agent.world import EVAL_POOL
 from ..config import BlockdiffError
 from ..decoding import DEFAULT_SAMPLER, SAMPLERS, DecodeSpec
 from ..decoding import options as sampler_options
+from ..decoding.constraint import constraint_of
 from ..decoding.engine import check_length
 from ..decoding.samplers import PLANS
 from ..model import BlockDiffLM
@@ -43,6 +44,7 @@ from .protocol import (
     _Common,
     _error,
     include_usage,
+    response_format,
 )
 from .scheduler import Delta, Denoised, Done, Failed, Finished, Job, QueueFull, Scheduler, Started, emitter
 
@@ -100,7 +102,9 @@ class Server:
             v = (req.model_extra or {}).get(k)
             if not any(v == n and isinstance(v, bool) == isinstance(n, bool) for n in neutral):
                 raise APIError(400, f"{k} is not supported by blockdiff", k, "unsupported_parameter")
-        extra = {k: v for k, v in (req.model_extra or {}).items() if k not in NEUTRAL and k not in IGNORED}
+        skip = (*NEUTRAL, *IGNORED, "response_format")
+        extra = {k: v for k, v in (req.model_extra or {}).items() if k not in skip}
+        extra |= response_format((req.model_extra or {}).get("response_format"))
         sampler = req.sampler or self.sampler
         max_tokens = req.max_tokens if req.max_tokens is not None else req.max_completion_tokens
         max_tokens = self.default_max_tokens if max_tokens is None else max_tokens
@@ -124,6 +128,8 @@ class Server:
         try:
             spec = DecodeSpec.build(self.model, sampler, max_tokens, seed, **opts)
             check_length(self.model, len(self.tok.encode(prompt)), max_tokens)
+            if (con := constraint_of(spec.kwargs)) is not None:  # before the request is queued
+                con.bind(self.tok).check_fits(max_tokens)
         except (ValueError, TypeError, BlockdiffError) as e:
             raise APIError(400, str(e), _param(str(e), [*opts, "sampler"]), "invalid_value") from None
         return Job(

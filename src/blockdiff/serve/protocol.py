@@ -20,10 +20,31 @@ NEUTRAL: dict[str, tuple] = {
     "suffix": (None,),
     "tools": (None, []),
     "tool_choice": (None, "none"),
-    "response_format": (None, {"type": "text"}),
 }
 # OpenAI fields with no effect on a completion: accepted and ignored, never sampler options.
 IGNORED = ("store", "metadata", "parallel_tool_calls", "service_tier", "modalities")
+
+
+def response_format(rf) -> dict:
+    """OpenAI's `response_format` as decode options: text (none), json_object (any JSON object),
+    json_schema (its `json_schema.schema`)."""
+    if rf is None or rf == {"type": "text"}:
+        return {}
+    kind = rf.get("type") if isinstance(rf, dict) else None
+    if kind == "json_object":
+        return {"json_schema": {"type": "object"}}
+    if kind == "json_schema":
+        schema = (
+            (rf.get("json_schema") or {}).get("schema") if isinstance(rf.get("json_schema"), dict) else None
+        )
+        if not isinstance(schema, dict):
+            raise APIError(
+                400, "response_format json_schema needs json_schema.schema (an object)", "response_format"
+            )
+        return {"json_schema": schema}
+    raise APIError(
+        400, f"response_format type {kind!r} is not one of text, json_object, json_schema", "response_format"
+    )
 
 
 class APIError(Exception):

@@ -58,6 +58,7 @@ class Denoised(JobEvent):
     committed: list  # [row, column, text piece]
     remasked: list  # [row, column]
     nfe: list[int]
+    steered: list = field(default_factory=list)  # [row, column]: committed where the constraint overruled
 
 
 @dataclass(frozen=True)
@@ -342,7 +343,8 @@ class Scheduler:
         com = [[idx[r], k - g[r], self._piece(t)] for r, k, t in ev.committed if r in idx and k >= g[r]]
         rem = [[idx[r], k - g[r]] for r, k in ev.remasked if r in idx]
         nfe = [ev.nfe[r] for r in j.rows]
-        j.emit(Denoised(ev.step, com, rem, nfe))
+        steer = [[idx[r], k - g[r]] for r, k in ev.steered if r in idx and k >= g[r]]
+        j.emit(Denoised(ev.step, com, rem, nfe, steer))
 
     def _piece(self, t: int) -> str:
         return "" if t in (self.tok.eos_id, self.tok.pad_id) else self.tok.decode([t])

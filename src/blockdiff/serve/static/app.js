@@ -55,9 +55,19 @@ function modelFor(ar) {
   return ar && info.ar_model ? info.ar_model : info.model;
 }
 
+// The answer's constraint: OpenAI's response_format (JSON), or blockdiff's regex option.
+function constrain(body) {
+  const kind = $("constraint").value, text = $("constraint_text").value;
+  if (kind === "json_object") body.response_format = { type: "json_object" };
+  else if (kind === "json_schema") {
+    body.response_format = { type: "json_schema", json_schema: { name: "page", schema: JSON.parse(text) } };
+  } else if (kind === "regex") body.regex = text;
+  return body;
+}
+
 function request(sampler) {
-  const body = options({ model: modelFor(sampler === "ar"), stream: true, denoise: true, sampler,
-                         max_tokens: Number($("max_tokens").value), seed: Number($("seed").value) }, sampler);
+  const body = constrain(options({ model: modelFor(sampler === "ar"), stream: true, denoise: true, sampler,
+                         max_tokens: Number($("max_tokens").value), seed: Number($("seed").value) }, sampler));
   if ($("chat").checked) body.messages = [{ role: "user", content: $("prompt").value }];
   else body.prompt = $("prompt").value;
   return body;
@@ -107,6 +117,10 @@ function draw(p, ev) {
       if (p.cells[pos].className !== "eos") p.tokens--;
       p.cells[pos].className = "remasked";
       p.cells[pos].textContent = MASK;
+      delete p.cells[pos].dataset.steered;
+    }
+    for (const [row, pos] of ev.steered || []) {  // the constraint forbade the model's own top token here
+      if (row === 0 && p.cells[pos]) p.cells[pos].dataset.steered = "1";
     }
     p.nfe = ev.nfe[0];
     p.run.snapshots.push(p.cells.map((c) => (c.textContent === MASK ? MASK : c.textContent)).join("|"));
@@ -144,7 +158,14 @@ async function runPanel(p, sampler) {
   p.run = { sampler, snapshots: [], text: null, error: null };
   window.blockdiffRuns.push(p.run);
   const path = $("chat").checked ? "/v1/chat/completions" : "/v1/completions";
-  const r = await api(path, request(sampler));
+  let body;
+  try { body = request(sampler); } catch (e) {  // a schema that is not JSON
+    p.run.error = `constraint: ${e.message}`;
+    p.q(".status").textContent = "error";
+    $("error").textContent = p.run.error;
+    return;
+  }
+  const r = await api(path, body);
   if (!r.ok) {
     p.run.error = await errorOf(r);
     p.q(".status").textContent = "error";
