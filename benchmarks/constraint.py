@@ -159,20 +159,21 @@ def main() -> None:
     load = os.getloadavg()
     print(
         f"command: python benchmarks/constraint.py --repeats {a.repeats} --max-new-tokens {a.max_new_tokens} "
-        f"--dtype {a.dtype}"
+        f"--dtype {a.dtype} --extract {a.extract}"
     )
     print(f"machine: {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, load average {load}")
     print(
-        "| task | sampler | constraint | valid | NFEs (mean) | wall s (median) | constraint ms / forward "
-        "| share of the step |"
+        "| task | sampler | constraint | valid | field accuracy | NFEs (mean) | wall s (median) "
+        "| constraint ms / forward | share of the step |"
     )
-    print("|---|---|---|---|---|---|---|---|")
-    for (task, label, constrained), r in rows.items():
-        nfe = sum(x[1] for x in r)
-        spent, wall = sum(x[3] for x in r), sum(x[2] for x in r)
+    print("|---|---|---|---|---|---|---|---|---|")
+    for (task, label, constrained), r in rows.items():  # r: (valid, accuracy, nfe, wall, spent)
+        nfe = sum(x[2] for x in r)
+        spent, wall = sum(x[4] for x in r), sum(x[3] for x in r)
+        acc = "–" if r[0][1] is None else f"{100 * sum(x[1] for x in r) / len(r):.1f} %"
         print(
             f"| {task} | {label} | {'schema' if constrained else '–'} | {sum(x[0] for x in r)}/{len(r)} | "
-            f"{nfe / len(r):.1f} | {statistics.median(x[2] for x in r):.2f} | "
+            f"{acc} | {nfe / len(r):.1f} | {statistics.median(x[3] for x in r):.2f} | "
             f"{1000 * spent / nfe:.2f} | {100 * spent / wall:.1f} % |"
         )
 

@@ -316,3 +316,24 @@ def test_recheck_bad_rounds(make_model, tok):
         generate(
             _tiny(make_model, tok), tok, ["O"], "ar", max_new_tokens=4, check=lambda t: None, check_rounds=0
         )
+
+
+def test_automata_cached_on_disk_equal_a_fresh_build(tok, tmp_path, monkeypatch):
+    """The on-disk copy loads as the same automaton; a damaged one is rebuilt, not trusted."""
+    from blockdiff.decoding import constraint as cm
+
+    monkeypatch.setenv("BLOCKDIFF_CACHE", str(tmp_path))
+    cm._cached.cache_clear()
+    fresh = cm._build(CASES[0][0], tok)
+    first = TokenAutomaton.build(CASES[0][0], tok)
+    (f,) = (tmp_path / "automata").glob("*.npz")
+    cm._cached.cache_clear()
+    again = TokenAutomaton.build(CASES[0][0], tok)
+    for a in (first, again):
+        for k, v in fresh.arrays().items():
+            assert np.array_equal(a.arrays()[k], v), k
+    f.write_bytes(b"not an npz")
+    cm._cached.cache_clear()
+    rebuilt = TokenAutomaton.build(CASES[0][0], tok)
+    assert np.array_equal(rebuilt.trans, fresh.trans) and f.stat().st_size > 100
+    cm._cached.cache_clear()

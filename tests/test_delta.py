@@ -161,3 +161,22 @@ def test_delta_adapt_save_resume_load(ar_base, corpus_dir, tmp_path, capsys):
     (ckpt / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="different base"):
         load_model(ckpt)
+
+
+@pytest.mark.slow
+def test_delta_under_fsdp_matches_one_process(ar_base, corpus_dir, tmp_path, capsys):
+    """The frozen base sharded with the delta (FSDP, 2 processes): the same delta as one process."""
+    from tests.test_train import torchrun
+
+    _, base_dir = ar_base
+    args = [
+        "adapt", "--base", str(base_dir), "--data", str(corpus_dir), "--target-block-size", "4",
+        "--seq-len", "32", "--steps", "4", "--batch-size", "4", "--lr", "1e-2", "--precision", "fp32",
+        "--delta", "lora:4", "--set", "train.save_every=4",
+    ]  # fmt: skip
+    assert cli.main([*args, "--out", str(tmp_path / "one")]) == 0, capsys.readouterr().err
+    p = torchrun(*args, "--out", str(tmp_path / "two"), "--set", "train.parallel=fsdp", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    a, b = (load_file(str(tmp_path / d / "step-0000004" / "delta.safetensors")) for d in ("one", "two"))
+    assert a.keys() == b.keys() and any(v.abs().max() > 0 for k, v in a.items() if k.endswith("lora_B"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5

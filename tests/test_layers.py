@@ -13,7 +13,7 @@ FLOORS = [
     {"config", "tokenizer", "quant"},
     {"model", "delta"},
     {"masks", "runtime", "convert"},
-    {"noise", "checkpoint"},
+    {"noise", "checkpoint", "sharding"},
     {"objectives", "trainer_state", "data"},
     {"hub"},
     {"models", "recipe"},

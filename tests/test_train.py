@@ -265,20 +265,37 @@ def test_full_disk_loses_nothing(work, straight):
 
 # ---- data parallel -------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_ddp_two_processes_match_one(work, straight):
+def torchrun_cmd(n: int = 2) -> list[str]:
+    """torchrun with n processes on this machine (the test is skipped where it cannot run)."""
     torchrun = Path(sys.executable).parent / "torchrun"
     if not torchrun.exists():
         pytest.skip(f"no torchrun beside {sys.executable}")
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "blockdiff.cli", "train", "R.yaml"]
-    ok(
-        subprocess.run(
-            [*cmd, "--out", "D2"], cwd=work, env=child_env(), capture_output=True, text=True, timeout=240
-        )
+    return [str(torchrun), "--standalone", "--nproc_per_node", str(n), "-m", "blockdiff.cli"]
+
+
+def torchrun(*args: str, cwd: Path, n: int = 2, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*torchrun_cmd(n), *args], cwd=cwd, env=child_env(), capture_output=True, text=True, timeout=timeout
     )
 
-    m1, m2 = metrics(straight), metrics(work / "D2")
+
+def state(run: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(str(run / f"step-{step:07d}" / "trainer_state.safetensors"))
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_match_one(work, straight, parallel):
+    """DDP (a full copy per process) and FSDP (sharded per layer and at the root, with activation
+    checkpointing): the same losses, gradient norms, weights, EMA and AdamW state as one process."""
+    out = f"D2-{parallel}"
+    sets = ["--set", f"train.parallel={parallel}"]
+    if parallel == "fsdp":
+        sets += ["--set", "train.activation_checkpointing=true"]
+    ok(torchrun("train", "R.yaml", "--out", out, *sets, cwd=work))
+
+    m1, m2 = metrics(straight), metrics(work / out)
     assert [r["step"] for r in m1] == [r["step"] for r in m2] == list(range(1, STEPS + 1))
     for r1, r2 in zip(m1, m2, strict=True):
         for k in ("loss", "diff", "grad_norm"):
@@ -286,17 +303,67 @@ def test_ddp_two_processes_match_one(work, straight):
         assert r1["tokens_seen"] == r2["tokens_seen"]
     assert abs(m1[-1]["val_nll"] - m2[-1]["val_nll"]) <= 1e-4
 
-    c1, c2 = latest(straight), latest(work / "D2")
+    c1, c2 = latest(straight), latest(work / out)
     s1, s2 = (
         load_file(str(c1 / "trainer_state.safetensors")),
         load_file(str(c2 / "trainer_state.safetensors")),
     )
-    raw = [k for k in s1 if k.startswith("model.")]
-    assert max_diff({k: s1[k] for k in raw}, {k: s2[k] for k in raw}) <= 1e-4
+    assert s1.keys() == s2.keys() and max_diff(s1, s2) <= 1e-4  # weights, EMA, AdamW moments
     assert (
         max_diff(load_file(str(c1 / "model.safetensors")), load_file(str(c2 / "model.safetensors"))) <= 1e-4
     )
     assert json.loads((c2 / "trainer_state.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_fsdp_kill9_then_resume_on_two_and_on_one_process(work):
+    """kill -9 of one FSDP process mid-run; resuming on 2 processes (FSDP) and on 1 (DDP) both
+    continue exactly as the run that was never killed (2 processes: bit for bit)."""
+    steps = 40
+    sets = ["--set", f"train.steps={steps}", "--set", "train.save_every=4", "--set", "train.keep=20"]
+    fsdp = [*sets, "--set", "train.parallel=fsdp"]
+    ok(torchrun("train", "R.yaml", "--out", "U", *fsdp, cwd=work))
+    proc = subprocess.Popen(
+        [*torchrun_cmd(), "train", "R.yaml", "--out", "K", *fsdp],
+        cwd=work, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    killed = None
+    try:
+        deadline = time.time() + 180
+        while proc.poll() is None and time.time() < deadline and killed is None:
+            f = work / "K" / "metrics.jsonl"
+            lines = f.read_text().splitlines() if f.exists() else []
+            if any(json.loads(ln)["step"] >= 9 for ln in lines if ln.endswith("}")):
+                workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
+                killed = int(workers.stdout.split()[-1])
+                os.kill(killed, signal.SIGKILL)
+            time.sleep(0.01)
+        proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert killed is not None and proc.returncode != 0
+    stopped = json.loads((latest(work / "K") / "trainer_state.json").read_text())["step"]
+    assert 8 <= stopped < steps, stopped
+    shutil.copytree(work / "K", work / "K1")
+    ok(torchrun("train", "R.yaml", "--out", "K", "--resume", *fsdp, cwd=work))
+    ok(
+        blockdiff(
+            "train", "R.yaml", "--out", "K1", "--resume", *sets, "--set", "train.parallel=ddp", cwd=work
+        )
+    )
+    want = state(work / "U", steps)
+    assert max_diff(state(work / "K", steps), want) == 0.0
+    assert max_diff(state(work / "K1", steps), want) <= 1e-5
+
+
+def test_fsdp_bad_input_is_one_clear_error(work):
+    p = blockdiff("train", "R.yaml", "--out", "F1", "--set", "train.parallel=fsdp", cwd=work)
+    assert p.returncode == 2 and "torchrun --nproc_per_node" in p.stderr, p.stderr
+    p = blockdiff("train", "R.yaml", "--out", "F1", "--set", "train.parallel=zero3", cwd=work)
+    assert p.returncode == 2 and "train.parallel must be ddp or fsdp" in p.stderr, p.stderr
+    assert not (work / "F1").exists()
 
 
 # ---- info / export -------------------------------------------------------------------------------

@@ -164,8 +164,11 @@ def write_text_atomic(path: Path, text: str) -> None:
         f.write(text)
 
 
-def state_dict_for_save(model: BlockDiffLM, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+def state_dict_for_save(
+    model: BlockDiffLM, dtype: torch.dtype | None = None, state: dict | None = None
+) -> dict[str, torch.Tensor]:
+    """The weights to write (`state`: gathered full weights of a sharded model, by name)."""
+    sd = {k: v.detach().contiguous() for k, v in (model.state_dict() if state is None else state).items()}
     if model.config.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
     if dtype is not None:
@@ -174,19 +177,28 @@ def state_dict_for_save(model: BlockDiffLM, dtype: torch.dtype | None = None) ->
 
 
 def save_model(
-    directory: Path, model: BlockDiffLM, tokenizer: Tokenizer, dtype: torch.dtype | None = None
+    directory: Path,
+    model: BlockDiffLM,
+    tokenizer: Tokenizer,
+    dtype: torch.dtype | None = None,
+    state: dict | None = None,
 ) -> None:
-    """Write config, weights and tokenizer into an existing directory."""
+    """Write config, weights and tokenizer into an existing directory (`state`: the weights, when
+    the model's own are sharded)."""
     directory = Path(directory)
     model.config.save(directory / "config.json")
-    save_file(
-        state_dict_for_save(model, dtype), str(directory / "model.safetensors"), metadata={"format": "pt"}
-    )
+    sd = state_dict_for_save(model, dtype, state)
+    save_file(sd, str(directory / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save(directory)
 
 
 def save_delta(
-    directory: Path, model: BlockDiffLM, tokenizer: Tokenizer, info: dict, dtype: torch.dtype | None = None
+    directory: Path,
+    model: BlockDiffLM,
+    tokenizer: Tokenizer,
+    info: dict,
+    dtype: torch.dtype | None = None,
+    state: dict | None = None,
 ) -> None:
     """A delta checkpoint: config.json (with `delta`: kind, rank, base, base_sha256),
     delta.safetensors (the trained low-rank pairs and rows only) and the tokenizer."""
@@ -197,6 +209,8 @@ def save_delta(
     d["delta"] = info
     (directory / "config.json").write_text(json.dumps(d, indent=2) + "\n")
     sd = delta_state(model)
+    if state is not None:  # the gathered weights of a sharded model: its trainable ones
+        sd = {n: state[n].cpu().contiguous() for n in sd}
     if dtype is not None:
         sd = {k: v.to(dtype) for k, v in sd.items()}
     save_file(sd, str(directory / "delta.safetensors"), metadata={"format": "pt"})

@@ -69,6 +69,9 @@ class TrainSpec:
     seed: int = 0
     precision: str = "fp32"  # fp32 | bf16 (autocast)
     threads: int = 0  # torch threads (0 = PyTorch's default)
+    parallel: str = "ddp"  # ddp (a full copy per process) | fsdp (FSDP2: parameters, grads, AdamW sharded)
+    activation_checkpointing: bool = False  # fsdp: recompute each decoder layer in the backward
+    cpu_offload: bool = False  # fsdp: sharded parameters, grads and AdamW state live in CPU memory
 
 
 # What a recipe may change on a pretrained base model; positions are rotary (no learned table), so
@@ -202,6 +205,8 @@ def validate(r: Recipe) -> None:
         raise ConfigError(f"data.pad must be eos or mask, got '{r.data.pad}'")
     if r.train.precision not in ("fp32", "bf16"):
         raise ConfigError(f"train.precision must be fp32 or bf16, got '{r.train.precision}'")
+    if r.train.parallel not in ("ddp", "fsdp"):
+        raise ConfigError(f"train.parallel must be ddp or fsdp, got '{r.train.parallel}'")
     if r.train.batch_size < 1 or r.train.steps < 1:
         raise ConfigError("train.batch_size and train.steps must be >= 1")
     r.delta.validate()

@@ -24,6 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from . import delta as delta_mod
 from . import noise as noise_mod
 from . import recipe as recipe_mod
+from . import sharding
 from .config import ConfigError, ModelConfig
 from .data.corpus import encode_rows, load_corpus
 from .model import BlockDiffLM
@@ -80,6 +81,8 @@ class Trainer(Checkpointing):
             raise ConfigError(f"--out {self.out} is a file, not a run directory")
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
+        sharding.check(r.train.parallel, self.world)
+        self.sharded = r.train.parallel == "fsdp"
         if self.world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         if r.train.batch_size % self.world:
@@ -156,6 +159,7 @@ class Trainer(Checkpointing):
                     "base": str(base),
                     "base_sha256": delta_mod.base_checksum(self.model),
                 }
+                torch.manual_seed(r.train.seed)  # the delta's initial A: the recipe's, not the caller's RNG
                 delta_mod.attach(self.model, r.delta)
             self.model.to(self.device)
             self._setup_optimizer()
@@ -179,19 +183,16 @@ class Trainer(Checkpointing):
 
     def _setup_optimizer(self) -> None:
         r = self.r
+        self.ddp = sharding.parallelize(self.model, r.train, self.world)  # first: AdamW holds the shards
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         decay = [p for p in trainable if p.ndim >= 2]
         no_decay = [p for p in trainable if p.ndim < 2]
-        self.opt = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": r.train.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0},
-            ],
-            lr=r.train.lr,
-            betas=tuple(r.train.betas),
-        )
+        groups = [
+            {"params": decay, "weight_decay": r.train.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        self.opt = torch.optim.AdamW(groups, lr=r.train.lr, betas=tuple(r.train.betas))
         self.ema = {n: p.detach().clone() for n, p in self.trainable()} if r.train.ema else None
-        self.ddp = torch.nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else self.model
 
     def trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
         """What the optimizer updates and the trainer state stores: all weights, or the delta."""
@@ -328,7 +329,9 @@ class Trainer(Checkpointing):
                     self.ddp, x0, bs, nz, r.objective.ar_weight, keep, tw, r.objective.time_weight
                 )
             out.loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_([p for _, p in self.trainable()], t.grad_clip)
+            gnorm = sharding.full(
+                torch.nn.utils.clip_grad_norm_([p for _, p in self.trainable()], t.grad_clip)
+            )
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
             if self.ema:

@@ -14,6 +14,7 @@ import yaml
 from rich.console import Console
 from safetensors.torch import load_file, save_file
 
+from . import sharding
 from .checkpoint import (
     CheckpointError,
     atomic_dir,
@@ -26,17 +27,41 @@ from .checkpoint import (
 from .config import ConfigError
 
 console = Console(stderr=True)
+# what a resumed run may change: its length, and how the same training is spread over processes
+RESUMABLE_CHANGES = {("train", "steps"), ("train", "parallel"), ("train", "cpu_offload")}
+RESUMABLE_CHANGES |= {("train", "activation_checkpointing")}
 
 
 class Checkpointing:
     """Needs: model, opt, ema, tok, r (recipe), out, rank, world, device, and the counters."""
 
     # ---- state ---------------------------------------------------------------------------------
-    def _state_tensors(self) -> dict[str, torch.Tensor]:
-        t = {f"model.{n}": p.detach() for n, p in self.trainable()}
-        if self.ema:
-            t.update({f"ema.{n}": v for n, v in self.ema.items()})
-        for i, st in self.opt.state_dict()["state"].items():
+    def _opt_names(self) -> list[str]:
+        """Each optimizer parameter's name, in the optimizer's order (how AdamW state is keyed)."""
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        return [names[id(p)] for g in self.opt.param_groups for p in g["params"]]
+
+    def _gather(self) -> dict | None:
+        """Sharded (FSDP): everything a checkpoint holds as full tensors, gathered by every rank
+        together (rank 0 receives them); None when nothing is sharded."""
+        if not self.sharded:
+            return None
+        with self.ema_weights():
+            saved, _ = sharding.gather(self.model, self.opt, [])  # the weights inference gets
+        weights, opt = sharding.gather(self.model, self.opt, self._opt_names())
+        ema = {n: sharding.full(v).cpu() for n, v in (self.ema or {}).items()}
+        return {"saved": saved, "weights": weights, "opt": opt, "ema": ema}
+
+    def _state_tensors(self, full: dict | None = None) -> dict[str, torch.Tensor]:
+        if full is None:
+            t = {f"model.{n}": p.detach() for n, p in self.trainable()}
+            t.update({f"ema.{n}": v for n, v in (self.ema or {}).items()})
+            opt = self.opt.state_dict()["state"]
+        else:
+            t = {f"model.{n}": full["weights"][n] for n, _ in self.trainable()}
+            t.update({f"ema.{n}": v for n, v in full["ema"].items()})
+            opt = full["opt"]
+        for i, st in opt.items():
             for k, v in st.items():
                 t[f"opt.{i}.{k}"] = torch.as_tensor(v)
         return {k: v.detach().cpu().contiguous() for k, v in t.items()}
@@ -53,7 +78,7 @@ class Checkpointing:
             f"{s}.{k}"
             for s in now
             for k in set(now[s]) | set(saved.get(s, {}))
-            if now[s].get(k) != saved.get(s, {}).get(k) and (s, k) not in {("train", "steps")}
+            if now[s].get(k) != saved.get(s, {}).get(k) and (s, k) not in RESUMABLE_CHANGES
         ]
         if diff:
             raise ConfigError(
@@ -63,20 +88,25 @@ class Checkpointing:
             t = load_file(str(ten_f))
         except Exception as e:
             raise CheckpointError(f"corrupt trainer state {ten_f}: {e}") from None
-        with torch.no_grad():
-            for n, p in self.trainable():
-                p.copy_(t[f"model.{n}"])
-            if self.ema:
-                for n in self.ema:
-                    self.ema[n].copy_(t[f"ema.{n}"])
-        sd = self.opt.state_dict()
         state: dict = {}
         for k, v in t.items():
             if k.startswith("opt."):
                 _, i, name = k.split(".", 2)
                 state.setdefault(int(i), {})[name] = v.to(self.device) if name != "step" else v
-        sd["state"] = state
-        self.opt.load_state_dict(sd)
+        with torch.no_grad():
+            if self.ema:
+                for n, e in self.ema.items():
+                    e.copy_(sharding.like(t[f"ema.{n}"], e))
+            if self.sharded:  # every rank read the full state: each keeps its shard
+                weights = {n: t[f"model.{n}"] for n, _ in self.trainable()}
+                sharding.restore(self.model, self.opt, weights, state, self._opt_names())
+            else:
+                for n, p in self.trainable():
+                    p.copy_(t[f"model.{n}"])
+        if not self.sharded:
+            sd = self.opt.state_dict()
+            sd["state"] = state
+            self.opt.load_state_dict(sd)
         self.start_step, self.tokens_seen = meta["step"], meta["tokens_seen"]
         self.train_seconds, self.interval = meta["train_seconds"], tuple(meta["interval"])
         console.print(f"resumed from {ckpt} at step {self.start_step}")
@@ -93,25 +123,31 @@ class Checkpointing:
         if not self.ema:
             yield
             return
-        backup = {n: p.detach().clone() for n, p in self.trainable()}
+        if self.sharded:  # FSDP keeps the root gathered after a forward: back to the shards first
+            self.model.reshard()
+        params = self.trainable()
+        backup = {n: p.detach().clone() for n, p in params}
         with torch.no_grad():
-            for n, p in self.trainable():
+            for n, p in params:
                 p.copy_(self.ema[n])
         try:
             yield
         finally:
+            if self.sharded:  # a forward ran on the EMA weights: drop its gathered copies
+                self.model.reshard()
             with torch.no_grad():
-                for n, p in self.trainable():
+                for n, p in params:
                     p.copy_(backup[n])
 
     def save(self, step: int, metrics: dict | None = None) -> Path | None:
         """Write step-NNNNNNN atomically with a manifest of checksums, point `latest` at it once it
-        verifies, and prune old checkpoints."""
+        verifies, and prune old checkpoints. Sharded weights are gathered by every rank first."""
+        full = self._gather()
         if self.rank != 0:
             return None
         name = f"step-{step:07d}"
         try:
-            self._write_checkpoint(name, step, metrics)
+            self._write_checkpoint(name, step, metrics, full)
         except CheckpointError as e:  # disk full...: say what is kept and how to go on from it
             last = self.out / "latest"
             kept = "no checkpoint yet"
@@ -126,14 +162,15 @@ class Checkpointing:
         self._prune(None if problem else self.out / name)
         return self.out / name
 
-    def _write_checkpoint(self, name: str, step: int, metrics: dict | None) -> None:
+    def _write_checkpoint(self, name: str, step: int, metrics: dict | None, full: dict | None = None) -> None:
         with atomic_dir(self.out / name) as d:
+            state = None if full is None else full["saved"]
             with self.ema_weights():
                 if self.delta_info:  # the delta alone: the base is named by its checksum
-                    save_delta(d, self.model, self.tok, self.delta_info)
+                    save_delta(d, self.model, self.tok, self.delta_info, state=state)
                 else:
-                    save_model(d, self.model, self.tok)
-            save_file(self._state_tensors(), str(d / "trainer_state.safetensors"))
+                    save_model(d, self.model, self.tok, state=state)
+            save_file(self._state_tensors(full), str(d / "trainer_state.safetensors"))
             meta = {
                 "step": step,
                 "tokens_seen": self.tokens_seen,

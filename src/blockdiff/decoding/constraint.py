@@ -20,8 +20,11 @@ outlines-core's own token index is not used: it drops transitions out of accepti
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +35,7 @@ from torch import Tensor
 INSTALL = "structured output needs `pip install 'blockdiff[structured]'` (interegular, outlines-core)"
 JSON_WHITESPACE = r"[ ]?"  # between JSON tokens: what a chat model writes, and no runaway padding
 JSON_DEPTH = 2  # nesting of a free-form `json_object`: deeper makes the automaton slow to build
+VERSION = 1  # of the on-disk automata: bump when the table's rules change
 
 
 def _libs():
@@ -109,7 +113,13 @@ class TokenAutomaton:
 
     @classmethod
     def build(cls, pattern: str, tokenizer) -> TokenAutomaton:
-        return _build(pattern, tokenizer)
+        """Once per (pattern, tokenizer) in a process, and cached on disk across processes (a
+        nested object's character automaton takes interegular seconds)."""
+        return _cached(pattern, tokenizer)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"trans": self.trans, "token_class": self.token_class, "finals": self.accept_end[:-2],
+                "start": np.array(self.start), "eos": np.array(self.eos)}  # fmt: skip
 
     def classes(self, toks: np.ndarray) -> np.ndarray:
         """Token ids to classes (ids past the tokenizer's vocabulary: never allowed)."""
@@ -127,7 +137,32 @@ class TokenAutomaton:
         return bool(self.tail(length)[self.start])
 
 
+@functools.lru_cache(maxsize=4)
+def _fingerprint(tokenizer) -> str:
+    return hashlib.sha256(tokenizer.hf.to_str().encode()).hexdigest()
+
+
 @functools.lru_cache(maxsize=16)
+def _cached(pattern: str, tokenizer) -> TokenAutomaton:
+    from ..data.cache import cache_dir
+
+    key = hashlib.sha256(f"{VERSION}\0{pattern}\0{_fingerprint(tokenizer)}".encode()).hexdigest()
+    f = cache_dir() / "automata" / f"{key}.npz"
+    try:
+        z = np.load(f)
+        finals = np.concatenate([z["finals"], [False, False]])
+        return TokenAutomaton(z["trans"], z["token_class"], finals, int(z["start"]), int(z["eos"]))
+    except (OSError, KeyError, ValueError, EOFError):  # absent or damaged: build it again
+        pass
+    auto = _build(pattern, tokenizer)
+    with contextlib.suppress(OSError):  # a read-only cache only costs the time to rebuild
+        f.parent.mkdir(parents=True, exist_ok=True)
+        tmp = f.with_suffix(f".{os.getpid()}.tmp.npz")
+        np.savez(tmp, **auto.arrays())
+        os.replace(tmp, f)
+    return auto
+
+
 def _build(pattern: str, tokenizer) -> TokenAutomaton:
     fsm = char_fsm(pattern)
     states = sorted(fsm.states)
