@@ -361,6 +361,8 @@ def test_fsdp_kill9_then_resume_on_two_and_on_one_process(work):
 def test_fsdp_bad_input_is_one_clear_error(work):
     p = blockdiff("train", "R.yaml", "--out", "F1", "--set", "train.parallel=fsdp", cwd=work)
     assert p.returncode == 2 and "torchrun --nproc_per_node" in p.stderr, p.stderr
+    p = blockdiff("train", "R.yaml", "--out", "F1", "--set", "train.cpu_offload=true", cwd=work)
+    assert p.returncode == 2 and "needs train.parallel fsdp and a GPU" in p.stderr, p.stderr
     p = blockdiff("train", "R.yaml", "--out", "F1", "--set", "train.parallel=zero3", cwd=work)
     assert p.returncode == 2 and "train.parallel must be ddp or fsdp" in p.stderr, p.stderr
     assert not (work / "F1").exists()

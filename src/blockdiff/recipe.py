@@ -71,7 +71,7 @@ class TrainSpec:
     threads: int = 0  # torch threads (0 = PyTorch's default)
     parallel: str = "ddp"  # ddp (a full copy per process) | fsdp (FSDP2: parameters, grads, AdamW sharded)
     activation_checkpointing: bool = False  # fsdp: recompute each decoder layer in the backward
-    cpu_offload: bool = False  # fsdp: sharded parameters, grads and AdamW state live in CPU memory
+    cpu_offload: bool = False  # fsdp on GPUs: sharded parameters, grads and AdamW state in CPU memory
 
 
 # What a recipe may change on a pretrained base model; positions are rotary (no learned table), so

@@ -16,9 +16,14 @@ from torch import nn
 from .config import ConfigError
 
 
-def check(parallel: str, world: int) -> None:
-    """What FSDP needs, before anything is built."""
-    if parallel == "fsdp" and world < 2:
+def check(t, world: int) -> None:
+    """What FSDP needs (`t`: the recipe's train section), before anything is built."""
+    if t.cpu_offload and (t.parallel != "fsdp" or not torch.cuda.is_available()):
+        raise ConfigError(
+            "train.cpu_offload moves FSDP's GPU shards to CPU memory: it needs train.parallel fsdp "
+            "and a GPU (on a CPU the shards are in CPU memory already)"
+        )
+    if t.parallel == "fsdp" and world < 2:
         raise ConfigError(
             "train.parallel fsdp shards over processes: start it with torchrun --nproc_per_node N "
             "(N >= 2), or use train.parallel ddp in one process"

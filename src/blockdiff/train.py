@@ -81,7 +81,7 @@ class Trainer(Checkpointing):
             raise ConfigError(f"--out {self.out} is a file, not a run directory")
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
-        sharding.check(r.train.parallel, self.world)
+        sharding.check(r.train, self.world)
         self.sharded = r.train.parallel == "fsdp"
         if self.world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
