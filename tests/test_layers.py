@@ -16,7 +16,7 @@ FLOORS = [
     {"noise", "checkpoint", "sharding"},
     {"objectives", "trainer_state", "data"},
     {"hub"},
-    {"models", "recipe"},
+    {"models", "recipe", "schedule"},
     {"decoding", "train"},
     {"eval", "export", "agent", "distill"},
     {"reason", "experiments"},

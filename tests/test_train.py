@@ -285,14 +285,17 @@ def state(run: Path, step: int) -> dict[str, torch.Tensor]:
     return load_file(str(run / f"step-{step:07d}" / "trainer_state.safetensors"))
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp", "fsdp-accumulate"])
 def test_two_processes_match_one(work, straight, parallel):
-    """DDP (a full copy per process) and FSDP (sharded per layer and at the root, with activation
-    checkpointing): the same losses, gradient norms, weights, EMA and AdamW state as one process."""
+    """DDP (a full copy per process), FSDP (sharded per layer and at the root, with activation
+    checkpointing) and FSDP over 2 micro-batches per step: the same losses, gradient norms,
+    weights, EMA and AdamW state as one process."""
     out = f"D2-{parallel}"
-    sets = ["--set", f"train.parallel={parallel}"]
-    if parallel == "fsdp":
+    sets = ["--set", f"train.parallel={parallel.split('-')[0]}"]
+    if parallel.startswith("fsdp"):
         sets += ["--set", "train.activation_checkpointing=true"]
+    if parallel.endswith("accumulate"):
+        sets += ["--set", "train.accumulate=2"]
     ok(torchrun("train", "R.yaml", "--out", out, *sets, cwd=work))
 
     m1, m2 = metrics(straight), metrics(work / out)
@@ -356,6 +359,16 @@ def test_fsdp_kill9_then_resume_on_two_and_on_one_process(work):
     want = state(work / "U", steps)
     assert max_diff(state(work / "K", steps), want) == 0.0
     assert max_diff(state(work / "K1", steps), want) <= 1e-5
+
+
+def test_accumulated_micro_batches_match_one_batch(work, straight):
+    """One process, 4 micro-batches of one row per step: the step of the whole batch."""
+    ok(blockdiff("train", "R.yaml", "--out", "ACC", "--set", "train.accumulate=4", cwd=work))
+    for r1, r2 in zip(metrics(straight), metrics(work / "ACC"), strict=True):
+        assert abs(r1["loss"] - r2["loss"]) <= 1e-5 and abs(r1["grad_norm"] - r2["grad_norm"]) <= 1e-4
+    assert max_diff(state(straight, STEPS), state(work / "ACC", STEPS)) <= 1e-4
+    p = blockdiff("train", "R.yaml", "--out", "ACC3", "--set", "train.accumulate=3", cwd=work)
+    assert p.returncode == 2 and "not divisible by 1 processes x 3 micro-batches" in p.stderr, p.stderr
 
 
 def test_fsdp_bad_input_is_one_clear_error(work):

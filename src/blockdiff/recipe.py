@@ -69,6 +69,7 @@ class TrainSpec:
     seed: int = 0
     precision: str = "fp32"  # fp32 | bf16 (autocast)
     threads: int = 0  # torch threads (0 = PyTorch's default)
+    accumulate: int = 1  # micro-batches per step and process (the same step in less memory)
     parallel: str = "ddp"  # ddp (a full copy per process) | fsdp (FSDP2: parameters, grads, AdamW sharded)
     activation_checkpointing: bool = False  # fsdp: recompute each decoder layer in the backward
     cpu_offload: bool = False  # fsdp on GPUs: sharded parameters, grads and AdamW state in CPU memory
@@ -205,6 +206,8 @@ def validate(r: Recipe) -> None:
         raise ConfigError(f"data.pad must be eos or mask, got '{r.data.pad}'")
     if r.train.precision not in ("fp32", "bf16"):
         raise ConfigError(f"train.precision must be fp32 or bf16, got '{r.train.precision}'")
+    if not isinstance(r.train.accumulate, int) or r.train.accumulate < 1:
+        raise ConfigError(f"train.accumulate must be an integer >= 1, got {r.train.accumulate!r}")
     if r.train.parallel not in ("ddp", "fsdp"):
         raise ConfigError(f"train.parallel must be ddp or fsdp, got '{r.train.parallel}'")
     if r.train.batch_size < 1 or r.train.steps < 1:

@@ -30,6 +30,7 @@ from .data.corpus import encode_rows, load_corpus
 from .model import BlockDiffLM
 from .models import load_base_model
 from .objectives import block_diffusion_loss
+from .schedule import block_size_now, global_rows, lr_at
 from .tokenizer import Tokenizer, byte_tokenizer, train_bpe
 from .trainer_state import Checkpointing
 
@@ -44,36 +45,6 @@ def build_tokenizer(spec: recipe_mod.TokenizerSpec, train_texts: list[str]) -> T
     return Tokenizer.load(spec.kind)
 
 
-def lr_at(step: int, t: recipe_mod.TrainSpec) -> float:
-    if step < t.warmup:
-        return t.lr * (step + 1) / t.warmup
-    p = (step - t.warmup) / max(1, t.steps - t.warmup)
-    return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
-
-
-def block_size_now(r: recipe_mod.Recipe, step: int) -> list[int]:
-    """The block-size set at this step: block growth replaces the first (small) entry."""
-    sizes = r.block_sizes()
-    if r.objective.growth:
-        p = step / r.train.steps
-        cur = [int(B) for q, B in sorted(r.objective.growth, key=lambda g: g[0]) if q <= p]
-        if cur:
-            sizes = [cur[-1], *sizes[1:]]
-    return sizes
-
-
-def global_rows(step: int, batch: int, n: int, seed: int) -> torch.Tensor:
-    """Indices of the sequences in this step's global batch: epochs of seeded permutations."""
-    out, pos = [], step * batch
-    while len(out) < batch:
-        epoch, off = divmod(pos, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
-        take = perm[off : off + batch - len(out)]
-        out.extend(take.tolist())
-        pos += len(take)
-    return torch.tensor(out)
-
-
 class Trainer(Checkpointing):
     def __init__(self, r: recipe_mod.Recipe, out_dir: Path, resume: bool = False):
         self.r, self.out = r, Path(out_dir)
@@ -85,9 +56,10 @@ class Trainer(Checkpointing):
         self.sharded = r.train.parallel == "fsdp"
         if self.world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        if r.train.batch_size % self.world:
+        if r.train.batch_size % (self.world * r.train.accumulate):
             raise ConfigError(
-                f"train.batch_size {r.train.batch_size} is not divisible by {self.world} processes"
+                f"train.batch_size {r.train.batch_size} is not divisible by {self.world} processes "
+                f"x {r.train.accumulate} micro-batches (train.accumulate)"
             )
         self.device = torch.device(
             f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
@@ -199,6 +171,37 @@ class Trainer(Checkpointing):
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
 
     # ---- steps ---------------------------------------------------------------------------------
+    def _backward(self, x0, bs, nz, keep, tw) -> torch.Tensor:
+        """Gradients of this process's rows, in `train.accumulate` micro-batches (gradients are
+        synchronised on the last one only); returns [loss, diff, ar], their mean."""
+        r, A = self.r, self.r.train.accumulate
+        n, parts = len(x0) // A, []
+        for i in range(A):
+            sl, last = slice(i * n, (i + 1) * n), i == A - 1
+            with self._sync(last), self.autocast():
+                part = None if keep is None else keep[sl]
+                out = block_diffusion_loss(
+                    self.ddp,
+                    x0[sl],
+                    bs[sl],
+                    nz.rows(sl),
+                    r.objective.ar_weight,
+                    part,
+                    tw,
+                    r.objective.time_weight,
+                )
+            (out.loss / A).backward()
+            parts.append(torch.stack([out.loss.detach(), out.diff.detach(), out.ar.detach()]).float())
+        return torch.stack(parts).mean(0)
+
+    def _sync(self, last: bool):
+        """Gradient synchronisation on the last micro-batch of a step only (DDP, FSDP)."""
+        if self.sharded:
+            self.model.set_requires_gradient_sync(last)
+        elif self.ddp is not self.model and not last:
+            return self.ddp.no_sync()
+        return contextlib.nullcontext()
+
     def batch(self, step: int, batch: int, seed: int, interval, sizes: list[int]):
         """Global batch for `step`, sliced to this process's rows (with their loss mask, if any)."""
         gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
@@ -324,11 +327,7 @@ class Trainer(Checkpointing):
             sizes = block_size_now(r, step)
             x0, bs, nz, keep = self.batch(step, t.batch_size, t.seed, self.interval, sizes)
             tic = time.time()
-            with self.autocast():
-                out = block_diffusion_loss(
-                    self.ddp, x0, bs, nz, r.objective.ar_weight, keep, tw, r.objective.time_weight
-                )
-            out.loss.backward()
+            losses = self._backward(x0, bs, nz, keep, tw)
             gnorm = sharding.full(
                 torch.nn.utils.clip_grad_norm_([p for _, p in self.trainable()], t.grad_clip)
             )
@@ -342,7 +341,6 @@ class Trainer(Checkpointing):
             self.train_seconds += time.time() - tic
             step += 1
             self.tokens_seen += t.batch_size * r.data.seq_len
-            losses = torch.stack([out.loss.detach(), out.diff.detach(), out.ar.detach()]).float()
             if self.world > 1:
                 # Each process holds the mean over its own rows: the global batch's loss is their mean.
                 dist.all_reduce(losses)
