@@ -2,8 +2,9 @@
 fine-tuning (the NBDiff recipe), 2 processes each, one after the other in one run.
 
 Peak memory is each worker's peak resident set (VmHWM in /proc, polled while it runs); the step
-time is the mean over the logged steps after the first (metrics.jsonl). Checkpoints are off
-(save_every beyond the run), so the peak is the training step's.
+time is the mean over the logged steps after the first (metrics.jsonl). The only checkpoint is
+the final one; "during the steps" stops sampling when the last step is logged, before it (a
+sharded run's save gathers the full state on rank 0, which the whole-run peak includes).
 
     python benchmarks/fsdp_memory.py [--steps 6] [--batch 4] [--seq-len 128]
 """
@@ -22,10 +23,11 @@ from pathlib import Path
 import torch
 
 
-def peak_kib(pid: int) -> int:
+def status_kib(pid: int, key: str) -> int:
+    """VmHWM (peak resident set so far) or VmRSS (resident now) of a process, in KiB."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1])
     except OSError:
         pass
@@ -44,10 +46,14 @@ def run(mode: str, a: argparse.Namespace, out: Path) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", MASTER_ADDR="127.0.0.1")
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     peaks: dict[int, int] = {}
+    steady: dict[int, int] = {}  # resident set while the steps run (after the first one is logged)
+    metrics_f = out / mode / "metrics.jsonl"
     while p.poll() is None:
         kids = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout.split()
         for k in map(int, kids):
-            peaks[k] = max(peaks.get(k, 0), peak_kib(k))
+            peaks[k] = max(peaks.get(k, 0), status_kib(k, "VmHWM"))
+            if metrics_f.exists() and f'"step": {a.steps},' not in metrics_f.read_text():
+                steady[k] = max(steady.get(k, 0), status_kib(k, "VmRSS"))  # steps, not the final save
         time.sleep(0.2)
     err = p.stderr.read()
     if p.returncode != 0:
@@ -58,6 +64,7 @@ def run(mode: str, a: argparse.Namespace, out: Path) -> dict:
     peak = [v / 1024 for v in peaks.values()]
     return {
         "peak_mib": peak,
+        "steady_mib": [v / 1024 for v in steady.values()],
         "loss": m[-1]["loss"],
         "tok_s": m[-1]["tok_per_s"],
         "step_s": sum(secs) / len(secs),
@@ -78,11 +85,15 @@ def main() -> None:
     print(f"command: python benchmarks/fsdp_memory.py {size}")
     print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, 2 processes x 1 thread, gloo")
     print(f"load average at the end: {os.getloadavg()}")
-    print("| mode | peak memory per process (MiB) | tokens/s (both processes) | final loss |")
-    print("|---|---|---|---|")
+    print(
+        "| mode | peak RSS per process, whole run (MiB) | max RSS during the steps (MiB) "
+        "| tokens/s | final loss |"
+    )
+    print("|---|---|---|---|---|")
     for mode, r in rows.items():
         peaks = " / ".join(f"{x:.0f}" for x in sorted(r["peak_mib"]))
-        print(f"| {mode} | {peaks} | {r['tok_s']:.0f} | {r['loss']:.4f} |")
+        steady = " / ".join(f"{x:.0f}" for x in sorted(r["steady_mib"]))
+        print(f"| {mode} | {peaks} | {steady} | {r['tok_s']:.0f} | {r['loss']:.4f} |")
 
 
 if __name__ == "__main__":
