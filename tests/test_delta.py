@@ -180,3 +180,64 @@ def test_delta_under_fsdp_matches_one_process(ar_base, corpus_dir, tmp_path, cap
     a, b = (load_file(str(tmp_path / d / "step-0000004" / "delta.safetensors")) for d in ("one", "two"))
     assert a.keys() == b.keys() and any(v.abs().max() > 0 for k, v in a.items() if k.endswith("lora_B"))
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+
+
+def _save_delta_over(base_dir, out, rank, seed):
+    """A random delta of `rank` over the checkpoint `base_dir`, saved as a delta checkpoint."""
+    from blockdiff.checkpoint import save_delta
+
+    model, tok = load_model(base_dir, None)  # merged: what the delta is trained over
+    info = {
+        **delta.DeltaSpec(rank=rank).as_dict(),
+        "base": str(base_dir),
+        "base_sha256": delta.base_checksum(model),
+    }
+    _perturbed(model, delta.DeltaSpec(rank=rank), seed)
+    out.mkdir(parents=True)
+    save_delta(out, model, tok, info)
+    return out
+
+
+def test_a_delta_over_a_delta_stays_unmerged_and_computes_the_merged_model(ar_base, tmp_path):
+    """Inference keeps both deltas beside the base (one LoRA of the summed rank, so a 4-bit base
+    stays on its grid); it computes what the fully merged model computes."""
+    from blockdiff.config import ModelConfig
+    from blockdiff.models import _delta_base, _load_delta
+
+    _, base_dir = ar_base
+    d1 = _save_delta_over(base_dir, tmp_path / "d1", 2, 1)
+    d2 = _save_delta_over(d1, tmp_path / "d2", 3, 2)
+    raw = json.loads((d2 / "config.json").read_text())
+    assert _delta_base(raw["delta"]["base"])[0] == d1
+    stacked = _load_delta(d2, ModelConfig.from_dict(raw), raw["delta"], merge=False)
+    q = stacked.model.layers[0].self_attn.q_proj
+    assert (
+        isinstance(q, delta.LoRALinear)
+        and q.lora_A.shape[0] == 5
+        and not isinstance(q.base, delta.LoRALinear)
+    )
+    merged, _ = load_model(d2, None)
+    fast, _ = load_model(d2, "float32")
+    x = torch.randint(0, 256, (2, 20))
+    x[0, 4] = merged.config.mask_token_id
+    with torch.no_grad():
+        a, b, c = merged(x), fast(x), stacked(x)
+    assert (a - b).abs().max().item() <= 1e-4 and (a - c).abs().max().item() <= 1e-4
+    assert (a - load_model(d1, None)[0](x)).abs().max().item() > 1e-3  # the second delta matters
+
+
+@pytest.mark.slow
+def test_a_delta_over_the_shipped_delta_decodes_in_int4(tmp_path):
+    """The agent's case: a delta over `smollm2-nbdiff` (itself a delta over SmolLM2) keeps the
+    base's exact 4-bit weights under --dtype auto, and agrees with the merged float32 model."""
+    from blockdiff.models import bundled_path
+
+    d = _save_delta_over(bundled_path("smollm2-nbdiff"), tmp_path / "d", 2, 3)
+    fast, tok = load_model(d, "auto")
+    assert fast.precision == "int4"
+    ref, _ = load_model(d, None)
+    x = torch.tensor([tok.encode("The capital of France is Paris, and the capital of Italy is")])
+    with torch.no_grad():
+        p, q = ref(x).float().log_softmax(-1), fast(x).float().log_softmax(-1)
+    kl = (p.exp() * (p - q)).sum(-1).mean().item()
+    assert kl < 0.05, kl

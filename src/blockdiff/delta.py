@@ -79,6 +79,15 @@ class LoRALinear(nn.Module):
             + nn.functional.linear(nn.functional.linear(x, self.lora_A), self.lora_B) * self.scale
         )
 
+    @classmethod
+    def of(cls, base: nn.Linear, a: Tensor, b: Tensor) -> LoRALinear:
+        """Given factors (scale 1, frozen): no random initialisation to throw away."""
+        m = cls.__new__(cls)
+        nn.Module.__init__(m)
+        m.base, m.scale = base, 1.0
+        m.lora_A, m.lora_B = nn.Parameter(a, requires_grad=False), nn.Parameter(b, requires_grad=False)
+        return m
+
     def merged(self) -> nn.Linear:
         with torch.no_grad():
             w = self.base.weight.float() + self.scale * (self.lora_B.float() @ self.lora_A.float())
@@ -165,6 +174,43 @@ def load_delta_state(model: nn.Module, sd: dict[str, Tensor]) -> None:
                     f"delta tensor {n} has shape {tuple(t.shape)}, the model wants {tuple(own[n].shape)}"
                 )
             own[n].copy_(t.to(own[n].dtype))
+
+
+def stack(model: nn.Module, spec: DeltaSpec, sd: dict[str, Tensor]) -> None:
+    """A second delta over a model whose first delta is attached, unmerged (a delta over a delta),
+    kept unmerged so the base stays on its 4-bit grid: per projection one LoRA of the summed
+    rank (the pairs concatenated, each scale folded into its B); the mask row and, with `norms`,
+    the norm gains take the second delta's values (they are whole values, not increments)."""
+    used: set[str] = set()
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            for pname in ("self_attn", "mlp"):
+                parent = getattr(layer, pname)
+                for name in spec.targets:
+                    key = f"model.layers.{i}.{pname}.{name}"
+                    if not hasattr(parent, name) or key + ".lora_A" not in sd:
+                        continue
+                    used |= {key + ".lora_A", key + ".lora_B"}
+                    a, b = sd[key + ".lora_A"].float(), sd[key + ".lora_B"].float() * spec.scale
+                    m = getattr(parent, name)
+                    if isinstance(m, LoRALinear):
+                        a, b = torch.cat([m.lora_A.float(), a]), torch.cat([m.lora_B.float() * m.scale, b], 1)
+                        m = m.base
+                    setattr(parent, name, LoRALinear.of(m, a, b))
+        if "model.embed_tokens.rows" in sd:
+            emb = model.model.embed_tokens
+            if not isinstance(emb, EmbeddingRows):
+                emb = model.model.embed_tokens = EmbeddingRows(emb, [model.config.mask_token_id])
+            emb.rows.copy_(sd["model.embed_tokens.rows"])
+            used.add("model.embed_tokens.rows")
+        for n, p in model.named_parameters():
+            if n in sd and n.endswith("norm.weight"):
+                p.copy_(sd[n])
+                used.add(n)
+    if set(sd) - used:
+        raise ConfigError(f"delta does not fit this model: unexpected {sorted(set(sd) - used)[:3]}")
+    for p in model.parameters():
+        p.requires_grad_(False)
 
 
 def merge(model: nn.Module) -> None:

@@ -7,6 +7,7 @@ or as a base to train on (`load_base_model`). `checkpoint.py` keeps the file for
 
 from __future__ import annotations
 
+import copy
 import json
 from importlib import resources
 from pathlib import Path
@@ -63,15 +64,34 @@ def load_base_model(base: str) -> tuple[BlockDiffLM, Tokenizer]:
     return model, tok
 
 
+def _delta_base(base: str) -> tuple[Path, dict] | None:
+    """(checkpoint, config) when a delta's base is itself a delta checkpoint."""
+    p = Path(base)
+    if not (p.is_dir() and ((p / "config.json").exists() or (p / "latest").exists())):
+        p = path_of(base) if base in NAMES else None
+    if p is None:
+        return None
+    raw = json.loads((resolve(p) / "config.json").read_text())
+    return (resolve(p), raw) if "delta" in raw else None
+
+
 def _load_delta(p: Path, cfg: ModelConfig, info: dict, merge: bool = True) -> BlockDiffLM:
     base = info.get("base")
     if not base:
         raise CheckpointError(f"{p / 'config.json'}: the delta names no base model")
     try:
-        model, _ = load_base_model(str(base))
-    except (ConfigError, CheckpointError, RuntimeError) as e:
+        inner = None if merge else _delta_base(str(base))
+        if inner is not None:  # a delta over a delta, for inference: both kept beside the base
+            model = _load_delta(inner[0], ModelConfig.from_dict(inner[1]), inner[1]["delta"], merge=False)
+            merged = copy.deepcopy(model)
+            delta.merge(merged)  # what the delta was trained over: its checksum is checked
+        else:
+            model, _ = load_base_model(str(base))
+            merged = model
+    except (ConfigError, CheckpointError, RuntimeError, OSError, ValueError) as e:
         raise CheckpointError(f"delta {p}: cannot load its base '{base}': {e}") from None
-    got = delta.base_checksum(model)
+    got = delta.base_checksum(merged)
+    del merged
     if got != info.get("base_sha256"):
         raise CheckpointError(
             f"delta {p} was trained over a different base: '{base}' has weights sha256 {got[:12]}..., "
@@ -84,8 +104,11 @@ def _load_delta(p: Path, cfg: ModelConfig, info: dict, merge: bool = True) -> Bl
         norms=bool(info.get("norms", False)),
     )
     model.config = cfg
-    delta.attach(model, spec)
     try:
+        if inner is not None:
+            delta.stack(model, spec, load_weights(p / "delta.safetensors"))
+            return model
+        delta.attach(model, spec)
         delta.load_delta_state(model, load_weights(p / "delta.safetensors"))
     except ConfigError as e:
         raise CheckpointError(f"{p / 'delta.safetensors'}: {e}") from None
