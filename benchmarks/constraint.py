@@ -93,7 +93,12 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--extract", type=int, default=8, help="extraction items (held-out worlds)")
+    ap.add_argument(
+        "--json-whitespace", default=None, help="JSON whitespace regex [constraint.JSON_WHITESPACE]"
+    )
     a = ap.parse_args()
+    if a.json_whitespace is not None:  # the decision it measures: docs/decisions.md
+        con_mod.JSON_WHITESPACE = a.json_whitespace
     for name in ("mask", "admit"):
         setattr(con_mod.Constrain, name, timed(getattr(con_mod.Constrain, name)))
     con_mod.Cursor.mask = timed(con_mod.Cursor.mask)
@@ -160,6 +165,7 @@ def main() -> None:
     print(
         f"command: python benchmarks/constraint.py --repeats {a.repeats} --max-new-tokens {a.max_new_tokens} "
         f"--dtype {a.dtype} --extract {a.extract}"
+        + (f" --json-whitespace '{a.json_whitespace}'" if a.json_whitespace is not None else "")
     )
     print(f"machine: {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, load average {load}")
     print(

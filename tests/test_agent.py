@@ -28,7 +28,7 @@ from blockdiff.agent import (
 from blockdiff.agent import tasks as tasks_mod
 from blockdiff.agent import world as world_mod
 from blockdiff.agent.tools import CalcError
-from blockdiff.agent.trajectory import format_call, sft_pairs, start_messages
+from blockdiff.agent.trajectory import call_error_at, format_call, sft_pairs, start_messages
 from blockdiff.agent.world import search_query
 
 
@@ -198,8 +198,6 @@ def test_parser_accepts_good_calls(text):
     ],
 )
 def test_call_error_at_points_at_the_error(text, at):
-    from blockdiff.agent.trajectory import call_error_at
-
     assert call_error_at(text) == at
 
 
@@ -364,6 +362,21 @@ def test_cli_agent_data_and_run(tmp_path, capsys):
     text = capsys.readouterr().out
     assert text.startswith("task eval:3: Which") and "[1] " in text and "failed: " in text
     assert main(["agent", "data", "--n", "0", "--out", str(out)]) == 2
+    # --constrain: the call schema, refused up front when no call fits the budget; with --revise
+    assert main([*argv, "--max-new-tokens", "4", "--constrain"]) == 2
+    assert "no text of at most 4 tokens" in capsys.readouterr().err
+    assert main([*argv, "--max-new-tokens", "40", "--constrain", "--revise", "1", "--max-rounds", "1"]) == 0
+    assert '[1] {"tool": "' in capsys.readouterr().out  # the call parsed (it is shown as a call)
+
+
+def test_revise_redecodes_a_reply_that_is_not_a_call(tiny):
+    """ModelPolicy(revise=N): a reply `call_error_at` rejects is remasked and decoded again (more
+    forwards than without; what a revision keeps: tests/test_constraint.py)."""
+    model, tok = tiny
+    plain = ModelPolicy(model, tok, "fastdllm", max_new_tokens=16).decode("ROMEO:", 0)
+    again = ModelPolicy(model, tok, "fastdllm", max_new_tokens=16, revise=2).decode("ROMEO:", 0)
+    assert call_error_at(plain.text) is not None  # the toy model writes no call
+    assert again.nfe > plain.nfe
 
 
 def test_cli_agent_data_on_a_full_disk_keeps_the_old_file(tmp_path):

@@ -29,6 +29,27 @@ def test_generate_every_sampler_json(capsys, tiny_ckpt, sampler):
     assert d["sampler"] == sampler and 0 < d["tokens"] <= 16 and d["nfe"] >= 1
 
 
+def test_generate_with_a_regex_or_a_json_schema(capsys, tiny_ckpt, tmp_path):
+    """--regex and --json-schema (JSON text or a file) constrain the answer; a missing file or a
+    regex that does not compile is one clear error."""
+    import re
+
+    base = ["generate", "Shall I", "--model", str(tiny_ckpt), "--max-new-tokens", "24", "--json"]
+    code, out, err = run_cli(capsys, *base, "--regex", "(thee|thou) (art|shall)[.!]")
+    assert code == 0, err
+    assert re.fullmatch("(thee|thou) (art|shall)[.!]", json.loads(out)["text"])
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    (tmp_path / "s.json").write_text(json.dumps(schema))
+    for arg in (json.dumps(schema), str(tmp_path / "s.json")):
+        code, out, err = run_cli(capsys, *base, "--json-schema", arg)
+        assert code == 0, err
+        assert isinstance(json.loads(json.loads(out)["text"])["n"], int)
+    code, _, err = run_cli(capsys, *base, "--json-schema", str(tmp_path / "nope.json"))
+    assert code == 2 and "no such file, and not JSON text" in err
+    code, _, err = run_cli(capsys, *base, "--regex", "a(")
+    assert code == 2 and "cannot be compiled" in err
+
+
 def test_spec_on_a_model_without_ar_path_is_one_clear_line(capsys, tiny_ckpt):
     code, _, err = run_cli(capsys, "generate", "x", "--model", str(tiny_ckpt), "--sampler", "spec")
     assert code == 2 and "spec needs an NBDiff model" in err and err.count("\n") == 1

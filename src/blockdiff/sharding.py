@@ -74,19 +74,21 @@ def like(value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return distribute_tensor(value.to(target.dtype), target.device_mesh, target.placements)
 
 
-def gather(model: nn.Module, opt: torch.optim.Optimizer, names: list[str]) -> tuple[dict, dict]:
-    """(full weights by name, full AdamW state by parameter index in `names` order): collective,
-    every rank calls it; rank 0 gets the values (offloaded to CPU), the others empty dicts."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
+def full_weights(model: nn.Module) -> dict:
+    """Every weight by name, gathered in full: collective (every rank calls it); rank 0 gets the
+    values, offloaded to CPU, the others an empty dict."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def full_opt_state(model: nn.Module, opt: torch.optim.Optimizer, names: list[str]) -> dict:
+    """AdamW's state by parameter index in `names` order, gathered in full like `full_weights`."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    weights = get_model_state_dict(model, options=opts)
     state = get_optimizer_state_dict(model, opt, options=opts).get("state", {})
-    return weights, {i: state[n] for i, n in enumerate(names) if n in state}
+    return {i: state[n] for i, n in enumerate(names) if n in state}
 
 
 def restore(

@@ -46,9 +46,12 @@ class Checkpointing:
         together (rank 0 receives them); None when nothing is sharded."""
         if not self.sharded:
             return None
-        with self.ema_weights():
-            saved, _ = sharding.gather(self.model, self.opt, [])  # the weights inference gets
-        weights, opt = sharding.gather(self.model, self.opt, self._opt_names())
+        weights = sharding.full_weights(self.model)
+        saved = weights  # the weights inference gets: the EMA ones when there is an EMA
+        if self.ema:
+            with self.ema_weights():
+                saved = sharding.full_weights(self.model)
+        opt = sharding.full_opt_state(self.model, self.opt, self._opt_names())
         ema = {n: sharding.full(v).cpu() for n, v in (self.ema or {}).items()}
         return {"saved": saved, "weights": weights, "opt": opt, "ema": ema}
 

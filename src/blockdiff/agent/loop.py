@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
+from ..decoding.constraint import constraint_of
 from ..decoding.engine import check_length
 from ..decoding.request import DecodeSpec, as_spec
 from .tools import Toolbox
@@ -196,6 +197,8 @@ class ModelPolicy:
         if isinstance(sampler, DecodeSpec):  # a face's checked request
             max_new_tokens = sampler.max_new_tokens or max_new_tokens
         self.spec = s = as_spec(model, sampler, max_new_tokens, seed, options)  # checked here
+        if (con := constraint_of(dict(s.kwargs))) is not None:  # a call must fit the budget
+            con.bind(tok).check_fits(s.max_new_tokens)
         self.sampler, self.max_new_tokens, self.seed = s.sampler, s.max_new_tokens, s.seed
         self.options = s.kwargs
 

@@ -20,7 +20,7 @@ def sampler_kwargs(a: argparse.Namespace) -> dict:
     if getattr(a, "regex", None) is not None:
         kw["regex"] = a.regex
     if getattr(a, "json_schema", None) is not None:
-        kw["json_schema"] = schema_text(a.json_schema)
+        kw["json_schema"] = schema_arg(a.json_schema)
     if getattr(a, "no_cache", False):
         kw["cache"] = "none"
     elif getattr(a, "cache", None):
@@ -28,14 +28,13 @@ def sampler_kwargs(a: argparse.Namespace) -> dict:
     return kw
 
 
-def schema_text(arg: str) -> str:
-    """--json-schema: a schema file's text, or the argument itself (JSON text)."""
-    p = Path(arg)
-    if not arg.lstrip().startswith("{") and p.is_file():
-        return p.read_text()
-    if not arg.lstrip().startswith("{"):
+def schema_arg(arg: str) -> str:
+    """--json-schema: JSON text as it is, else a schema file's text (checked where it is used)."""
+    if arg.lstrip().startswith("{"):
+        return arg
+    if not Path(arg).is_file():
         raise ConfigError(f"--json-schema {arg!r}: no such file, and not JSON text")
-    return arg
+    return Path(arg).read_text()
 
 
 def decode_spec(a: argparse.Namespace, model, max_new_tokens: int | None, **defaults) -> DecodeSpec:

@@ -35,7 +35,7 @@ from torch import Tensor
 INSTALL = "structured output needs `pip install 'blockdiff[structured]'` (interegular, outlines-core)"
 JSON_WHITESPACE = r"[ ]?"  # between JSON tokens: what a chat model writes, and no runaway padding
 JSON_DEPTH = 2  # nesting of a free-form `json_object`: deeper makes the automaton slow to build
-VERSION = 1  # of the on-disk automata: bump when the table's rules change
+VERSION = 2  # of the on-disk automata: bump when the table's rules change
 
 
 def _libs():
@@ -82,24 +82,24 @@ def char_fsm(pattern: str):
 
 
 @functools.lru_cache(maxsize=4)
-def token_texts(tokenizer) -> tuple[list[str | None], frozenset[int]]:
+def token_texts(tokenizer) -> list[str | None]:
     """Each token's text (None: a special token, or bytes that are not whole UTF-8 characters,
-    which a constraint never allows), and the special ids."""
+    which a constraint never allows)."""
     hf = tokenizer.hf
-    special = frozenset(i for i, t in hf.get_added_tokens_decoder().items() if t.special)
+    special = {i for i, t in hf.get_added_tokens_decoder().items() if t.special}
     texts: list[str | None] = []
     for i in range(tokenizer.vocab_size):
         t = None if i in special else hf.decode([i], skip_special_tokens=False)
         texts.append(None if not t or "\ufffd" in t else t)
-    return texts, special
+    return texts
 
 
 class TokenAutomaton:
     """A regular language over a tokenizer's tokens: states 0..n-3 of the character automaton,
     then DONE (after EOS) and DEAD; tokens grouped into classes with equal transitions."""
 
-    def __init__(self, trans: np.ndarray, token_class: np.ndarray, finals: np.ndarray, start: int, eos: int):
-        self.trans, self.token_class, self.start, self.eos = trans, token_class, start, eos
+    def __init__(self, trans: np.ndarray, token_class: np.ndarray, finals: np.ndarray, start: int):
+        self.trans, self.token_class, self.start = trans, token_class, start
         self.n = trans.shape[0]
         self.done, self.dead = self.n - 2, self.n - 1
         self.accept_end = finals.copy()
@@ -118,8 +118,13 @@ class TokenAutomaton:
         return _cached(pattern, tokenizer)
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {"trans": self.trans, "token_class": self.token_class, "finals": self.accept_end[:-2],
-                "start": np.array(self.start), "eos": np.array(self.eos)}  # fmt: skip
+        finals = self.accept_end[:-2]  # the character automaton's (DONE is added on load)
+        return {
+            "trans": self.trans,
+            "token_class": self.token_class,
+            "finals": finals,
+            "start": np.array(self.start),
+        }
 
     def classes(self, toks: np.ndarray) -> np.ndarray:
         """Token ids to classes (ids past the tokenizer's vocabulary: never allowed)."""
@@ -151,7 +156,7 @@ def _cached(pattern: str, tokenizer) -> TokenAutomaton:
     try:
         z = np.load(f)
         finals = np.concatenate([z["finals"], [False, False]])
-        return TokenAutomaton(z["trans"], z["token_class"], finals, int(z["start"]), int(z["eos"]))
+        return TokenAutomaton(z["trans"], z["token_class"], finals, int(z["start"]))
     except (OSError, KeyError, ValueError, EOFError):  # absent or damaged: build it again
         pass
     auto = _build(pattern, tokenizer)
@@ -175,7 +180,7 @@ def _build(pattern: str, tokenizer) -> TokenAutomaton:
         for sym, nxt in row.items():
             D[idx[s], sym] = idx[nxt]
     D[:, stay] = np.arange(S + 1)
-    texts, special = token_texts(tokenizer)
+    texts = token_texts(tokenizer)
     V = len(texts)
     chars = sorted({ch for t in texts if t for ch in t})
     sym = {ch: (s if (s := fsm.alphabet[ch]) is not None else bad) for ch in chars}
@@ -212,7 +217,7 @@ def _build(pattern: str, tokenizer) -> TokenAutomaton:
     finals[[idx[f] for f in fsm.finals]] = True
     trans[:S, eos_c] = np.where(finals[:S], done, dead)
     trans[done, eos_c] = done
-    return TokenAutomaton(trans, token_class, finals, idx[fsm.initial], tokenizer.eos_id)
+    return TokenAutomaton(trans, token_class, finals, idx[fsm.initial])
 
 
 def _unique_columns(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -264,11 +269,11 @@ class Constrain:
         a, n = self.auto, len(cls)
         last = np.flatnonzero(~holes)
         h = max(int(last[-1]) + 1 if len(last) else 0, lo)
-        G = [a.tail(n - i) for i in range(h, n + 1)]
+        back = [a.tail(n - h)]  # G_h, then G_{h-1} .. G_lo
         for i in range(h - 1, lo - 1, -1):
-            nxt = G[0]
-            G.insert(0, (a.reach @ nxt) > 0 if holes[i] else nxt[a.trans[:, cls[i]]])
-        return G
+            nxt = back[-1]
+            back.append((a.reach @ nxt) > 0 if holes[i] else nxt[a.trans[:, cls[i]]])
+        return back[::-1] + [a.tail(n - i) for i in range(h + 1, n + 1)]
 
     def _completable(self, cls: np.ndarray, holes: np.ndarray) -> bool:
         f, s = self._prefix(cls, holes)

@@ -108,9 +108,7 @@ class DenoiseStep:
             if plan.constraint is not None:
                 top = row_logits.argmax(-1)
                 row_logits = plan.constraint.mask(c, r, cols, row_logits)
-                steered = row_logits.gather(-1, top[:, None])[:, 0] == float(
-                    "-inf"
-                )  # the model's pick forbidden
+                steered = torch.isneginf(row_logits.gather(-1, top[:, None])[:, 0])  # its top pick forbidden
             tok, conf = sample(row_logits, plan.temperature, plan.top_k, plan.top_p, self.gens[r], plan.score)
             keep = plan.commit.select(conf, self.step_in_region, int(self.masks_at_start[r]))
             if plan.constraint is not None and len(keep) > 1:  # jointly completable, or by confidence

@@ -337,6 +337,8 @@ class Recheck:
             if at is None:
                 continue
             cand = torch.cat([cols, torch.tensor([eos])]) if eos < c.T else cols
+            if len(cand) == 0:  # nothing generated and no end to reopen
+                continue
             ends = [len(self.decode(ids[: i + 1])) for i in range(len(ids))]
             k = next((i for i, e in enumerate(ends) if e > at), len(cand) - 1)  # past the text: its end
             lo, hi = max(0, k - 2 * self.span), min(len(cand), k + self.span + 1)
