@@ -395,7 +395,7 @@ def train(recipe_path: str, out_dir: str | None, resume: bool, sets: list[str]) 
     try:
         return trainer.run()
     finally:
-        del trainer  # FSDP's modules hold the process group: release them before it is destroyed
-        gc.collect()  # (gloo aborted at exit, ~1 FSDP run in 10, when they outlived it)
+        del trainer  # FSDP's modules hold the process group: free them first (docs/decisions.md)
+        gc.collect()
         if dist.is_initialized():
             dist.destroy_process_group()
