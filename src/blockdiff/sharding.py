@@ -17,7 +17,12 @@ from .config import ConfigError
 
 
 def check(t, world: int) -> None:
-    """What FSDP needs (`t`: the recipe's train section), before anything is built."""
+    """What the processes need (`t`: the recipe's train section), before anything is built."""
+    if t.batch_size % (world * t.accumulate):
+        raise ConfigError(
+            f"train.batch_size {t.batch_size} is not divisible by {world} processes "
+            f"x {t.accumulate} micro-batches (train.accumulate)"
+        )
     if t.cpu_offload and (t.parallel != "fsdp" or not torch.cuda.is_available()):
         raise ConfigError(
             "train.cpu_offload moves FSDP's GPU shards to CPU memory: it needs train.parallel fsdp "

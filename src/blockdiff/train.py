@@ -57,11 +57,6 @@ class Trainer(Checkpointing):
         self.sharded = r.train.parallel == "fsdp"
         if self.world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        if r.train.batch_size % (self.world * r.train.accumulate):
-            raise ConfigError(
-                f"train.batch_size {r.train.batch_size} is not divisible by {self.world} processes "
-                f"x {r.train.accumulate} micro-batches (train.accumulate)"
-            )
         self.device = torch.device(
             f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
         )
