@@ -94,6 +94,49 @@ def training_check(steps: int) -> None:
         )
 
 
+def fsdp_check(steps: int) -> None:
+    """FSDP over 2 ranks (one GPU each: NCCL refuses two ranks on one device) against 1 process on
+    the same global batch: the losses of every step, and the step time of each. On a one-GPU
+    machine it says so and skips; `--device cpu` runs it over gloo."""
+    import json
+    import os
+    import subprocess
+
+    from blockdiff.train import train
+
+    if DEV == "cuda" and torch.cuda.device_count() < 2:
+        print(f"SKIP  FSDP 2 ranks = 1 process: {torch.cuda.device_count()} GPU (needs 2)", flush=True)
+        return
+    sets = [f"train.steps={steps}", f"train.eval_every={steps}", f"train.save_every={steps}"]
+    sets += ["train.log_every=1", "train.precision=bf16", "train.warmup=5", "train.ema=0"]
+    with tempfile.TemporaryDirectory() as d:
+        t0 = time.perf_counter()
+        train("recipes/demo.yaml", f"{d}/one", False, sets)
+        one_s = time.perf_counter() - t0
+        cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2"]
+        cmd += ["-m", "blockdiff.cli", "train", "recipes/demo.yaml", "--out", f"{d}/two"]
+        for x in [*sets, "train.parallel=fsdp", "train.activation_checkpointing=true"]:
+            cmd += ["--set", x]
+        t0 = time.perf_counter()
+        p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        two_s = time.perf_counter() - t0
+        if p.returncode:
+            check("FSDP 2 ranks runs", False, p.stderr[-2000:])
+            return
+
+        def read(run: str) -> list[dict]:
+            lines = (Path(d) / run / "metrics.jsonl").read_text().splitlines()
+            return [r for r in map(json.loads, lines) if "loss" in r]
+
+        a, b = read("one"), read("two")
+        gap = max(abs(x["loss"] - y["loss"]) / x["loss"] for x, y in zip(a, b, strict=True))
+        name = "FSDP 2 ranks (bf16, checkpointing) = 1 process, every step's loss"
+        check(name, gap < 0.02, f"max rel {gap:.1e}")
+        tps = [sum(r["tok_per_s"] for r in run[2:]) / len(run[2:]) for run in (a, b)]
+        print(f"info  demo recipe: 1 process {tps[0]:,.0f} tok/s, FSDP 2 ranks {tps[1]:,.0f} tok/s; "
+              f"wall {one_s:.0f} s vs {two_s:.0f} s with start-up", flush=True)  # fmt: skip
+
+
 def timing(seq_len: int, batch: int, seconds: float, out: Path | None) -> None:
     """Step time of the NBDiff objective (B=4, context-causal, lambda=0.5) on SmolLM2's shape."""
     cfg = ModelConfig(
@@ -139,6 +182,7 @@ def main() -> None:
     ap.add_argument("--steps-file", type=Path, default=None)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--train-steps", type=int, default=60)
+    ap.add_argument("--fsdp-steps", type=int, default=20)
     a = ap.parse_args()
     global DEV
     DEV = a.device
@@ -149,6 +193,7 @@ def main() -> None:
     with torch.no_grad():
         decoding_checks()
     training_check(a.train_steps)
+    fsdp_check(a.fsdp_steps)
     timing(a.timing_seq_len, a.timing_batch, a.steps_for_seconds, a.steps_file)
     print(f"{len(FAILED)} check(s) failed: {FAILED}" if FAILED else "all CUDA checks passed")
     sys.exit(1 if FAILED else 0)

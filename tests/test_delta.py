@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from blockdiff import cli, delta
-from blockdiff.checkpoint import CheckpointError
+from blockdiff.checkpoint import CheckpointError, load_weights
 from blockdiff.config import ConfigError
 from blockdiff.model import BlockDiffLM
 from blockdiff.models import load_model
@@ -177,9 +177,13 @@ def test_delta_under_fsdp_matches_one_process(ar_base, corpus_dir, tmp_path, cap
     assert cli.main([*args, "--out", str(tmp_path / "one")]) == 0, capsys.readouterr().err
     p = torchrun(*args, "--out", str(tmp_path / "two"), "--set", "train.parallel=fsdp", cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
-    a, b = (load_file(str(tmp_path / d / "step-0000004" / "delta.safetensors")) for d in ("one", "two"))
+    a, b = (load_weights(tmp_path / d / "step-0000004" / "delta.safetensors") for d in ("one", "two"))
+    assert not (tmp_path / "two" / "step-0000004" / "delta.safetensors").exists()  # consolidated
     assert a.keys() == b.keys() and any(v.abs().max() > 0 for k, v in a.items() if k.endswith("lora_B"))
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    assert cli.main(["export", str(tmp_path / "two"), str(tmp_path / "shipped"), "--dtype", "float32"]) == 0
+    e = load_file(str(tmp_path / "shipped" / "delta.safetensors"))
+    assert e.keys() == a.keys() and max((a[k] - e[k]).abs().max().item() for k in a) <= 1e-5
 
 
 def _save_delta_over(base_dir, out, rank, seed):

@@ -2,6 +2,9 @@
 
 A checkpoint directory holds config.json, model.safetensors and the tokenizer files; a training
 checkpoint adds trainer_state.json + trainer_state.safetensors (optimizer, EMA, raw weights).
+Sharded training (FSDP) writes `state/` instead of both safetensors files: one
+torch.distributed.checkpoint directory that every process writes its shards into, read back on any
+number of processes, and consolidated in one process wherever the weights are loaded.
 A run directory holds step-NNNNNNN/ checkpoints and a `latest` file naming the newest one.
 """
 
@@ -13,6 +16,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
@@ -164,11 +168,8 @@ def write_text_atomic(path: Path, text: str) -> None:
         f.write(text)
 
 
-def state_dict_for_save(
-    model: BlockDiffLM, dtype: torch.dtype | None = None, state: dict | None = None
-) -> dict[str, torch.Tensor]:
-    """The weights to write (`state`: gathered full weights of a sharded model, by name)."""
-    sd = {k: v.detach().contiguous() for k, v in (model.state_dict() if state is None else state).items()}
+def state_dict_for_save(model: BlockDiffLM, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
     if dtype is not None:
@@ -176,48 +177,80 @@ def state_dict_for_save(
     return sd
 
 
+def save_config(directory: Path, model: BlockDiffLM, tokenizer: Tokenizer, delta: dict | None = None) -> None:
+    """config.json (with `delta`: kind, rank, base, base_sha256, for a delta) and the tokenizer."""
+    d = model.config.to_dict()
+    if delta is not None:
+        d["delta"] = delta
+    (Path(directory) / "config.json").write_text(json.dumps(d, indent=2) + "\n")
+    tokenizer.save(Path(directory))
+
+
 def save_model(
-    directory: Path,
-    model: BlockDiffLM,
-    tokenizer: Tokenizer,
-    dtype: torch.dtype | None = None,
-    state: dict | None = None,
+    directory: Path, model: BlockDiffLM, tokenizer: Tokenizer, dtype: torch.dtype | None = None
 ) -> None:
-    """Write config, weights and tokenizer into an existing directory (`state`: the weights, when
-    the model's own are sharded)."""
-    directory = Path(directory)
-    model.config.save(directory / "config.json")
-    sd = state_dict_for_save(model, dtype, state)
-    save_file(sd, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    tokenizer.save(directory)
+    """Write config, weights and tokenizer into an existing directory."""
+    save_config(directory, model, tokenizer)
+    save_file(
+        state_dict_for_save(model, dtype),
+        str(Path(directory) / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
 
 
 def save_delta(
-    directory: Path,
-    model: BlockDiffLM,
-    tokenizer: Tokenizer,
-    info: dict,
-    dtype: torch.dtype | None = None,
-    state: dict | None = None,
+    directory: Path, model: BlockDiffLM, tokenizer: Tokenizer, info: dict, dtype: torch.dtype | None = None
 ) -> None:
-    """A delta checkpoint: config.json (with `delta`: kind, rank, base, base_sha256),
-    delta.safetensors (the trained low-rank pairs and rows only) and the tokenizer."""
+    """A delta checkpoint: the config naming its base, delta.safetensors (the trained low-rank
+    pairs and rows only) and the tokenizer."""
     from .delta import delta_state
 
-    directory = Path(directory)
-    d = model.config.to_dict()
-    d["delta"] = info
-    (directory / "config.json").write_text(json.dumps(d, indent=2) + "\n")
+    save_config(directory, model, tokenizer, info)
     sd = delta_state(model)
-    if state is not None:  # the gathered weights of a sharded model: its trainable ones
-        sd = {n: state[n].cpu().contiguous() for n in sd}
     if dtype is not None:
         sd = {k: v.to(dtype) for k, v in sd.items()}
-    save_file(sd, str(directory / "delta.safetensors"), metadata={"format": "pt"})
-    tokenizer.save(directory)
+    save_file(sd, str(Path(directory) / "delta.safetensors"), metadata={"format": "pt"})
+
+
+SHARDED = "state"  # the torch.distributed.checkpoint directory of a sharded training checkpoint
+
+
+def read_sharded(directory: Path, keep=lambda key: True) -> dict[str, torch.Tensor]:
+    """The full tensors of a torch.distributed.checkpoint directory (those whose key `keep`s),
+    read in this process alone: no process group, any number of writers."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    try:
+        meta = dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata
+        sd = {
+            k: torch.empty(m.size, dtype=m.properties.dtype)
+            for k, m in meta.items()
+            if isinstance(m, TensorStorageMetadata) and keep(k)
+        }
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(sd, checkpoint_id=str(directory), no_dist=True)
+    except Exception as e:  # DCP wraps reader errors in its own types
+        raise CheckpointError(f"corrupt or unreadable sharded checkpoint {directory}: {e}") from None
+    return sd
+
+
+def read_trainer_state(ckpt: Path) -> dict[str, torch.Tensor]:
+    """Everything a training checkpoint holds, full: `model.<name>`, `ema.<name>`, `opt.<i>.<key>`."""
+    if (Path(ckpt) / SHARDED).is_dir():
+        return read_sharded(Path(ckpt) / SHARDED)
+    return load_weights(Path(ckpt) / "trainer_state.safetensors")
 
 
 def load_weights(file: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file, or, in a sharded checkpoint that has none, the weights inference gets
+    (the EMA ones when the run kept an EMA) consolidated from its shards."""
+    state = file.parent / SHARDED
+    if not file.exists() and state.is_dir():
+        names = read_sharded(state, lambda k: k.startswith(("model.", "ema.")))
+        prefix = "ema." if any(k.startswith("ema.") for k in names) else "model."
+        return {k[len(prefix) :]: v for k, v in names.items() if k.startswith(prefix)}
     if not file.exists():
         raise CheckpointError(f"missing weights file {file}")
     try:

@@ -1,6 +1,6 @@
 """FSDP2 (`train.parallel: fsdp`): each decoder layer and then the whole model sharded with
-PyTorch's `fully_shard`, and the collective gathers a checkpoint needs, so that rank 0 writes the
-same files as a single process (and a run resumes on any number of processes).
+PyTorch's `fully_shard`, and the views of the training state that torch.distributed.checkpoint
+writes shard by shard (a run resumes on any number of processes).
 
 Parameters, gradients and AdamW's moments are sharded over the processes; a layer's parameters are
 gathered for its forward and backward only. Mixed precision follows `train.precision` (bf16
@@ -33,6 +33,21 @@ def check(t, world: int) -> None:
             "train.parallel fsdp shards over processes: start it with torchrun --nproc_per_node N "
             "(N >= 2), or use train.parallel ddp in one process"
         )
+
+
+def init_process_group() -> None:
+    """The process group of a torchrun worker. Its keys in the rendezvous store are prefixed with
+    torchrun's restart count: after an elastic restart, workers otherwise met the dead group's
+    addresses there (gloo: "connection refused" or a hang, about 2 restarts in 3 on this CPU)."""
+    import os
+
+    import torch.distributed as dist
+
+    store, rank, world = next(dist.rendezvous("env://"))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.PrefixStore(f"blockdiff/attempt-{attempt}", store)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world)
 
 
 def parallelize(model: nn.Module, t, world: int) -> nn.Module:
@@ -79,28 +94,27 @@ def like(value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return distribute_tensor(value.to(target.dtype), target.device_mesh, target.placements)
 
 
-def full_weights(model: nn.Module) -> dict:
-    """Every weight by name, gathered in full: collective (every rank calls it); rank 0 gets the
-    values, offloaded to CPU, the others an empty dict."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def full_opt_state(model: nn.Module, opt: torch.optim.Optimizer, names: list[str]) -> dict:
-    """AdamW's state by parameter index in `names` order, gathered in full like `full_weights`."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    state = get_optimizer_state_dict(model, opt, options=opts).get("state", {})
-    return {i: state[n] for i, n in enumerate(names) if n in state}
+def state_views(model: nn.Module, opt: torch.optim.Optimizer, names: list[str], ema: dict | None) -> dict:
+    """Everything a training checkpoint holds, keyed as the trainer state is (`model.<name>`,
+    `ema.<name>`, `opt.<i>.<key>` with `names` the optimizer's parameters in order), as this process
+    holds it: its shards under FSDP. torch.distributed.checkpoint writes these, and fills them in
+    place on load whatever the number of processes that wrote them."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    params = dict(model.named_parameters())
+    views = {f"model.{n}": params[n].detach() for n in names}
+    views.update({f"ema.{n}": v for n, v in (ema or {}).items()})
+    state = get_optimizer_state_dict(model, opt)["state"]
+    for i, n in enumerate(names):
+        views.update({f"opt.{i}.{k}": v for k, v in state.get(n, {}).items()})
+    return views
 
 
 def restore(
-    model: nn.Module, opt: torch.optim.Optimizer, weights: dict, state: dict, names: list[str]
+    model: nn.Module, opt: torch.optim.Optimizer, weights: dict, state: dict, names: list[str], full: bool
 ) -> None:
-    """Load full weights (trainable ones) and AdamW state by index into the sharded model and
-    optimizer, each rank keeping its shard (every rank passes the same full tensors)."""
+    """Load trainable weights by name and AdamW state by index in `names` into the model and its
+    optimizer: full tensors (`full`: every rank passes the same ones and keeps its shard) or
+    tensors laid out as the model's own (what `state_views` filled)."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_optimizer_state_dict,
@@ -108,8 +122,8 @@ def restore(
         set_optimizer_state_dict,
     )
 
-    opts = StateDictOptions(full_state_dict=True, strict=False)
+    opts = StateDictOptions(full_state_dict=full, strict=False)
     set_model_state_dict(model, weights, options=opts)
-    osd = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True))
+    osd = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=full))
     osd["state"] = {names[i]: v for i, v in state.items()}
-    set_optimizer_state_dict(model, opt, osd, options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(model, opt, osd, options=StateDictOptions(full_state_dict=full))

@@ -56,7 +56,7 @@ class Trainer(Checkpointing):
         sharding.check(r.train, self.world)
         self.sharded = r.train.parallel == "fsdp"
         if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            sharding.init_process_group()
         self.device = torch.device(
             f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
         )

@@ -1,6 +1,7 @@
 """Training state on disk: atomic checkpoints with the model in HF layout plus trainer state
-(raw weights, EMA, AdamW moments as safetensors; step, tokens, timing, recipe as JSON), the
-`latest` pointer, bit-exact resume and the metrics log. Mixed into `train.Trainer`."""
+(raw weights, EMA, AdamW moments as safetensors, or as torch.distributed.checkpoint shards when
+the run is sharded; step, tokens, timing, recipe as JSON), the `latest` pointer, bit-exact resume
+and the metrics log. Mixed into `train.Trainer`."""
 
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ from safetensors.torch import load_file, save_file
 
 from . import sharding
 from .checkpoint import (
+    SHARDED,
     CheckpointError,
     atomic_dir,
+    save_config,
     save_delta,
     save_model,
     verify,
@@ -38,39 +41,23 @@ class Checkpointing:
     # ---- state ---------------------------------------------------------------------------------
     def _opt_names(self) -> list[str]:
         """Each optimizer parameter's name, in the optimizer's order (how AdamW state is keyed)."""
+        if self.sharded:  # FSDP leaves the root's parameters gathered after a forward: the shards
+            self.model.reshard()  # (what the optimizer holds) go back on the module first
         names = {id(p): n for n, p in self.model.named_parameters()}
         return [names[id(p)] for g in self.opt.param_groups for p in g["params"]]
 
-    def _gather(self) -> dict | None:
-        """Sharded (FSDP): everything a checkpoint holds as full tensors, gathered by every rank
-        together (rank 0 receives them); None when nothing is sharded."""
-        if not self.sharded:
-            return None
-        weights = sharding.full_weights(self.model)
-        saved = weights  # the weights inference gets: the EMA ones when there is an EMA
-        if self.ema:
-            with self.ema_weights():
-                saved = sharding.full_weights(self.model)
-        opt = sharding.full_opt_state(self.model, self.opt, self._opt_names())
-        ema = {n: sharding.full(v).cpu() for n, v in (self.ema or {}).items()}
-        return {"saved": saved, "weights": weights, "opt": opt, "ema": ema}
-
-    def _state_tensors(self, full: dict | None = None) -> dict[str, torch.Tensor]:
-        if full is None:
-            t = {f"model.{n}": p.detach() for n, p in self.trainable()}
-            t.update({f"ema.{n}": v for n, v in (self.ema or {}).items()})
-            opt = self.opt.state_dict()["state"]
-        else:
-            t = {f"model.{n}": full["weights"][n] for n, _ in self.trainable()}
-            t.update({f"ema.{n}": v for n, v in full["ema"].items()})
-            opt = full["opt"]
-        for i, st in opt.items():
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        t = {f"model.{n}": p.detach() for n, p in self.trainable()}
+        t.update({f"ema.{n}": v for n, v in (self.ema or {}).items()})
+        for i, st in self.opt.state_dict()["state"].items():
             for k, v in st.items():
                 t[f"opt.{i}.{k}"] = torch.as_tensor(v)
         return {k: v.detach().cpu().contiguous() for k, v in t.items()}
 
     def _load_state(self, ckpt: Path) -> None:
         meta_f, ten_f = ckpt / "trainer_state.json", ckpt / "trainer_state.safetensors"
+        if (ckpt / SHARDED).is_dir():
+            ten_f = ckpt / SHARDED
         for f in (meta_f, ten_f):
             if not f.exists():
                 raise CheckpointError(f"cannot resume: missing {f}")
@@ -87,6 +74,35 @@ class Checkpointing:
             raise ConfigError(
                 f"cannot resume: recipe differs from the checkpoint's in {', '.join(sorted(diff))}"
             )
+        if ten_f.is_dir():
+            self._load_sharded(ten_f)
+        else:
+            self._load_full(ten_f)
+        self.start_step, self.tokens_seen = meta["step"], meta["tokens_seen"]
+        self.train_seconds, self.interval = meta["train_seconds"], tuple(meta["interval"])
+        console.print(f"resumed from {ckpt} at step {self.start_step}")
+
+    def _load_sharded(self, directory: Path) -> None:
+        """Each process reads the parts of the shards it holds now (the whole tensors when the run
+        is not sharded), however many processes wrote them."""
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+
+        names = self._opt_names()
+        views = sharding.state_views(self.model, self.opt, names, self.ema)
+        try:
+            dcp.load(views, checkpoint_id=str(directory), no_dist=not dist.is_initialized())
+        except Exception as e:
+            raise CheckpointError(f"corrupt or unreadable trainer state {directory}: {e}") from None
+        weights = {n: views[f"model.{n}"] for n in names}
+        state: dict = {}
+        for k, v in views.items():
+            if k.startswith("opt."):
+                _, i, name = k.split(".", 2)
+                state.setdefault(int(i), {})[name] = v
+        sharding.restore(self.model, self.opt, weights, state, names, full=False)
+
+    def _load_full(self, ten_f: Path) -> None:
         try:
             t = load_file(str(ten_f))
         except Exception as e:
@@ -102,7 +118,7 @@ class Checkpointing:
                     e.copy_(sharding.like(t[f"ema.{n}"], e))
             if self.sharded:  # every rank read the full state: each keeps its shard
                 weights = {n: t[f"model.{n}"] for n, _ in self.trainable()}
-                sharding.restore(self.model, self.opt, weights, state, self._opt_names())
+                sharding.restore(self.model, self.opt, weights, state, self._opt_names(), full=True)
             else:
                 for n, p in self.trainable():
                     p.copy_(t[f"model.{n}"])
@@ -110,9 +126,6 @@ class Checkpointing:
             sd = self.opt.state_dict()
             sd["state"] = state
             self.opt.load_state_dict(sd)
-        self.start_step, self.tokens_seen = meta["step"], meta["tokens_seen"]
-        self.train_seconds, self.interval = meta["train_seconds"], tuple(meta["interval"])
-        console.print(f"resumed from {ckpt} at step {self.start_step}")
 
     def _trim_metrics(self, step: int) -> None:
         f = self.out / "metrics.jsonl"
@@ -144,19 +157,21 @@ class Checkpointing:
 
     def save(self, step: int, metrics: dict | None = None) -> Path | None:
         """Write step-NNNNNNN atomically with a manifest of checksums, point `latest` at it once it
-        verifies, and prune old checkpoints. Sharded weights are gathered by every rank first."""
-        full = self._gather()
-        if self.rank != 0:
-            return None
+        verifies, and prune old checkpoints. Sharded runs write their shards from every process."""
         name = f"step-{step:07d}"
         try:
-            self._write_checkpoint(name, step, metrics, full)
+            if self.sharded:
+                self._write_sharded(name, step, metrics)
+            elif self.rank == 0:
+                self._write_checkpoint(name, step, metrics)
         except CheckpointError as e:  # disk full...: say what is kept and how to go on from it
             last = self.out / "latest"
             kept = "no checkpoint yet"
             if last.exists():
                 kept = f"{self.out / last.read_text().strip()} is intact"
             raise CheckpointError(f"{e}; {kept}; rerun with --resume once it can be written") from e
+        if self.rank != 0:
+            return None
         problem = verify(self.out / name)
         if problem:  # leave `latest` on the previous good one
             console.print(f"checkpoint {name} failed verification ({problem})", markup=False, soft_wrap=True)
@@ -165,29 +180,51 @@ class Checkpointing:
         self._prune(None if problem else self.out / name)
         return self.out / name
 
-    def _write_checkpoint(self, name: str, step: int, metrics: dict | None, full: dict | None = None) -> None:
+    def _write_checkpoint(self, name: str, step: int, metrics: dict | None) -> None:
         with atomic_dir(self.out / name) as d:
-            state = None if full is None else full["saved"]
             with self.ema_weights():
                 if self.delta_info:  # the delta alone: the base is named by its checksum
-                    save_delta(d, self.model, self.tok, self.delta_info, state=state)
+                    save_delta(d, self.model, self.tok, self.delta_info)
                 else:
-                    save_model(d, self.model, self.tok, state=state)
-            save_file(self._state_tensors(full), str(d / "trainer_state.safetensors"))
-            meta = {
-                "step": step,
-                "tokens_seen": self.tokens_seen,
-                "train_seconds": self.train_seconds,
-                "interval": list(self.interval),
-                "world_size": self.world,
-                "metrics": metrics or {},
-                "recipe": self.r.to_dict(),
-            }
-            if self.r.data.corpus != "shakespeare":  # relative to the cwd: recorded as read
-                meta["corpus_path"] = str(Path(self.r.data.corpus).resolve())
-            (d / "trainer_state.json").write_text(json.dumps(meta, indent=2) + "\n")
-            (d / "recipe.yaml").write_text(yaml.safe_dump(self.r.to_dict(), sort_keys=False))
-            write_manifest(d)
+                    save_model(d, self.model, self.tok)
+            save_file(self._state_tensors(), str(d / "trainer_state.safetensors"))
+            self._write_meta(d, step, metrics)
+
+    def _write_sharded(self, name: str, step: int, metrics: dict | None) -> None:
+        """Every process writes its shards into one temporary directory that rank 0 makes and names
+        to the others; rank 0 adds the rest and renames it into place once all shards are written
+        (DCP's save returns on every rank after its metadata is written). A process killed
+        before that leaves a temporary directory that resuming removes: `latest` never moves."""
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+
+        views = sharding.state_views(self.model, self.opt, self._opt_names(), self.ema)
+        if self.rank != 0:
+            where = [None]
+            dist.broadcast_object_list(where, src=0)
+            dcp.save(views, checkpoint_id=where[0])
+            return
+        with atomic_dir(self.out / name) as d:
+            dist.broadcast_object_list([str(d / SHARDED)], src=0)
+            dcp.save(views, checkpoint_id=str(d / SHARDED))
+            save_config(d, self.model, self.tok, self.delta_info or None)
+            self._write_meta(d, step, metrics)
+
+    def _write_meta(self, d: Path, step: int, metrics: dict | None) -> None:
+        meta = {
+            "step": step,
+            "tokens_seen": self.tokens_seen,
+            "train_seconds": self.train_seconds,
+            "interval": list(self.interval),
+            "world_size": self.world,
+            "metrics": metrics or {},
+            "recipe": self.r.to_dict(),
+        }
+        if self.r.data.corpus != "shakespeare":  # relative to the cwd: recorded as read
+            meta["corpus_path"] = str(Path(self.r.data.corpus).resolve())
+        (d / "trainer_state.json").write_text(json.dumps(meta, indent=2) + "\n")
+        (d / "recipe.yaml").write_text(yaml.safe_dump(self.r.to_dict(), sort_keys=False))
+        write_manifest(d)
 
     def _checkpoints(self) -> list[Path]:
         return sorted(p for p in self.out.glob("step-*") if p.is_dir())
