@@ -162,6 +162,9 @@ def main() -> None:
         "blockdiff ar int4 runtime (adapted)": bd_runner(ad4, atok, "ar", N),
         "blockdiff spec k=3 greedy int4 runtime (adapted)": bd_runner(ad4, atok, "spec", N, draft_len=3),
         "blockdiff spec k=1 greedy int4 runtime (adapted)": bd_runner(ad4, atok, "spec", N, draft_len=1),
+        "blockdiff spec auto greedy int4 runtime (adapted)": bd_runner(ad4, atok, "spec", N),
+        "blockdiff spec k=3 greedy bf16 (adapted)": bd_runner(ad16, atok, "spec", N, draft_len=3),
+        "blockdiff spec auto greedy bf16 (adapted)": bd_runner(ad16, atok, "spec", N),
         "blockdiff bd3 B=4, 2 tok/NFE int4 runtime (adapted)": bd_runner(
             ad4, atok, "bd3", N, block_size=4, steps=2, order="confidence", temperature=0.0
         ),

@@ -73,7 +73,7 @@ def test_cache_after_rejections_equals_recomputation(nbdiff, monkeypatch):
         return ar, dr
 
     monkeypatch.setattr(Runner, "speculate", checked)
-    out = generate(model, tok, PROMPTS[:3], sampler="spec", max_new_tokens=30, stop_at_eos=False)
+    out = generate(model, tok, PROMPTS[:3], sampler="spec", max_new_tokens=30, stop_at_eos=False, draft_len=3)
     assert seen["steps"] > 3
     assert any(r.tokens < 4 * r.nfe for r in out.rows)  # some drafts were rejected on the way
 
@@ -189,10 +189,65 @@ def test_constrained_greedy_spec_equals_constrained_greedy_ar(nbdiff, monkeypatc
         sp = generate(model, tok, PROMPTS, sampler="spec", max_new_tokens=n, draft_len=draft, regex=pattern)
         assert sp.tokens == ar.tokens
     pattern, n = r"(ab|ba)+c?", 6
-    real = generate(model, tok, PROMPTS, sampler="spec", max_new_tokens=n, regex=pattern, temperature=1.0)
+    kw = {"sampler": "spec", "max_new_tokens": n, "regex": pattern, "temperature": 1.0, "draft_len": 3}
+    real = generate(model, tok, PROMPTS, **kw)
     monkeypatch.setattr(Constrain, "bind", lambda self, t: Brute(pattern, "abc", t, n))
-    brute = generate(model, tok, PROMPTS, sampler="spec", max_new_tokens=n, regex=pattern, temperature=1.0)
+    brute = generate(model, tok, PROMPTS, **kw)
     assert real.tokens == brute.tokens
+
+
+def test_best_draft_length_by_hand():
+    """Tokens per forward cost, hand-computed: with a forward of n tokens costing 1 + 0.1 (n - 1)
+    and blocks of 4, k drafts feed 5 (k + 1) tokens: 1.9, 2.4, 2.9 for k = 1, 2, 3."""
+    cost = lambda n: 1 + 0.1 * (n - 1)  # noqa: E731
+    many = 10**6
+    # every draft accepted: 2/1.9, 3/2.4, 4/2.9 -> k = 3
+    assert speculative.best_k([many] * 3, [many] * 3, 3, 4, cost) == 3
+    # half accepted: 1.5/1.9, 1.75/2.4, 1.875/2.9 all < 1 -> plain AR
+    assert speculative.best_k([many] * 3, [2 * many] * 3, 3, 4, cost) == 0
+    # first always, second never: 2/1.9 = 1.05 > 2/2.4 -> k = 1
+    assert speculative.best_k([many, 0, 0], [many, many, 0], 3, 4, cost) == 1
+    # a flat cost: any acceptance pays -> the longest
+    assert speculative.best_k([1, 1, 1], [4, 4, 4], 3, 4, lambda n: 1.0) == 3
+    # Laplace smoothing: nothing tried yet counts as 1/2
+    assert speculative.best_k([0] * 3, [0] * 3, 3, 4, lambda n: 1.0) == 3
+
+
+def test_forward_cost_tables():
+    from blockdiff.quant import FORWARD_MS, forward_cost
+
+    c = forward_cost("int4")
+    assert c(1) == 1.0 and c(8) == pytest.approx(25.0 / 12.3)
+    assert c(16) == pytest.approx(FORWARD_MS["int4"][16] / 12.3)
+    assert c(4) < c(6) < c(8)  # interpolated between the measured widths
+    assert c(64) > c(32)  # extrapolated past the widest
+    assert forward_cost("int4", "cuda") is None and forward_cost(None) is None
+
+
+@pytest.mark.parametrize("slope", [0.0, 0.15, 1.0])
+def test_adaptive_spec_equals_ar_whatever_it_chooses(nbdiff, monkeypatch, slope):
+    """Without --draft-len, spec picks its draft length from the runtime's cost table and the
+    acceptance it measures; greedy output stays greedy AR's whatever it picks. A forward of n
+    tokens costing 1 + slope (n - 1), blocks of 4 (k drafts: 5 (k + 1) tokens): flat, it keeps
+    drafting; at 0.15 only k = 3 could pay (4 tokens for 3.85) and only at an acceptance that 20
+    smoothed trials cannot show (at most 21/22 each: 3.71 tokens), so the probe ends it; at 1 no
+    draft length can pay even if all are accepted, so it never drafts."""
+    from blockdiff.decoding import samplers
+
+    model, tok = nbdiff
+    monkeypatch.setattr(samplers, "forward_cost", lambda *a: lambda n: 1 + slope * (n - 1))
+    ar = generate(model, tok, PROMPTS, sampler="ar", max_new_tokens=30, stop_at_eos=False)
+    sp = generate(model, tok, PROMPTS, sampler="spec", max_new_tokens=30, stop_at_eos=False)
+    assert sp.tokens == ar.tokens
+    per_forward = sum(r.tokens for r in sp.rows) / sum(r.nfe for r in sp.rows)
+    said = " ".join(sp.notes)
+    if slope == 0:
+        assert per_forward > 1.2 and "draft length" not in said
+    elif slope == 0.15:
+        assert "draft length 3 -> 0 after 4 forwards" in said, sp.notes
+        assert 1.0 < per_forward < 1.2
+    else:
+        assert "no draft length pays" in said and per_forward == 1.0
 
 
 def test_spec_refuses_models_without_an_ar_path(make_model, tok, nbdiff):

@@ -314,6 +314,7 @@ def test_two_processes_match_one(work, straight, parallel):
     assert json.loads((c2 / "trainer_state.json").read_text())["world_size"] == 2
     if parallel.startswith("fsdp"):  # shards only; the model is consolidated where it is read
         assert (c2 / "state").is_dir() and not (c2 / "model.safetensors").exists()
+        assert "parameters" in ok(blockdiff("info", out, cwd=work)).stdout
         ok(blockdiff("export", out, f"E-{out}", "--dtype", "float32", cwd=work))
         c2 = work / f"E-{out}"
     w1, w2 = load_file(str(c1 / "model.safetensors")), load_file(str(c2 / "model.safetensors"))

@@ -17,6 +17,8 @@ picks per forward.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -24,6 +26,36 @@ GROUP = 32
 # Forwards over a cache feeding at most this many tokens per sequence take the 4-bit kernel,
 # others bfloat16: the crossover of the measured per-forward cost table (benchmarks/cost_table.py).
 NARROW_ROWS = 8
+# ms per forward over a 64-token cache by tokens fed per sequence, each precision's runtime on the
+# 2-core CPU (benchmarks/cost_table.py, BENCHMARKS.md; int4 past NARROW_ROWS is its bfloat16 copy):
+# the cost model that picks spec's draft length. Ratios matter, not the milliseconds.
+FORWARD_MS = {
+    "int4": {1: 12.3, 2: 13.9, 4: 16.9, 8: 25.0, 16: 33.2, 32: 40.1},
+    "bfloat16": {1: 28.1, 2: 28.5, 4: 29.5, 8: 32.4, 16: 33.2, 32: 40.1},
+    "int8": {1: 17.1, 2: 19.4, 4: 21.4, 8: 34.8, 16: 51.0, 32: 81.3},
+    "float32": {1: 27.7, 2: 29.0, 4: 40.5, 8: 47.6, 16: 54.4, 32: 67.9},
+}
+
+
+def forward_cost(precision: str | None, device: str = "cpu"):
+    """tokens per sequence -> a forward's cost relative to one token's, from the measured table of
+    the CPU runtime `precision` (interpolated in log2 of the width, linear past 32); None where
+    nothing was measured (other devices, unprepared models)."""
+    table = FORWARD_MS.get(precision or "") if device == "cpu" else None
+    if table is None:
+        return None
+    xs = sorted(table)
+
+    def cost(n: int) -> float:
+        if n >= xs[-1]:
+            slope = (table[xs[-1]] - table[xs[-2]]) / (xs[-1] - xs[-2])
+            return (table[xs[-1]] + slope * (n - xs[-1])) / table[1]
+        hi = next(x for x in xs if x >= n)
+        lo = max(x for x in xs if x <= n)
+        f = 0.0 if hi == lo else (math.log2(n) - math.log2(lo)) / (math.log2(hi) - math.log2(lo))
+        return (table[lo] + f * (table[hi] - table[lo])) / table[1]
+
+    return cost
 
 
 class NotOnGrid(ValueError):

@@ -100,6 +100,7 @@ def state_views(model: nn.Module, opt: torch.optim.Optimizer, names: list[str], 
     holds it: its shards under FSDP. torch.distributed.checkpoint writes these, and fills them in
     place on load whatever the number of processes that wrote them."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
     params = dict(model.named_parameters())
     views = {f"model.{n}": params[n].detach() for n in names}
     views.update({f"ema.{n}": v for n, v in (ema or {}).items()})

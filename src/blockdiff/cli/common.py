@@ -58,7 +58,10 @@ def decode_args(g: argparse.ArgumentParser) -> None:
     g.add_argument("--top-p", type=float, dest="top_p")
     g.add_argument("--top-k", type=int, dest="top_k")
     g.add_argument("--seed", type=int)
-    g.add_argument("--draft-len", type=int, dest="draft_len", help="spec: tokens drafted per forward (3)")
+    g.add_argument(
+        "--draft-len", type=int, dest="draft_len",
+        help="spec: tokens drafted per forward (default: as many as pay on this runtime, per answer)",
+    )  # fmt: skip
     g.add_argument("--cache", choices=["none", "prefix", "dual", "exact"])
     g.add_argument("--no-cache", action="store_true", dest="no_cache")
     g.add_argument("--json", action="store_true")

@@ -296,4 +296,4 @@ class Runner:
             .cpu()
         )
         out[..., c.mask_id] = float("-inf")
-        return out[:, :C], out[:, C:].view(b, nb, B - 1, -1)
+        return out[:, :C], out[:, C:].view(b, nb, B - 1, out.shape[-1])

@@ -12,6 +12,7 @@ from typing import Any
 
 from ..config import did_you_mean
 from ..model import BlockDiffLM
+from ..quant import forward_cost
 from . import options
 from .constraint import constraint_of
 from .policies import (
@@ -240,9 +241,11 @@ def plan_structural(
 
 
 def plan_spec(
-    model, max_new_tokens, notes, draft_len=3, temperature=0.0, top_k=None, top_p=None, cache="exact", **kw
+    model, max_new_tokens, notes, draft_len=None, temperature=0.0, top_k=None, top_p=None, cache="exact", **kw
 ) -> Plan:
-    """Self-speculative: mask blocks draft `draft_len` tokens, the AR path verifies (speculative.py)."""
+    """Self-speculative: mask blocks draft `draft_len` tokens, the AR path verifies (speculative.py).
+    Without `draft_len`, up to the trained block size - 1, as many as pay on this runtime's
+    measured forward costs at the measured acceptance (none: plain AR)."""
     cfg = model.config
     why = None
     if not cfg.shifted:
@@ -257,6 +260,11 @@ def plan_spec(
         raise ValueError(f"spec needs an NBDiff model (an AR path and a block drafter): {why}")
     if cache != "exact":
         raise ValueError(f"spec decodes with the exact cache (rolled back per row), not '{cache}'")
+    cost = None
+    if draft_len is None:
+        draft_len = min(max(_trained_sizes(model)) - 1, 8)
+        device = next(model.parameters()).device.type
+        cost = forward_cost(getattr(model, "precision", None), device)
     if draft_len + 1 > cfg.max_position_embeddings:
         raise ValueError(f"spec: draft_len {draft_len} exceeds the context ({cfg.max_position_embeddings})")
     if draft_len + 1 not in _trained_sizes(model):
@@ -264,7 +272,7 @@ def plan_spec(
         notes.append(f"spec: draft blocks of {draft_len + 1} tokens; the model was trained with {sizes}")
     return Plan(
         BlockWindow(1), TopK(1), 1, "exact", temperature=temperature, top_k=top_k, top_p=top_p,
-        spec=Speculate(draft_len), **kw,
+        spec=Speculate(draft_len, cost, notes=notes), **kw,
     )  # fmt: skip
 
 

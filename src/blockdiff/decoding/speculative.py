@@ -17,6 +17,7 @@ the cache (each row to its own length) and overwritten by the next forward.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +30,28 @@ from .runner import Runner
 
 @dataclass
 class Speculate:
-    draft_len: int = 3  # drafts per forward (k); the mask blocks have k + 1 tokens
+    draft_len: int = 3  # drafts per forward (k, the most with `cost`); the mask blocks have k + 1 tokens
+    cost: Callable[[int], float] | None = None  # forward cost by width: draft length chosen, `best_k`
+    probe: int = 4  # forwards at draft_len that measure the acceptance before the first choice
+    notes: list[str] | None = None  # where a change of draft length is told
+
+
+def rows(k: int, B: int) -> int:
+    """Tokens a forward feeds per sequence with k drafts: k + 1 clean, a block of B behind each."""
+    return 1 if k == 0 else (k + 1) * (1 + B)
+
+
+def best_k(hits: list[int], tried: list[int], kmax: int, B: int, cost: Callable[[int], float]) -> int:
+    """The draft length (0 = plain AR) with the most committed tokens per unit of forward cost:
+    1 + sum_i prod_{j<=i} a_j tokens (a_j: draft j's acceptance after j - 1 accepted, counted,
+    Laplace-smoothed) over cost(rows(k)). Lossless at any k, so only speed depends on it."""
+    best, best_rate, expect, chain = 0, 1.0, 1.0, 1.0
+    for k in range(1, kmax + 1):
+        chain *= (hits[k - 1] + 1) / (tried[k - 1] + 2)
+        expect += chain
+        if (rate := expect / cost(rows(k, B))) > best_rate:
+            best, best_rate = k, rate
+    return best
 
 
 def distribution(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None) -> Tensor:
@@ -49,8 +71,18 @@ class SpecStep:
         if c.masked[:, : c.G].any():
             raise ValueError("spec decodes left to right and does not fill blanks in the prompt")
         self.c, self.run, self.plan, self.gens = c, runner, plan, gens
-        self.k = plan.spec.draft_len
-        self.B = self.k + 1
+        sp = plan.spec
+        self.kmax = self.k = sp.draft_len  # self.k: drafts the next forward feeds
+        self.B = self.kmax + 1
+        self.hits, self.tried, self.forwards = [0] * self.kmax, [0] * self.kmax, 0
+        if sp.cost is not None and all((k + 1) <= sp.cost(rows(k, self.B)) for k in range(1, self.kmax + 1)):
+            self.k = 0  # even drafts all accepted would not pay for their forward: plain AR
+            if sp.notes is not None:
+                sp.notes.append(
+                    f"spec: no draft length pays on this runtime (drafting {self.kmax} feeds "
+                    f"{rows(self.kmax, self.B)} tokens a forward, "
+                    f"{sp.cost(rows(self.kmax, self.B)):.1f}x one token's cost): plain AR"
+                )
         self.n: Tensor | None = None  # [b] column of the pending token (committed, not yet fed)
         self.drafts: Tensor | None = None  # [b, k]
         self.q: list[Tensor | None] = []  # per row [k, V]: the draft distributions (sampling)
@@ -78,34 +110,57 @@ class SpecStep:
         active = ~c.done()
         if not active.any():
             return False
-        if self.n is None:  # prefill: the prompt, and one mask block after its last token
-            ar, dr = self.run.speculate(
-                torch.zeros(b, dtype=torch.long), c.tokens[:, : c.G], [c.G - 1], self.B
-            )
+        k, first = self.k, self.n is None  # drafts fed now; the prefill feeds none
+        if first:  # the prompt, and one mask block after its last token
+            blocks = [c.G - 1] if k else []
+            ar, dr = self.run.speculate(torch.zeros(b, dtype=torch.long), c.tokens[:, : c.G], blocks, self.B)
             ar, start = ar[:, -1:], torch.full((b,), c.G - 1)
         else:
             a = c.tokens.gather(1, self.n.clamp(max=c.T - 1)[:, None])
-            clean = torch.cat([a, self.drafts], 1)
-            ar, dr = self.run.speculate(self.n, clean, list(range(self.k + 1)), self.B)
+            clean = torch.cat([a, self.drafts[:, :k]], 1)
+            ar, dr = self.run.speculate(self.n, clean, list(range(k + 1)) if k else [], self.B)
             start = self.n
         c.step += 1
         n_new = start.clone()
-        drafts = torch.zeros(b, self.k, dtype=torch.long)
+        drafts = torch.zeros(b, self.kmax, dtype=torch.long)
         qs = []
         for r in range(b):
             if not active[r]:
                 qs.append(None)
                 continue
             c.nfe[r] += 1
-            m, tok, conf = self._verify(r, self._constrained(r, int(start[r]) + 1, ar[r]))
+            fed = 0 if first else k
+            m, tok, conf = self._verify(r, self._constrained(r, int(start[r]) + 1, ar[r]), fed)
+            for i in range(min(m + 1, fed)):  # draft i tried; accepted unless it was the m-th
+                self.tried[i] += 1
+                self.hits[i] += i < m
             cols = start[r] + 1 + torch.arange(m + 1)
             self._commit(r, cols, tok, conf)
             n_new[r] = start[r] + m + 1
-            drafts[r], q = self._draft(r, int(n_new[r]) + 1, dr[r, m, : self.k])
+            q = None
+            if k:
+                drafts[r], q = self._draft(r, int(n_new[r]) + 1, dr[r, m, : self.kmax])
             qs.append(q)
         self.n, self.drafts = n_new, drafts
         self.q = qs
+        self._choose(first)
         return True
+
+    def _choose(self, first: bool) -> None:
+        """The next forward's draft length, once `probe` forwards measured the acceptance; plain
+        AR (0) is final (nothing is drafted, so nothing more is measured)."""
+        sp = self.plan.spec
+        self.forwards += not first
+        if sp.cost is None or self.k == 0 or self.forwards < sp.probe:
+            return
+        k, self.k = self.k, best_k(self.hits, self.tried, self.kmax, self.B, sp.cost)
+        if self.k != k and sp.notes is not None:
+            rate = ", ".join(f"{h}/{t}" for h, t in zip(self.hits, self.tried, strict=True))
+            sp.notes.append(
+                f"spec: draft length {k} -> {self.k} after {self.forwards} forwards (drafts accepted "
+                f"by position {rate}; a forward of {rows(k, self.B)} tokens costs "
+                f"{sp.cost(rows(k, self.B)):.1f}x one token's on this runtime)"
+            )
 
     def _constrained(self, r: int, col: int, ar: Tensor) -> Tensor:
         """The AR logits for columns col.. under the plan's constraint, each read after the
@@ -116,7 +171,7 @@ class SpecStep:
         cur, out = con.cursor(self.c, r, col), ar.clone()
         for i in range(len(ar)):
             out[i] = cur.mask(ar[i])
-            if self.n is not None and i < self.k:
+            if self.n is not None and i < self.k:  # self.k: the drafts fed in this forward
                 cur.feed(int(self.drafts[r, i]))
         return out
 
@@ -133,15 +188,15 @@ class SpecStep:
             dists.append(d)
         return torch.stack(toks), None if dists[0] is None else torch.stack(dists)
 
-    def _verify(self, r: int, ar: Tensor) -> tuple[int, Tensor, Tensor]:
-        """(drafts accepted m, the m + 1 tokens to commit, their AR probabilities)."""
+    def _verify(self, r: int, ar: Tensor, k: int) -> tuple[int, Tensor, Tensor]:
+        """(drafts accepted m of the k fed, the m + 1 tokens to commit, their AR probabilities)."""
         p = self.plan
-        if self.n is None:  # nothing drafted yet: the AR token alone
+        if k == 0:  # nothing drafted: the AR token alone
             tok, _ = self._pick(ar[0], r)
             return 0, tok[None], ar[0].double().softmax(-1)[tok][None]
         probs = ar.double().softmax(-1)
         toks: list[int] = []
-        for i in range(self.k):
+        for i in range(k):
             d = int(self.drafts[r, i])
             if p.temperature == 0:
                 ok = d == int(ar[i].argmax())
@@ -161,7 +216,7 @@ class SpecStep:
                 break
             toks.append(d)
         else:  # all k accepted: the bonus token from the AR output after the last draft
-            tok, _ = self._pick(ar[self.k], r)
+            tok, _ = self._pick(ar[k], r)
             toks.append(int(tok))
         t = torch.tensor(toks)
         m = len(toks) - 1
