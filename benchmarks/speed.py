@@ -15,6 +15,7 @@ import math
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -54,13 +55,30 @@ def forward_latency(model, n_prefix: int = 64, news=(1, 4, 8, 16, 32), reps: int
     return out
 
 
-def llama_cpp_runner(max_new: int):
+def q8_0_gguf() -> Path:
+    """SmolLM2's GGUF requantised to Q8_0 by llama.cpp's own quantiser (the package ships Q4_1
+    only: the Q8_0 holds the Q4_1 weights at 8 bits, so it measures llama.cpp's 8-bit speed)."""
+    import llama_cpp
+
+    out = smollm2_gguf().with_name("SmolLM2-135M-Instruct.Q8_0-from-Q4_1.gguf")
+    if not out.exists():
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype, params.allow_requantize, params.nthread = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, True, 2
+        tmp = out.with_suffix(".tmp")
+        if llama_cpp.llama_model_quantize(str(smollm2_gguf()).encode(), str(tmp).encode(), params) != 0:
+            raise RuntimeError("llama.cpp could not requantise the GGUF to Q8_0")
+        tmp.rename(out)
+    return out
+
+
+def llama_cpp_runner(max_new: int, q8: bool = False):
     try:
         from llama_cpp import Llama
     except ImportError:
         print("llama.cpp: llama-cpp-python is not installed (make llama-cpp builds it); row skipped")
         return None
-    llm = Llama(model_path=str(smollm2_gguf()), n_threads=2, n_ctx=1024, verbose=False)
+    path = q8_0_gguf() if q8 else smollm2_gguf()
+    llm = Llama(model_path=str(path), n_threads=2, n_ctx=1024, verbose=False)
 
     def run(prompt: str):
         t = time.perf_counter()
@@ -152,6 +170,7 @@ def main() -> None:
 
     rows = {
         "llama.cpp Q4_1 (2 threads)": llama_cpp_runner(N),
+        "llama.cpp Q8_0 from Q4_1 (2 threads)": llama_cpp_runner(N, q8=True),
         "transformers fp32": hf_runner(ref, ref_tok, N),
         "transformers bf16": hf_runner(load_reference(a.base, dtype=torch.bfloat16)[0], ref_tok, N),
         "blockdiff ar fp32 (base)": bd_runner(base32, tok, "ar", N),

@@ -99,6 +99,39 @@ def test_nbdiff_ar_term_hand_computed():
     assert out.loss.item() == pytest.approx(0.5 * ar, rel=1e-6)
 
 
+def soft_ce(student: torch.Tensor, teacher: torch.Tensor) -> float:
+    """-sum_v p(v) log q(v), both without the mask token."""
+    s, t = student.clone().double(), teacher.clone().double()
+    s[MASK] = t[MASK] = float("-inf")
+    p, lq = torch.softmax(t, -1), torch.log_softmax(s, -1)
+    return -float(sum(p[v] * lq[v] for v in range(V) if v != MASK))
+
+
+def test_distilled_drafter_term_hand_computed():
+    """distill = β: each masked token's CE is (1 - β) CE(data) + β CE(the AR path's distribution
+    for that column). Blocks of 2 over [0 1 2 3], columns 1 and 3 masked: column 1 is predicted by
+    noisy row 0 and taught by clean row 4 (the AR output before it), column 3 by rows 2 and 6."""
+    torch.manual_seed(4)
+    table = torch.randn(8, V, requires_grad=True)
+    m = TableModel(table, logits="shifted", layout="context_causal")
+    x0 = torch.tensor([[0, 1, 2, 3]])
+    nz = noise.Noise(t=torch.full((1, 4), 0.5), masked=torch.tensor([[False, True, False, True]]))
+    beta, T = 0.25, table.detach()
+    out = block_diffusion_loss(m, x0, torch.tensor([2]), nz, ar_weight=0.5, distill=beta)
+    data = 2 * ce(T[0], 1) + 2 * ce(T[2], 3)
+    taught = 2 * soft_ce(T[0], T[4]) + 2 * soft_ce(T[2], T[6])
+    ar = (ce(T[4], 1) + ce(T[5], 2) + ce(T[6], 3)) / 3
+    assert out.diff.item() == pytest.approx(data / 3, rel=1e-6)  # the NLL bound: data tokens only
+    assert out.loss.item() == pytest.approx(((1 - beta) * data + beta * taught) / 3 + 0.5 * ar, rel=1e-5)
+    out.loss.backward()  # the teacher is detached: its rows get the AR loss's gradient only
+    only_ar = table.grad.clone()
+    table.grad = None
+    block_diffusion_loss(m, x0, torch.tensor([2]), nz, ar_weight=0.5).loss.backward()
+    assert torch.allclose(only_ar[4:], table.grad[4:])
+    with pytest.raises(ValueError, match="ar_weight"):
+        block_diffusion_loss(m, x0, torch.tensor([2]), nz, distill=0.5)
+
+
 def _real_model(logits):
     torch.manual_seed(0)
     cfg = tiny_config(vocab_size=V, hidden_size=16, intermediate_size=32, num_attention_heads=2,

@@ -79,6 +79,8 @@ def test_growth_schedule():
         ("objective", "token_weight", [0.25], "token_weight"),
         ("objective", "token_weight", [0, 1], "token_weight"),
         ("objective", "time_weight", "cosine", "time_weight"),
+        ("objective", "distill", 1.5, "objective.distill must be a number in"),
+        ("objective", "distill", 0.5, "needs objective.ar_weight"),
         ("data", "pad", "zeros", "data.pad"),
     ],
 )

@@ -46,6 +46,20 @@ def _ce(logits: Tensor, target: Tensor, mask_id: int) -> Tensor:
     return F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none").view(target.shape)
 
 
+def _soft_ce(student: Tensor, ar: Tensor, tgt: Tensor, tgt_ar: Tensor, mask_id: int) -> Tensor:
+    """Cross-entropy of the diffusion logits [b, m, V] for columns `tgt` against the AR path's
+    distribution for the same columns (rows of `ar` [b, m', V] predict columns `tgt_ar`, which
+    hold every column `tgt` scores), the teacher detached; the mask token is neither side's."""
+    b, L = tgt.shape[0], int(max(tgt.max(), tgt_ar.max())) + 1
+    where = torch.zeros(b, L, dtype=torch.long, device=tgt.device)
+    where.scatter_(1, tgt_ar, torch.arange(tgt_ar.shape[1], device=tgt.device).expand_as(tgt_ar))
+    j = where.gather(1, tgt)[..., None].expand(-1, -1, ar.shape[-1])
+    drop = torch.tensor([mask_id], device=ar.device)
+    p = ar.detach().gather(1, j).float().index_fill(-1, drop, float("-inf")).softmax(-1)
+    lq = student.float().index_fill(-1, drop, float("-inf")).log_softmax(-1).index_fill(-1, drop, 0.0)
+    return -(p * lq).sum(-1)
+
+
 def _scored(sel: Tensor, src: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Per row, the selected columns first, padded to the longest row: (fed output that predicts
     each, the column, real or padding), [b, m] each. The LM head and the cross-entropy then run
@@ -113,10 +127,13 @@ def block_diffusion_loss(
     loss_mask: Tensor | None = None,
     token_weight: tuple[float, float] | None = None,
     time_weight: str = "elbo",
+    distill: float = 0.0,
 ) -> LossOut:
     """`diff` is always the ELBO term (1/t, unweighted tokens): the NLL bound that evaluation
     reports. `loss` optimises the diffusion term with `time_weight` and `token_weight` instead
-    when they are set (MGDM), plus ar_weight * the AR loss."""
+    when they are set (MGDM), plus ar_weight * the AR loss. With `distill` = β each masked
+    token's cross-entropy is (1 - β) CE(data token) + β CE(the AR path's distribution for that
+    column, detached): the drafter learns what the verifier will accept, not only the data."""
     cfg = getattr(model, "module", model).config  # DDP wraps the model
     b, L = x0.shape
     keep = torch.ones_like(x0, dtype=torch.bool) if loss_mask is None else loss_mask.to(x0.device)
@@ -186,19 +203,25 @@ def block_diffusion_loss(
     ce = _ce(logits[:, :m], x0.gather(1, tgt), mask_id)
     w = weight.gather(1, tgt) * ok
     ar = x0.new_zeros((), dtype=torch.float32)
+    ce_obj = ce
     if src_ar is not None:
         ce_ar = _ce(logits[:, m:], x0.gather(1, tgt_ar), mask_id) * ok_ar
         ar = ce_ar.sum() / ok_ar.sum().clamp(min=1)
+        if distill:
+            soft = _soft_ce(logits[:, :m], logits[:, m:], tgt, tgt_ar, mask_id)
+            ce_obj = (1 - distill) * ce + distill * soft
+    elif distill:
+        raise ValueError("distill reads the AR path's predictions: it needs ar_weight > 0")
     counted = after_first if shifted else keep  # token 0 of a shifted model is never predicted
     per_token = ce * w
     rows = per_token.sum(1) / counted.sum(1).clamp(min=1)
     total = counted.sum().clamp(min=1)
     diff = per_token.sum() / total  # = rows.mean() when rows count alike
-    obj = diff
+    obj = diff if ce_obj is ce else (ce_obj * w).sum() / total
     if token_weight is not None or time_weight != "elbo":
         tt = t.gather(1, tgt)
         tok_w = token_weights(ce, *token_weight) if token_weight is not None else 1.0
-        obj = (ce * tok_w * w * time_weights(tt, time_weight) * tt).sum() / total
+        obj = (ce_obj * tok_w * w * time_weights(tt, time_weight) * tt).sum() / total
     return LossOut(obj + ar_weight * ar, diff, ar, int(counted.sum()), rows)
 
 

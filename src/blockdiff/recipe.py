@@ -48,6 +48,9 @@ class ObjectiveSpec:
     # [alpha, gamma]: MGDM token reweighting of the diffusion term, alpha * (1 - e^-CE)^gamma * CE
     token_weight: list | None = None
     time_weight: str = "elbo"  # elbo (1/t: the NLL bound) | linear (1 + 20 (1 - t): MGDM's scripts)
+    # share of the diffusion term whose target is the AR path's own distribution (self-distilled
+    # drafter for spec; needs ar_weight > 0) instead of the data token
+    distill: float = 0.0
 
 
 @dataclass
@@ -198,6 +201,11 @@ def validate(r: Recipe) -> None:
     aw = r.objective.ar_weight
     if isinstance(aw, bool) or not isinstance(aw, int | float) or not math.isfinite(aw) or aw < 0:
         raise ConfigError(f"objective.ar_weight (--ar-loss-weight) must be a number >= 0, got {aw!r}")
+    dw = r.objective.distill
+    if isinstance(dw, bool) or not isinstance(dw, int | float) or not 0 <= dw <= 1:
+        raise ConfigError(f"objective.distill must be a number in [0, 1], got {dw!r}")
+    if dw and not aw:
+        raise ConfigError("objective.distill teaches with the AR path: it needs objective.ar_weight > 0")
     if r.objective.time_weight not in TIME_WEIGHTS:
         raise ConfigError(
             f"objective.time_weight must be one of {', '.join(TIME_WEIGHTS)}, got '{r.objective.time_weight}'"

@@ -185,6 +185,7 @@ class Trainer(Checkpointing):
                     part,
                     tw,
                     r.objective.time_weight,
+                    r.objective.distill,
                 )
             (out.loss / A).backward()
             parts.append(torch.stack([out.loss.detach(), out.diff.detach(), out.ar.detach()]).float())

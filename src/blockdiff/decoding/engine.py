@@ -47,7 +47,9 @@ class GenerateOutput:
 
 def _stepper(model, c: Canvas, plan: Plan, gens) -> DenoiseStep | SpecStep:
     runner = Runner(model, c, plan.attn_block is not None, plan.cache, plan.refresh)
-    return SpecStep(c, runner, plan, gens) if plan.spec is not None else DenoiseStep(c, runner, plan, gens)
+    if plan.spec is not None:
+        return SpecStep(c, runner, plan, gens, DenoiseStep)
+    return DenoiseStep(c, runner, plan, gens)
 
 
 def _steps(model, c: Canvas, plan: Plan, gens, stepper=None) -> Iterator[None]:

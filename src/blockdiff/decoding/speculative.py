@@ -67,14 +67,18 @@ def accept(u: float, p: float, q: float) -> bool:
 class SpecStep:
     """One forward of self-speculative decoding per call; the canvas holds every committed token."""
 
-    def __init__(self, c: Canvas, runner: Runner, plan, gens: list[torch.Generator]):
+    def __init__(self, c: Canvas, runner: Runner, plan, gens: list[torch.Generator], ar_step=None):
         if c.masked[:, : c.G].any():
             raise ValueError("spec decodes left to right and does not fill blanks in the prompt")
         self.c, self.run, self.plan, self.gens = c, runner, plan, gens
+        self.ar_step, self.ar = ar_step, None  # the engine's AR step, taken over once drafting ends
         sp = plan.spec
         self.kmax = self.k = sp.draft_len  # self.k: drafts the next forward feeds
         self.B = self.kmax + 1
         self.hits, self.tried, self.forwards = [0] * self.kmax, [0] * self.kmax, 0
+        self.n: Tensor | None = None  # [b] column of the pending token (committed, not yet fed)
+        self.drafts: Tensor | None = None  # [b, k]
+        self.q: list[Tensor | None] = []  # per row [k, V]: the draft distributions (sampling)
         if sp.cost is not None and all((k + 1) <= sp.cost(rows(k, self.B)) for k in range(1, self.kmax + 1)):
             self.k = 0  # even drafts all accepted would not pay for their forward: plain AR
             if sp.notes is not None:
@@ -83,9 +87,7 @@ class SpecStep:
                     f"{rows(self.kmax, self.B)} tokens a forward, "
                     f"{sp.cost(rows(self.kmax, self.B)):.1f}x one token's cost): plain AR"
                 )
-        self.n: Tensor | None = None  # [b] column of the pending token (committed, not yet fed)
-        self.drafts: Tensor | None = None  # [b, k]
-        self.q: list[Tensor | None] = []  # per row [k, V]: the draft distributions (sampling)
+            self._hand_over()
 
     def _pick(self, logits: Tensor, r: int) -> tuple[Tensor, Tensor | None]:
         """Tokens [..] from logits [.., V] (argmax, or a sample), and the distribution sampled."""
@@ -105,7 +107,22 @@ class SpecStep:
         if ok.any():
             c.commit(torch.full((int(ok.sum()),), r), cols[ok], toks[ok], conf[ok])
 
+    def _hand_over(self) -> None:
+        """Drafting has ended: the engine's own AR step decodes the rest (the same plan, runner
+        and cache, rolled back to the committed prefix; this step's one-token forwards build
+        masks and per-row cache slots that AR does not need). One row only: rows of a batch stand
+        at different columns, which the AR step's shared columns cannot hold."""
+        if self.ar_step is None or self.c.batch != 1:
+            return
+        if self.n is not None:
+            n = int(self.n[0])
+            self.run.cache.truncate(torch.minimum(self.run.cache.lengths, self.n))
+            self.run.cache_idx = torch.arange(n)
+        self.ar = self.ar_step(self.c, self.run, self.plan, self.gens)
+
     def step(self) -> bool:
+        if self.ar is not None:
+            return self.ar.step()
         c, b = self.c, self.c.batch
         active = ~c.done()
         if not active.any():
@@ -154,6 +171,8 @@ class SpecStep:
         if sp.cost is None or self.k == 0 or self.forwards < sp.probe:
             return
         k, self.k = self.k, best_k(self.hits, self.tried, self.kmax, self.B, sp.cost)
+        if self.k == 0:
+            self._hand_over()
         if self.k != k and sp.notes is not None:
             rate = ", ".join(f"{h}/{t}" for h, t in zip(self.hits, self.tried, strict=True))
             sp.notes.append(
