@@ -214,6 +214,8 @@ def test_bad_input_is_a_clear_4xx_and_the_server_keeps_serving(url, client):
             "no text of at most",
         ),
         ({**ok, "regex": "a("}, 400, "cannot be compiled"),
+        ({**ok, "tools": [{"type": "function"}], "tool_choice": "required"}, 400, "each tool must be"),
+        ({**ok, "tool_choice": "required"}, 400, "has no tools"),
     ]
     for body, status, words in cases:
         code, r = post(url, body)
@@ -394,6 +396,35 @@ def test_chat_with_the_shipped_model():
             model=models.DEFAULT, messages=ask, max_tokens=32, seed=0, response_format={"type": "json_object"}
         )
         assert isinstance(json.loads(r.choices[0].message.content), dict)
+
+        # tools: a required call is decoded under its JSON; it comes back as OpenAI's tool_calls
+        def fn(name: str, arg: str) -> dict:
+            params = {"type": "object", "properties": {arg: {"type": "string"}}, "required": [arg]}
+            return {"type": "function", "function": {"name": name, "parameters": params}}
+
+        tools = [fn("get_weather", "city"), fn("get_time", "zone")]
+        q = [{"role": "user", "content": "Weather in Paris?"}]
+        for choice in ({"type": "function", "function": {"name": "get_time"}}, "required"):
+            r = c.chat.completions.create(
+                model=models.DEFAULT, messages=q, max_tokens=32, seed=0, tools=tools, tool_choice=choice
+            )
+            m = r.choices[0].message
+            assert r.choices[0].finish_reason == "tool_calls" and m.content is None, r
+            call = m.tool_calls[0]
+            args = json.loads(call.function.arguments)
+            arg = {"get_weather": "city", "get_time": "zone"}[call.function.name]
+            assert isinstance(args[arg], str) and call.id.startswith("call_"), call
+            assert choice == "required" or call.function.name == "get_time"
+        history = [*q, {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]}]
+        history.append({"role": "tool", "tool_call_id": call.id, "content": "18 C and sunny"})
+        r = c.chat.completions.create(
+            model=models.DEFAULT, messages=history, max_tokens=16, seed=0, tools=tools
+        )
+        assert r.choices[0].message.content or r.choices[0].message.tool_calls  # auto: either, parsed
+        nope = {"type": "function", "function": {"name": "nope"}}
+        for bad, words in (({"tool_choice": nope}, "tool_choice"), ({"stream": True}, "stream false")):
+            with pytest.raises(openai.BadRequestError, match=words):
+                c.chat.completions.create(model=models.DEFAULT, messages=q, max_tokens=8, tools=tools, **bad)
 
 
 def test_a_failing_batch_fails_its_requests_not_the_server(monkeypatch):

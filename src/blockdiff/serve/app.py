@@ -43,8 +43,12 @@ from .protocol import (
     CompletionRequest,
     _Common,
     _error,
+    as_call,
+    call_schema,
     include_usage,
     response_format,
+    tool_choice,
+    tools_turn,
 )
 from .scheduler import Delta, Denoised, Done, Failed, Finished, Job, QueueFull, Scheduler, Started, emitter
 
@@ -102,9 +106,16 @@ class Server:
             v = (req.model_extra or {}).get(k)
             if not any(v == n and isinstance(v, bool) == isinstance(n, bool) for n in neutral):
                 raise APIError(400, f"{k} is not supported by blockdiff", k, "unsupported_parameter")
-        skip = (*NEUTRAL, *IGNORED, "response_format")
+        skip = (*NEUTRAL, *IGNORED, "response_format", "tools", "tool_choice")
         extra = {k: v for k, v in (req.model_extra or {}).items() if k not in skip}
         extra |= response_format((req.model_extra or {}).get("response_format"))
+        funcs, choice = tool_choice(req.model_extra or {})
+        if choice and req.stream:
+            raise APIError(400, "blockdiff returns tool calls whole: send tools with stream false", "stream")
+        if choice not in (None, "auto"):  # a call is required: its JSON is the constraint
+            if "json_schema" in extra or "regex" in extra:
+                raise APIError(400, "response_format and a required tool call both constrain it", "tools")
+            extra["json_schema"] = call_schema(funcs if choice == "required" else {choice: funcs[choice]})
         sampler = req.sampler or self.sampler
         max_tokens = req.max_tokens if req.max_tokens is not None else req.max_completion_tokens
         max_tokens = self.default_max_tokens if max_tokens is None else max_tokens
@@ -149,7 +160,8 @@ class Server:
             raise APIError(400, f"model '{self.name}' has no chat template; use /v1/completions", "messages")
         if not req.messages:
             raise APIError(400, "messages must not be empty", "messages")
-        return self.tok.chat([m.as_turn() for m in req.messages])
+        funcs, choice = tool_choice(req.model_extra or {})
+        return self.tok.chat([tools_turn(funcs)] * bool(choice) + [m.as_turn() for m in req.messages])
 
     # ---- responses -----------------------------------------------------------------------------
 
@@ -188,13 +200,13 @@ class Server:
             job.cancelled = True
             raise
         choices = []
+        funcs, choice = tool_choice(req.model_extra or {}) if chat else ({}, None)
         for i, (text, fin) in enumerate(zip(ev.texts, ev.finish, strict=True)):
+            msg = {"role": "assistant", "content": text}
+            if choice and (call := as_call(text, funcs)):
+                msg, fin = {"role": "assistant", "content": None, "tool_calls": [call]}, "tool_calls"
             c = {"index": i, "finish_reason": fin, "blockdiff": ev.stats[i]}
-            c.update(
-                {"message": {"role": "assistant", "content": text}}
-                if chat
-                else {"text": text, "logprobs": None}
-            )
+            c.update({"message": msg} if chat else {"text": text, "logprobs": None})
             choices.append(c)
         return JSONResponse(
             {

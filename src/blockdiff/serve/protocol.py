@@ -3,6 +3,8 @@ their neutral values, and errors in OpenAI's shape (what every 4xx/5xx body look
 
 from __future__ import annotations
 
+import json
+import uuid
 from typing import Literal
 
 from fastapi.responses import JSONResponse
@@ -18,8 +20,6 @@ NEUTRAL: dict[str, tuple] = {
     "best_of": (None, 1),
     "logit_bias": (None, {}),
     "suffix": (None,),
-    "tools": (None, []),
-    "tool_choice": (None, "none"),
 }
 # OpenAI fields with no effect on a completion: accepted and ignored, never sampler options.
 IGNORED = ("store", "metadata", "parallel_tool_calls", "service_tier", "modalities")
@@ -45,6 +45,69 @@ def response_format(rf) -> dict:
     raise APIError(
         400, f"response_format type {kind!r} is not one of text, json_object, json_schema", "response_format"
     )
+
+
+def tool_choice(extra: dict) -> tuple[dict[str, dict], str | None]:
+    """OpenAI's `tools` and `tool_choice`: (the functions by name, the choice: None when no tool
+    may be called, "auto", "required", or one function's name)."""
+    tools, choice = extra.get("tools"), extra.get("tool_choice")
+    if not tools or choice == "none":
+        if choice not in (None, "none"):
+            raise APIError(400, "tool_choice names a tool, but the request has no tools", "tool_choice")
+        return {}, None
+    funcs: dict[str, dict] = {}
+    for t in tools if isinstance(tools, list) else [None]:
+        f = t.get("function") if isinstance(t, dict) and t.get("type") == "function" else None
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not f["name"]:
+            raise APIError(400, 'each tool must be {"type": "function", "function": {"name": ...}}', "tools")
+        if not isinstance(f.get("parameters", {}), dict):
+            raise APIError(400, f"tool {f['name']}: parameters must be a JSON schema object", "tools")
+        funcs[f["name"]] = f
+    if choice in (None, "auto", "required"):
+        return funcs, choice or "auto"
+    name = ((choice or {}).get("function") or {}).get("name") if isinstance(choice, dict) else None
+    if name not in funcs:
+        why = f"tool_choice {choice!r} is not none, auto, required or one of the tools"
+        raise APIError(400, why, "tool_choice")
+    return funcs, name
+
+
+def call_schema(funcs: dict[str, dict]) -> dict:
+    """The JSON of a call of one of `funcs`: {"name": its name, "arguments": its parameters}."""
+    one = [
+        {
+            "type": "object",
+            "properties": {"name": {"const": n}, "arguments": f.get("parameters") or {"type": "object"}},
+            "required": ["name", "arguments"],
+        }
+        for n, f in funcs.items()
+    ]
+    return one[0] if len(one) == 1 else {"anyOf": one}
+
+
+def tools_turn(funcs: dict[str, dict]) -> dict[str, str]:
+    """A system turn telling the model its functions and how a call is written (what `as_call`
+    reads back, and what a required call is constrained to)."""
+    lines = [
+        "You can call these functions. To call one, answer with only a JSON object "
+        '{"name": <the function>, "arguments": <its arguments>}.'
+    ]
+    for n, f in funcs.items():
+        params = json.dumps(f.get("parameters") or {"type": "object"})
+        lines.append(f"- {n}: {f.get('description', '')} Arguments: {params}")
+    return {"role": "system", "content": "\n".join(lines)}
+
+
+def as_call(text: str, funcs: dict[str, dict]) -> dict | None:
+    """An answer that is a call of one of `funcs`, as OpenAI's `tool_calls` entry; else None."""
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return None
+    if not (isinstance(obj, dict) and obj.get("name") in funcs and isinstance(obj.get("arguments"), dict)):
+        return None
+    fn = {"name": obj["name"], "arguments": json.dumps(obj["arguments"])}
+    return {"id": "call_" + uuid.uuid4().hex[:24], "type": "function", "function": fn}
 
 
 class APIError(Exception):
@@ -90,12 +153,22 @@ class TextPart(BaseModel):
 
 
 class Message(BaseModel):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    tool_calls: list[dict] | None = None  # an assistant's calls, as the model wrote them
+    tool_call_id: str | None = None  # a tool turn: the call it answers
 
     def as_turn(self) -> dict[str, str]:
-        """One chat-template turn: text parts joined, `developer` as OpenAI's new `system`."""
+        """One chat-template turn: text parts joined, `developer` as OpenAI's new `system`, an
+        assistant's tool calls as the JSON it answered with."""
         text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
+        for c in self.tool_calls or []:
+            f = c.get("function") or {}
+            try:
+                args = json.loads(f.get("arguments") or "{}")
+            except (TypeError, ValueError):
+                raise APIError(400, "an assistant tool call's arguments are not JSON", "messages") from None
+            text += json.dumps({"name": f.get("name"), "arguments": args})
         return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
