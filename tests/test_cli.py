@@ -48,6 +48,14 @@ def test_generate_with_a_regex_or_a_json_schema(capsys, tiny_ckpt, tmp_path):
     assert code == 2 and "no such file, and not JSON text" in err
     code, _, err = run_cli(capsys, *base, "--regex", "a(")
     assert code == 2 and "cannot be compiled" in err
+    grammar = 'start: WORD (" " WORD)* "."\nWORD: "thee" | "thou" | "art"'
+    (tmp_path / "g.lark").write_text(grammar)
+    for arg in (grammar, str(tmp_path / "g.lark")):
+        code, out, err = run_cli(capsys, *base, "--grammar", arg)
+        assert code == 0, err
+        assert re.fullmatch(r"(thee|thou|art)( (thee|thou|art))*\.", json.loads(out)["text"])
+    code, _, err = run_cli(capsys, *base, "--grammar", "start: (")
+    assert code == 2 and "grammar cannot be read" in err
 
 
 def test_spec_on_a_model_without_ar_path_is_one_clear_line(capsys, tiny_ckpt):

@@ -229,7 +229,7 @@ def test_clear_errors(make_model, tok):
         generate(model, tok, ["O"], "ar", max_new_tokens=8, regex="a{20}")
     with pytest.raises(ValueError, match="cannot be compiled"):
         generate(model, tok, ["O"], "ar", max_new_tokens=8, regex="a(")
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ValueError, match="give one constraint"):
         generate(model, tok, ["O"], "ar", max_new_tokens=8, regex="a", json_schema={"type": "string"})
     with pytest.raises(ValueError, match="json_schema is not valid JSON"):
         generate(model, tok, ["O"], "ar", max_new_tokens=8, json_schema="{nope")

@@ -21,6 +21,8 @@ def sampler_kwargs(a: argparse.Namespace) -> dict:
         kw["regex"] = a.regex
     if getattr(a, "json_schema", None) is not None:
         kw["json_schema"] = schema_arg(a.json_schema)
+    if getattr(a, "grammar", None) is not None:
+        kw["grammar"] = Path(a.grammar).read_text() if Path(a.grammar).is_file() else a.grammar
     if getattr(a, "no_cache", False):
         kw["cache"] = "none"
     elif getattr(a, "cache", None):

@@ -94,6 +94,10 @@ def add(sub) -> None:
         dest="json_schema",
         help="the answer must be JSON valid for this schema (a file or JSON text)",
     )
+    con.add_argument(
+        "--grammar",
+        help="the answer must be derived by this Lark grammar's `start` rule (a file or the grammar text)",
+    )
     g.set_defaults(fn=cmd_generate)
     sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server and the live denoising page")
     sv.add_argument("--model", help="model name or checkpoint/run dir (default: smollm2-nbdiff)")

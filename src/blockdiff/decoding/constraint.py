@@ -363,10 +363,17 @@ def _apply(logits: Tensor, allowed_cls: Tensor, class_t: Tensor) -> Tensor:
 
 
 def constraint_of(options: dict[str, Any]) -> Constrain | None:
-    """The `regex` / `json_schema` decode options as a constraint (None when neither is given)."""
+    """The `regex` / `json_schema` / `grammar` decode options as a constraint (None: none given)."""
     regex, schema = options.pop("regex", None), options.pop("json_schema", None)
-    if regex is not None and schema is not None:
-        raise ValueError("give one constraint: regex or json_schema, not both")
+    grammar = options.pop("grammar", None)
+    if sum(x is not None for x in (regex, schema, grammar)) > 1:
+        raise ValueError("give one constraint: regex, json_schema or grammar")
+    if grammar is not None:
+        from .grammar import grammar_regex
+
+        pattern = grammar_regex(grammar)
+        char_fsm(pattern)
+        return Constrain(pattern, "grammar")
     if regex is not None:
         char_fsm(regex)
         return Constrain(regex, "regex")

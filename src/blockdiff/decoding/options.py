@@ -89,13 +89,15 @@ CHECKS: dict[str, Callable[[Any], Any]] = {
     "factor": _float("factor", 0.0, 1e9, lo_open=True),
     "expand_below": _float("expand_below", 0.0, 1.0),
     "regex": _text("regex"),
+    "grammar": _text("grammar"),
     "json_schema": schema_text,
     **{k: _choice(k) for k in CHOICES},
 }
 
 
 def accepted(plan: Callable, extra: tuple[str, ...] = ()) -> set[str]:
-    names = set(inspect.signature(plan).parameters) | {"stop_at_eos", "score", "regex", "json_schema", *extra}
+    always = {"stop_at_eos", "score", "regex", "json_schema", "grammar"}
+    names = set(inspect.signature(plan).parameters) | always | set(extra)
     return names - {"model", "max_new_tokens", "notes", "kw"}
 
 

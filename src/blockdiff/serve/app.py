@@ -113,7 +113,7 @@ class Server:
         if choice and req.stream:
             raise APIError(400, "blockdiff returns tool calls whole: send tools with stream false", "stream")
         if choice not in (None, "auto"):  # a call is required: its JSON is the constraint
-            if "json_schema" in extra or "regex" in extra:
+            if {"json_schema", "regex", "grammar"} & set(extra):
                 raise APIError(400, "response_format and a required tool call both constrain it", "tools")
             extra["json_schema"] = call_schema(funcs if choice == "required" else {choice: funcs[choice]})
         sampler = req.sampler or self.sampler
