@@ -230,8 +230,9 @@ def test_adaptive_spec_equals_ar_whatever_it_chooses(nbdiff, monkeypatch, slope)
     acceptance it measures; greedy output stays greedy AR's whatever it picks. A forward of n
     tokens costing 1 + slope (n - 1), blocks of 4 (k drafts: 5 (k + 1) tokens): flat, it keeps
     drafting; at 0.15 only k = 3 could pay (4 tokens for 3.85) and only at an acceptance that 20
-    smoothed trials cannot show (at most 21/22 each: 3.71 tokens), so the probe ends it; at 1 no
-    draft length can pay even if all are accepted, so it never drafts."""
+    smoothed trials cannot show (at most 21/22 each: 3.71 tokens), so the probe ends it (as soon
+    as even all remaining probes accepted could not pay); at 1 no draft length can pay even if
+    all are accepted, so it never drafts."""
     from blockdiff.decoding import samplers
 
     model, tok = nbdiff
@@ -248,8 +249,8 @@ def test_adaptive_spec_equals_ar_whatever_it_chooses(nbdiff, monkeypatch, slope)
     if slope == 0:
         assert per_forward > 1.2 and "draft length" not in said
     elif slope == 0.15:
-        assert "draft length 3 -> 0 after 4 forwards" in said, sp.notes
-        assert 1.0 < per_forward < 1.2
+        assert re.search(r"draft length 3 -> 0 after [1-4] forwards?", said), sp.notes
+        assert 1.0 <= per_forward < 1.2
     else:
         assert "no draft length pays" in said and per_forward == 1.0
 

@@ -165,18 +165,27 @@ class SpecStep:
 
     def _choose(self, first: bool) -> None:
         """The next forward's draft length, once `probe` forwards measured the acceptance; plain
-        AR (0) is final (nothing is drafted, so nothing more is measured)."""
+        AR (0) is final (nothing is drafted, so nothing more is measured). The probe ends early
+        when even every draft of its remaining forwards accepted could not make drafting pay."""
         sp = self.plan.spec
         self.forwards += not first
-        if sp.cost is None or self.k == 0 or self.forwards < sp.probe:
+        if sp.cost is None or self.k == 0 or first:
             return
+        if self.forwards < sp.probe:
+            more = (sp.probe - self.forwards) * self.c.batch  # the most tries still to come
+            hope = best_k(
+                [h + more for h in self.hits], [t + more for t in self.tried], self.kmax, self.B, sp.cost
+            )
+            if hope:
+                return
         k, self.k = self.k, best_k(self.hits, self.tried, self.kmax, self.B, sp.cost)
         if self.k == 0:
             self._hand_over()
         if self.k != k and sp.notes is not None:
             rate = ", ".join(f"{h}/{t}" for h, t in zip(self.hits, self.tried, strict=True))
+            n = f"{self.forwards} forward" + "s" * (self.forwards != 1)
             sp.notes.append(
-                f"spec: draft length {k} -> {self.k} after {self.forwards} forwards (drafts accepted "
+                f"spec: draft length {k} -> {self.k} after {n} (drafts accepted "
                 f"by position {rate}; a forward of {rows(k, self.B)} tokens costs "
                 f"{sp.cost(rows(k, self.B)):.1f}x one token's on this runtime)"
             )
