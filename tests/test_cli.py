@@ -54,6 +54,9 @@ def test_generate_with_a_regex_or_a_json_schema(capsys, tiny_ckpt, tmp_path):
         code, out, err = run_cli(capsys, *base, "--grammar", arg)
         assert code == 0, err
         assert re.fullmatch(r"(thee|thou|art)( (thee|thou|art))*\.", json.loads(out)["text"])
+    long = "start: " + " | ".join(f'"w{i}"' for i in range(60))  # no file name: 400+ characters
+    code, out, err = run_cli(capsys, *base, "--grammar", long)
+    assert code == 0 and re.fullmatch(r"w[0-9]+", json.loads(out)["text"]), err
     code, _, err = run_cli(capsys, *base, "--grammar", "start: (")
     assert code == 2 and "grammar cannot be read" in err
 

@@ -64,6 +64,20 @@ def test_repetition_is_unbounded_and_recursion_is_not():
     pattern = grammar_regex('start: "a" start "b" | "c"', 3)  # a^n c b^n, n < 3
     assert [n for n in range(6) if re.fullmatch(pattern, "a" * n + "c" + "b" * n)] == [0, 1, 2]
     assert re.fullmatch(grammar_regex(LIST, 1), ",".join(["ab"] * 40))
+    cases = [('start: "a" ~ 2..3', [2, 3]), ('start: "a" ~ 2', [2]), ('start: ("a" "b"?) ~ 0..1', [0, 1])]
+    for g, lengths in cases:
+        pattern = grammar_regex(g)
+        assert [n for n in range(6) if re.fullmatch(pattern, "a" * n)] == lengths, g
+
+
+def test_overlapping_terminals_follow_the_grammar_not_a_greedy_lexer():
+    """Terminals are the strings their patterns match: `ab` is NAME NAME, as Lark's Earley parser
+    with the complete dynamic lexer finds (its greedy lexers reject it)."""
+    g = 'start: NAME NAME\nNAME: /[ab]+/\n%ignore " "'
+    pattern, parser = grammar_regex(g), lark.Lark(g, lexer="dynamic_complete")
+    for s in strings("ab ", 5):
+        assert bool(re.fullmatch(pattern, s)) == parses(parser, s), s
+    assert re.fullmatch(pattern, "ab")
 
 
 @pytest.mark.parametrize("sampler", ["ar", "bd3", "mdlm", "llada", "fastdllm", "dcd", "structural"])
@@ -77,7 +91,7 @@ arg: NUMBER | call
 NAME: "f" | "g"
 NUMBER: /[0-9]/
 """
-    parser = lark.Lark(grammar)
+    parser = lark.Lark(grammar, lexer="dynamic_complete")
     kw = {"block_size": 4} if sampler in ("bd3", "llada", "fastdllm", "dcd") else {}
     if sampler not in ("dcd", "structural"):
         kw["temperature"] = 1.0

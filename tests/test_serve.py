@@ -182,6 +182,9 @@ def test_denoise_stream_rebuilds_the_text(url):
         assert steps >= 8 and partial, sampler
 
 
+FN = {"type": "function", "function": {"name": "f"}}
+
+
 def test_bad_input_is_a_clear_4xx_and_the_server_keeps_serving(url, client):
     ok = {"model": MODEL, "prompt": "ROMEO:", "max_tokens": 8}
     cases = [
@@ -216,6 +219,8 @@ def test_bad_input_is_a_clear_4xx_and_the_server_keeps_serving(url, client):
         ({**ok, "regex": "a("}, 400, "cannot be compiled"),
         ({**ok, "tools": [{"type": "function"}], "tool_choice": "required"}, 400, "each tool must be"),
         ({**ok, "tool_choice": "required"}, 400, "has no tools"),
+        ({**ok, "tools": [FN]}, 400, "tools are a field of"),
+        ({**ok, "tools": [FN, FN]}, 400, "two tools are named f"),
     ]
     for body, status, words in cases:
         code, r = post(url, body)

@@ -22,7 +22,7 @@ def sampler_kwargs(a: argparse.Namespace) -> dict:
     if getattr(a, "json_schema", None) is not None:
         kw["json_schema"] = schema_arg(a.json_schema)
     if getattr(a, "grammar", None) is not None:
-        kw["grammar"] = Path(a.grammar).read_text() if Path(a.grammar).is_file() else a.grammar
+        kw["grammar"] = grammar_arg(a.grammar)
     if getattr(a, "no_cache", False):
         kw["cache"] = "none"
     elif getattr(a, "cache", None):
@@ -37,6 +37,14 @@ def schema_arg(arg: str) -> str:
     if not Path(arg).is_file():
         raise ConfigError(f"--json-schema {arg!r}: no such file, and not JSON text")
     return Path(arg).read_text()
+
+
+def grammar_arg(arg: str) -> str:
+    """--grammar: a grammar file's text, else the argument itself (a grammar)."""
+    try:
+        return Path(arg).read_text() if "\n" not in arg and Path(arg).is_file() else arg
+    except OSError:  # a long inline grammar is no file name
+        return arg
 
 
 def decode_spec(a: argparse.Namespace, model, max_new_tokens: int | None, **defaults) -> DecodeSpec:

@@ -4,8 +4,12 @@ Lark parses the grammar (rules, terminals, `%import common`, `%ignore`); this mo
 translates its syntax tree into one regex that interegular turns into the automaton every
 constraint uses (`constraint.py`), so a grammar gets the hole-aware commits of a regex. The
 translation is exact for texts whose derivation re-enters no rule more than `depth` times along
-any path (`a: "(" a ")" | "x"` at depth 3: up to three parentheses deep); repetition (`*`, `+`,
-`~`) is unbounded, as in a regex. Deeper texts are outside the constraint, never wrongly inside.
+any path (`a: "(" a ")" | "x"` at depth 3: up to three parentheses deep); repetition (`*`, `+`)
+is unbounded, as in a regex. Deeper texts are outside the constraint, never wrongly inside.
+The language is the grammar's own, terminals being the sets of strings their patterns match:
+what Lark's Earley parser with `lexer="dynamic_complete"` parses. Lark's default lexers match
+greedily, so where terminals overlap (`NAME NAME` with `NAME: /[ab]+/`) they reject texts of
+the language (`ab`).
 """
 
 from __future__ import annotations
@@ -111,7 +115,7 @@ class _Translate:
                 if op == "?":
                     return f"(?:{inner})?"
                 return f"(?:{inner}(?:{sep}{inner})*)" + ("?" if op == "*" else "")
-            lo, hi = int(kids[1]), int(kids[-1])  # a ~ n or a ~ n..m
+            lo, hi = int(kids[2]), int(kids[-1])  # [atom, "~", n] or [atom, "~", n, m]
             if inner is None:
                 return "" if lo == 0 else None
             return f"(?:{inner}){{{lo},{hi}}}" if not sep else self._repeat(inner, sep, lo, hi)

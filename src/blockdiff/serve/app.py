@@ -110,6 +110,8 @@ class Server:
         extra = {k: v for k, v in (req.model_extra or {}).items() if k not in skip}
         extra |= response_format((req.model_extra or {}).get("response_format"))
         funcs, choice = tool_choice(req.model_extra or {})
+        if funcs and not isinstance(req, ChatRequest):
+            raise APIError(400, "tools are a field of /v1/chat/completions", "tools")
         if choice and req.stream:
             raise APIError(400, "blockdiff returns tool calls whole: send tools with stream false", "stream")
         if choice not in (None, "auto"):  # a call is required: its JSON is the constraint
@@ -161,7 +163,13 @@ class Server:
         if not req.messages:
             raise APIError(400, "messages must not be empty", "messages")
         funcs, choice = tool_choice(req.model_extra or {})
-        return self.tok.chat([tools_turn(funcs)] * bool(choice) + [m.as_turn() for m in req.messages])
+        turns = [m.as_turn() for m in req.messages]
+        if choice:  # the functions join the leading system turn, or make one
+            tools = tools_turn(funcs)
+            if turns[0]["role"] == "system":
+                tools["content"] = turns.pop(0)["content"] + "\n\n" + tools["content"]
+            turns.insert(0, tools)
+        return self.tok.chat(turns)
 
     # ---- responses -----------------------------------------------------------------------------
 

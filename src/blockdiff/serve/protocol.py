@@ -62,6 +62,8 @@ def tool_choice(extra: dict) -> tuple[dict[str, dict], str | None]:
             raise APIError(400, 'each tool must be {"type": "function", "function": {"name": ...}}', "tools")
         if not isinstance(f.get("parameters", {}), dict):
             raise APIError(400, f"tool {f['name']}: parameters must be a JSON schema object", "tools")
+        if f["name"] in funcs:
+            raise APIError(400, f"two tools are named {f['name']}", "tools")
         funcs[f["name"]] = f
     if choice in (None, "auto", "required"):
         return funcs, choice or "auto"
