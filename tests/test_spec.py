@@ -240,10 +240,18 @@ def test_adaptive_spec_equals_ar_whatever_it_chooses(nbdiff, monkeypatch, slope)
     ar = generate(model, tok, PROMPTS, sampler="ar", max_new_tokens=30, stop_at_eos=False)
     sp = generate(model, tok, PROMPTS, sampler="spec", max_new_tokens=30, stop_at_eos=False)
     assert sp.tokens == ar.tokens
-    for i, p in enumerate(PROMPTS[:3]):  # one row: the engine's AR step takes over when drafting ends
+    forwards = []  # spec's own forwards; once drafting ends, one row is the engine's AR step's
+    orig = Runner.speculate
+    monkeypatch.setattr(Runner, "speculate", lambda self, *a: forwards.append(1) or orig(self, *a))
+    for i, p in enumerate(PROMPTS[:3]):
+        forwards.clear()
         one = generate(model, tok, [p], sampler="spec", max_new_tokens=30, stop_at_eos=False)
         assert one.tokens[0] == ar.tokens[i]
         assert one.rows[0].tokens == 30 and one.rows[0].nfe <= 30
+        if slope == 1.0:  # never drafts: the AR step from the start
+            assert not forwards
+        elif slope == 0.15:  # the prefill and at most 4 probing forwards, then the AR step
+            assert 1 <= len(forwards) <= 5 and one.rows[0].nfe > len(forwards)
     per_forward = sum(r.tokens for r in sp.rows) / sum(r.nfe for r in sp.rows)
     said = " ".join(sp.notes)
     if slope == 0:

@@ -35,6 +35,16 @@ RESUMABLE_CHANGES = {("train", "steps"), ("train", "parallel"), ("train", "cpu_o
 RESUMABLE_CHANGES |= {("train", "activation_checkpointing")}
 
 
+def opt_state(t: dict) -> dict[int, dict]:
+    """AdamW's state by parameter index, from the trainer state's `opt.<i>.<key>` entries."""
+    state: dict[int, dict] = {}
+    for k, v in t.items():
+        if k.startswith("opt."):
+            _, i, name = k.split(".", 2)
+            state.setdefault(int(i), {})[name] = v
+    return state
+
+
 class Checkpointing:
     """Needs: model, opt, ema, tok, r (recipe), out, rank, world, device, and the counters."""
 
@@ -95,23 +105,17 @@ class Checkpointing:
         except Exception as e:
             raise CheckpointError(f"corrupt or unreadable trainer state {directory}: {e}") from None
         weights = {n: views[f"model.{n}"] for n in names}
-        state: dict = {}
-        for k, v in views.items():
-            if k.startswith("opt."):
-                _, i, name = k.split(".", 2)
-                state.setdefault(int(i), {})[name] = v
-        sharding.restore(self.model, self.opt, weights, state, names, full=False)
+        sharding.restore(self.model, self.opt, weights, opt_state(views), names, full=False)
 
     def _load_full(self, ten_f: Path) -> None:
         try:
             t = load_file(str(ten_f))
         except Exception as e:
             raise CheckpointError(f"corrupt trainer state {ten_f}: {e}") from None
-        state: dict = {}
-        for k, v in t.items():
-            if k.startswith("opt."):
-                _, i, name = k.split(".", 2)
-                state.setdefault(int(i), {})[name] = v.to(self.device) if name != "step" else v
+        state = {
+            i: {k: v if k == "step" else v.to(self.device) for k, v in st.items()}
+            for i, st in opt_state(t).items()
+        }
         with torch.no_grad():
             if self.ema:
                 for n, e in self.ema.items():

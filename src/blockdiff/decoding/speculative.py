@@ -116,7 +116,8 @@ class SpecStep:
             return
         if self.n is not None:
             n = int(self.n[0])
-            self.run.cache.truncate(torch.minimum(self.run.cache.lengths, self.n))
+            lengths = self.run.cache.lengths
+            self.run.cache.truncate(torch.minimum(lengths, self.n.to(lengths.device)))
             self.run.cache_idx = torch.arange(n)
         self.ar = self.ar_step(self.c, self.run, self.plan, self.gens)
 
