@@ -2,10 +2,12 @@
 on a 4-bit (or 255-level) grid exactly, a delta beside them, and refuses weights on no grid;
 forwards pick the 4-bit or the bfloat16 copy by width; decoding runs on every path."""
 
+import copy
+
 import pytest
 import torch
 
-from blockdiff import delta
+from blockdiff import delta, runtime
 from blockdiff.config import ConfigError
 from blockdiff.decoding import generate
 from blockdiff.model import BlockDiffLM, KVCache
@@ -173,3 +175,43 @@ def test_int4_refuses_weights_on_no_grid_and_auto_falls_back():
         prepare(partly, "auto")
     with pytest.raises(ConfigError, match="unknown precision"):
         prepare(BlockDiffLM(cfg), "int3")
+
+
+@pytest.mark.parametrize("precision", ["int4", "float32"])
+def test_the_compiled_decoder_loop_equals_its_python_bit_for_bit(precision):
+    """TorchScript runs `decoder_stack` as compiled; the same function run by Python gives the same
+    bits: a prompt, one token over the cache (4-bit with a delta), writes at per-row slots."""
+    m = on_grid_model()
+    delta.attach(m, delta.DeltaSpec(rank=4))
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    plain = copy.deepcopy(m)  # the modules, the delta beside them
+    q = prepare(m, precision)
+    fused = q.fused_layers
+    assert isinstance(fused.stack, torch.jit.ScriptFunction)  # the test compares two paths
+    ids = torch.randint(0, 60, (2, 10))
+    got = {}
+    with torch.no_grad():
+        for name, model, stack in (
+            ("compiled", q, fused.stack),
+            ("python", q, runtime.decoder_stack),
+            ("modules", plain, None),
+        ):
+            fused.stack = stack
+            cache = KVCache(2)
+            outs = [
+                model(ids[:, :6], cache=cache, write_cache=True),
+                model(ids[:, 6:7], cache=cache, write_cache=True),
+            ]
+            if model is q and precision == "int4":
+                assert not q.width_switch.wide
+            slots = cache.lengths[:, None] + torch.arange(2)
+            outs.append(model(ids[:, 7:9], cache=cache, write_cache=slots))
+            outs.append(model(ids[:, 9:], cache=cache, write_cache=True))
+            got[name] = outs + [cache.k[1][:, :, : cache.span], cache.v[0][:, :, : cache.span]]
+    assert all(torch.equal(a, b) for a, b in zip(got["compiled"], got["python"], strict=True))
+    if precision == "float32":  # the cache's two ways of storing, as the modules' KVCache.update
+        for a, b in zip(got["python"], got["modules"], strict=True):  # (the mask token's logit
+            assert torch.allclose(a[..., :69], b[..., :69], atol=1e-5)  # is never read: SUBS)

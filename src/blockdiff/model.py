@@ -106,6 +106,22 @@ class KVCache:
             self._pending = torch.full_like(self.lengths, self.span + keep)
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
+    def reserve(self, like: Tensor, q: int, write: bool | int | Tensor) -> Tensor | None:
+        """Before a forward that runs every layer in one call (`runtime.decoder_stack`): buffers
+        [b, h, ·, d] like `like` large enough in every layer for what `update` would store, and
+        what is pending after it; returns the per-row slots (a Tensor `write`) or None."""
+        if self.lengths is None:
+            self.lengths = torch.zeros(like.shape[0], dtype=torch.long, device=like.device)
+        if isinstance(write, Tensor):
+            need, self._pending = int(write.max()) + 1, write.max(1).values + 1
+        else:
+            need, keep = self.span + q, 0 if not write else q if write is True else int(write)
+            if keep:
+                self._pending = torch.full_like(self.lengths, self.span + keep)
+        for layer in range(len(self.k)):
+            self._ensure(layer, like, need)
+        return write if isinstance(write, Tensor) else None
+
     def begin(self) -> None:
         """A forward starts: nothing of an earlier, failed one is pending."""
         self._pending = None

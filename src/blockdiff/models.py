@@ -146,7 +146,7 @@ def load_model(
             raise CheckpointError(
                 f"weights in {p / 'model.safetensors'} do not match config.json: {e}"
             ) from None
-    model = model.float() if precision is None else prepare(model.float(), precision, device)
+    model = model.float() if precision is None else prepare(model.float().to(device), precision, device)
     try:
         tok = Tokenizer.load(p)
     except Exception as e:  # tokenizers raises its own exception types

@@ -58,6 +58,40 @@ def forward_cost(precision: str | None, device: str = "cpu"):
     return cost
 
 
+# How `project` multiplies: a dense matrix, int8 per channel, int4 in one or two 4-bit planes
+# (the tensors of `packed()`; an int4 projection's low-rank delta, if any, follows its planes).
+DENSE, INT8, INT4, INT4X2 = 0, 1, 2, 3
+
+
+def project(x: Tensor, kind: int, out: int, ts: list[Tensor]) -> Tensor:
+    """x W^T for a projection stored as `kind` (TorchScript-compatible: the runtime's decoder
+    loop calls it from a compiled graph on 2-D activations, the modules' `forward` from Python:
+    one implementation; no operation is spent where none is needed)."""
+    if kind == 0:  # DENSE
+        return torch.nn.functional.linear(x, ts[0])
+    k = x.shape[-1]
+    flat = x if x.dim() == 2 else x.reshape(-1, k)
+    low = flat  # the low-rank delta reads the activations as given, in float32
+    if flat.dtype != torch.bfloat16:
+        flat = flat.to(torch.bfloat16)
+    if kind == 1:  # INT8
+        y = torch._weight_int8pack_mm(flat, ts[0], ts[1])
+    else:
+        y = torch._weight_int4pack_mm_for_cpu(flat, ts[0], 32, ts[1])
+        planes = kind - 1
+        if planes == 2:
+            y = y + torch._weight_int4pack_mm_for_cpu(flat, ts[2], 32, ts[3])
+        if y.shape[1] != out:  # the kernel packs rows in sixteens
+            y = y.narrow(1, 0, out)
+        if len(ts) > 2 * planes:
+            y = y + (low.float() @ ts[2 * planes] @ ts[2 * planes + 1]).to(y.dtype)
+    if x.dim() == 2:
+        return y
+    shape = list(x.shape[:-1])
+    shape.append(out)
+    return y.reshape(shape)
+
+
 class NotOnGrid(ValueError):
     """The weights are not on a 4-bit (or 255-level) grid per group: int4 would round them."""
 
@@ -120,16 +154,12 @@ class Int4Linear(nn.Module):
             self.register_buffer("lr_b", b.detach().float().t().contiguous())
             self.low_rank = True
 
+    def packed(self) -> tuple[int, int, list[Tensor]]:
+        ts = [self.q0, self.sz0] + ([self.q1, self.sz1] if self.planes == 2 else [])
+        return self.planes + 1, self.out_features, ts + ([self.lr_a, self.lr_b] if self.low_rank else [])
+
     def forward(self, x: Tensor) -> Tensor:
-        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        y = torch._weight_int4pack_mm_for_cpu(flat, self.q0, GROUP, self.sz0)
-        if self.planes == 2:
-            y = y + torch._weight_int4pack_mm_for_cpu(flat, self.q1, GROUP, self.sz1)
-        if self.pad:
-            y = y[:, : self.out_features]
-        if self.low_rank:
-            y = y + (x.reshape(-1, self.in_features).float() @ self.lr_a @ self.lr_b).to(y.dtype)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return project(x, *self.packed())
 
 
 class Int8Linear(nn.Module):
@@ -145,10 +175,11 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale.to(torch.bfloat16))
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
+    def packed(self) -> tuple[int, int, list[Tensor]]:
+        return INT8, self.out_features, [self.weight, self.scale]
+
     def forward(self, x: Tensor) -> Tensor:
-        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        y = torch._weight_int8pack_mm(flat, self.weight, self.scale)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return project(x, *self.packed())
 
 
 class WidthSwitch:

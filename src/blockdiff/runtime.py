@@ -13,11 +13,13 @@ RoPE call for q and k together); each fused projection is stored as the precisio
   stored weight; activations are bfloat16 in int4); float32 on other devices.
 
 Every RMSNorm becomes `FastRMSNorm` (one fused kernel instead of eight small operations), and the
-decoder layers run as one plain loop (`FusedLayers`). Training never sees this: it works on the
-unfused modules that checkpoints name.
+decoder layers run as one TorchScript function (`decoder_stack`, called by `FusedLayers`).
+Training never sees this: it works on the unfused modules that checkpoints name.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +28,7 @@ from torch import Tensor, nn
 from .config import ConfigError
 from .delta import EmbeddingRows, LoRALinear
 from .model import KVCache, RMSNorm, SplitMask, apply_rope
-from .quant import ByWidth, Int4Linear, Int8Linear, NotOnGrid, WidthSwitch
+from .quant import DENSE, ByWidth, Int4Linear, Int8Linear, NotOnGrid, WidthSwitch, project
 
 PRECISIONS = ("auto", "float32", "bfloat16", "int8", "int4")
 
@@ -37,56 +39,150 @@ def check_precision(precision: str) -> str:
     return precision
 
 
-class FastRMSNorm(nn.Module):
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """RMSNorm through one LayerNorm over [x, -x]: that vector's mean is 0 and its variance is
     mean(x²), so its first half is x / sqrt(mean(x²) + eps). torch's CPU RMSNorm is a chain of
     ~8 small operations: 20 µs for one 576-wide token against 14 (benchmarks/norm_rope.py), and
-    a step runs 61 norms. The gain multiplies after the rounding to the activation dtype, as in `RMSNorm`: the
-    gain inside the kernel (one rounding) moved bfloat16 logits further from float32's (measured,
-    docs/decisions.md)."""
+    a step runs 61 norms. The gain multiplies after the rounding to the activation dtype, as in
+    `RMSNorm`: the gain inside the kernel (one rounding) moved bfloat16 logits further from
+    float32's (measured, docs/decisions.md)."""
+    d = x.shape[-1]
+    return weight * F.layer_norm(torch.cat([x, -x], -1), [2 * d], eps=eps)[..., :d]
 
+
+class FastRMSNorm(nn.Module):
     def __init__(self, norm: RMSNorm):
         super().__init__()
         self.weight = nn.Parameter(norm.weight.detach().clone(), requires_grad=False)
         self.eps = norm.eps
 
     def forward(self, x: Tensor) -> Tensor:
-        d = x.shape[-1]
-        return self.weight * F.layer_norm(torch.cat([x, -x], -1), (2 * d,), eps=self.eps)[..., :d]
+        return rms_norm(x, self.weight, self.eps)
+
+
+def decoder_stack(
+    x: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    mask: Tensor | None,
+    ks: list[Tensor],
+    vs: list[Tensor],
+    span: int,
+    slots: Tensor | None,
+    norms: list[Tensor],
+    kinds: list[int],
+    outs: list[int],
+    parts: list[list[Tensor]],
+    nh: int,
+    nkv: int,
+    hd: int,
+    eps: float,
+) -> Tensor:
+    """The decoder layers of a prepared model (per layer: two norms, four projections `kinds`,
+    `outs`, `parts` as `quant.project` reads them). With a cache (`ks`, `vs`: buffers large
+    enough, `KVCache.reserve`), the fed keys go after its `span` slots and attention reads all of
+    them, or (`slots` [b, n]) attention reads the cache then the fed keys and the first n fed are
+    stored at those per-row slots afterwards — `KVCache.update`'s two ways, in the same order."""
+    b, q, d = x.shape[0], x.shape[1], x.shape[2]
+    gqa = nh != nkv
+    x = x.reshape(b * q, d)  # 2-D between the projections: no reshapes around each product
+    for i in range(len(norms) // 2):
+        j = 4 * i
+        h = project(rms_norm(x, norms[2 * i], eps), kinds[j], outs[j], parts[j])
+        h = h.view(b, q, nh + 2 * nkv, hd).transpose(1, 2)
+        qk = apply_rope(h.narrow(1, 0, nh + nkv), cos, sin)  # one RoPE call rotates q and k together
+        k, v = qk.narrow(1, nh, nkv), h.narrow(1, nh + nkv, nkv)
+        if len(ks) > 0:
+            kb, vb = ks[i], vs[i]
+            if slots is None:
+                kb.narrow(2, span, q).copy_(k)
+                vb.narrow(2, span, q).copy_(v)
+                k, v = kb.narrow(2, 0, span + q), vb.narrow(2, 0, span + q)
+            else:
+                n = slots.shape[1]
+                both_k, both_v = (
+                    torch.cat([kb.narrow(2, 0, span), k], 2),
+                    torch.cat([vb.narrow(2, 0, span), v], 2),
+                )
+                idx = slots[:, None, :, None].expand(b, nkv, n, hd)
+                kb.scatter_(2, idx, k.narrow(2, 0, n).to(kb.dtype))
+                vb.scatter_(2, idx, v.narrow(2, 0, n).to(vb.dtype))
+                k, v = both_k, both_v
+        a = F.scaled_dot_product_attention(qk.narrow(1, 0, nh), k, v, attn_mask=mask, enable_gqa=gqa)
+        x = x + project(a.transpose(1, 2).reshape(b * q, nh * hd), kinds[j + 1], outs[j + 1], parts[j + 1])
+        gate_up = project(rms_norm(x, norms[2 * i + 1], eps), kinds[j + 2], outs[j + 2], parts[j + 2])
+        gate, up = gate_up.chunk(2, -1)
+        x = x + project(F.silu(gate) * up, kinds[j + 3], outs[j + 3], parts[j + 3])
+    return x.view(b, q, d)
+
+
+def _scripted(fn):
+    """`fn` compiled by TorchScript, or `fn` itself where that fails: the same operations either
+    way (tested equal), TorchScript only cuts the Python between them — about 1.2 ms of a 6 ms
+    one-token int4 step of SmolLM2 (BENCHMARKS.md). TorchScript is deprecated in favour of
+    torch.compile, which ran this step slower (docs/decisions.md)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.jit.script(fn)
+    except Exception:  # a torch without TorchScript: eager
+        return fn
+
+
+_STACK = None
+
+
+def _packed(m: nn.Module) -> tuple[int, int, list[Tensor]]:
+    return m.packed() if hasattr(m, "packed") else (DENSE, m.out_features, [m.weight])
 
 
 class FusedLayers:
-    """A prepared model's decoder layers as one loop over their fused projections, calling each
-    module's `forward` directly: a one-token step of SmolLM2 made ~400 module calls (dispatch,
-    hooks, attribute lookups), 17-20 % of its time (BENCHMARKS.md). The same operations in the
-    same order as the modules would run, so the same logits (tested). Inference only: training
-    runs the modules (their hooks, the split training mask)."""
+    """A prepared model's decoder layers as one call of `decoder_stack` (TorchScript): a one-token
+    step of SmolLM2 made ~400 module calls and ~1000 Python-level tensor operations, half of the
+    step besides the 4-bit kernels. Its weights are packed once (per width, for `ByWidth`). The
+    same operations in the same order as the modules would run, so the same logits (tested).
+    Inference only: training runs the modules (their hooks, the split training mask)."""
 
     def __init__(self, model):
-        cfg = model.config
-        self.nh, self.nkv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.layers = [
-            (l.input_layernorm.forward, l.self_attn.qkv_proj.forward, l.self_attn.o_proj.forward,
-             l.post_attention_layernorm.forward, l.mlp.gate_up_proj.forward, l.mlp.down_proj.forward)
-            for l in model.model.layers
-        ]  # fmt: skip
+        global _STACK
+        if _STACK is None:
+            _STACK = _scripted(decoder_stack)
+        self.stack = _STACK
+        self.model = model
+        self._pack()
+
+    def _pack(self) -> None:
+        """The weights as `decoder_stack` reads them, per width (again if the model moved)."""
+        cfg, layers = self.model.config, self.model.model.layers
+        norms = [n.weight for l in layers for n in (l.input_layernorm, l.post_attention_layernorm)]
+        projs = [
+            p
+            for l in layers
+            for p in (l.self_attn.qkv_proj, l.self_attn.o_proj, l.mlp.gate_up_proj, l.mlp.down_proj)
+        ]
+        eps = float(layers[0].input_layernorm.eps)
+        shape = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, eps)
+        self.nkv, self.hd = shape[1:3]
+
+        def packing(width: str) -> tuple:
+            kinds, outs, parts = zip(*(_packed(getattr(p, width, p)) for p in projs), strict=True)
+            return (norms, list(kinds), list(outs), list(parts), *shape)
+
+        self.wide, self.narrow = packing("wide"), packing("narrow")
+        self.switch, self.device = self.model.width_switch, norms[0].device
 
     def __call__(self, x: Tensor, cos, sin, mask, cache: KVCache | None, write) -> Tensor:
         if isinstance(mask, SplitMask):
             raise ValueError("the split training mask runs on the training modules, not a prepared model")
+        if x.device != self.device:  # moved after `prepare`: the packed lists hold the old tensors
+            self._pack()
         b, q, _ = x.shape
-        nh, nkv, gqa = self.nh, self.nkv, self.nh != self.nkv
-        for i, (norm1, qkv, o, norm2, gate_up, down) in enumerate(self.layers):
-            h = qkv(norm1(x)).view(b, q, nh + 2 * nkv, self.hd).transpose(1, 2)
-            qk = apply_rope(h[:, : nh + nkv], cos, sin)  # one RoPE call rotates q and k together
-            k, v = qk[:, nh:], h[:, nh + nkv :]
-            if cache is not None:
-                k, v = cache.update(i, k, v, write)
-            a = F.scaled_dot_product_attention(qk[:, :nh], k, v, attn_mask=mask, enable_gqa=gqa)
-            x = x + o(a.transpose(1, 2).reshape(b, q, -1))
-            gate, up = gate_up(norm2(x)).chunk(2, dim=-1)
-            x = x + down(F.silu(gate) * up)
-        return x
+        slots, span, ks, vs = None, 0, [], []
+        if cache is not None:
+            slots = cache.reserve(x.new_empty(b, self.nkv, 0, self.hd), q, write)
+            span, ks, vs = cache.span, cache.k, cache.v
+        weights = self.wide if self.switch is None or self.switch.wide else self.narrow
+        return self.stack(x, cos, sin, mask, ks, vs, span, slots, *weights)
 
 
 def _parts(mods: list[nn.Module]) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
