@@ -118,8 +118,9 @@ class KVCache:
             need, keep = self.span + q, 0 if not write else q if write is True else int(write)
             if keep:
                 self._pending = torch.full_like(self.lengths, self.span + keep)
-        for layer in range(len(self.k)):
-            self._ensure(layer, like, need)
+        if self.k[-1] is None or self.k[-1].shape[2] < need:  # the runtime grows every layer at once
+            for layer in range(len(self.k)):
+                self._ensure(layer, like, need)
         return write if isinstance(write, Tensor) else None
 
     def begin(self) -> None:
