@@ -148,7 +148,9 @@ def main() -> None:
     )
 
     bw = bandwidth()
-    wbytes = sum(p.numel() for p in {id(p): p for p in base16.parameters()}.values()) * 2
+    wbytes = sum(
+        t.numel() * 2 for t in {id(t): t for t in [*base16.parameters(), *base16.buffers()]}.values()
+    )
     floor = wbytes / bw
     b4 = sum(  # what a one-token step reads in the int4 runtime: the 4-bit planes and their scales
         t.numel() * t.element_size()

@@ -12,7 +12,7 @@ from blockdiff.config import ConfigError
 from blockdiff.decoding import generate
 from blockdiff.model import BlockDiffLM, KVCache
 from blockdiff.models import load_model
-from blockdiff.quant import GROUP, ByWidth, Int4Linear, NotOnGrid, WidthSwitch
+from blockdiff.quant import GROUP, ByWidth, Int4Linear, NotOnGrid, PackedLinear, WidthSwitch, can_pack
 from blockdiff.runtime import prepare
 from tests.conftest import tiny_config
 
@@ -215,3 +215,22 @@ def test_the_compiled_decoder_loop_equals_its_python_bit_for_bit(precision):
     if precision == "float32":  # the cache's two ways of storing, as the modules' KVCache.update
         for a, b in zip(got["python"], got["modules"], strict=True):  # (the mask token's logit
             assert torch.allclose(a[..., :69], b[..., :69], atol=1e-5)  # is never read: SUBS)
+
+
+@pytest.mark.skipif(not can_pack(), reason="oneDNN has no bfloat16 on this CPU")
+def test_packed_bfloat16_weights_give_the_dense_bits(monkeypatch):
+    """bfloat16 weights in oneDNN's blocked layout (reordered once) give F.linear's bits: a prompt,
+    one token and a few over the cache, batched."""
+    m = on_grid_model()
+    packed = prepare(copy.deepcopy(m), "bfloat16")
+    monkeypatch.setattr(runtime, "can_pack", lambda device="cpu": False)
+    dense = prepare(m, "bfloat16")
+    assert isinstance(packed.lm_head, PackedLinear) and not isinstance(dense.lm_head, PackedLinear)
+    ids = torch.randint(0, 60, (2, 12))
+    got = []
+    with torch.no_grad():
+        for model in (packed, dense):
+            cache = KVCache(2)
+            spans = ((0, 8), (8, 9), (9, 12))
+            got.append([model(ids[:, a:b], cache=cache, write_cache=True) for a, b in spans])
+    assert all(torch.equal(a, b) for a, b in zip(*got, strict=True))

@@ -26,14 +26,17 @@ GROUP = 32
 # Forwards over a cache feeding at most this many tokens per sequence take the 4-bit kernel,
 # others bfloat16: the crossover of the measured per-forward cost table (benchmarks/cost_table.py).
 NARROW_ROWS = 8
+# The rows oneDNN lays a packed bfloat16 weight out for (a hint: any width runs, with the same
+# bits); the fastest of 8, 32 and 128 for SmolLM2's forwards of 1 to 64 rows (measured, 128).
+PACK_ROWS = 128
 # ms per forward over a 64-token cache by tokens fed per sequence, each precision's runtime on the
 # 2-core CPU (benchmarks/cost_table.py, BENCHMARKS.md; int4 past NARROW_ROWS is its bfloat16 copy):
 # the cost model that picks spec's draft length. Ratios matter, not the milliseconds.
 FORWARD_MS = {
-    "int4": {1: 7.4, 2: 8.7, 4: 10.5, 8: 16.2, 16: 24.1, 32: 27.8},
-    "bfloat16": {1: 20.4, 2: 20.8, 4: 21.3, 8: 23.1, 16: 24.1, 32: 27.8},
-    "int8": {1: 11.4, 2: 13.1, 4: 14.7, 8: 25.3, 16: 37.0, 32: 57.6},
-    "float32": {1: 19.1, 2: 20.1, 4: 29.6, 8: 36.7, 16: 39.8, 32: 49.9},
+    "int4": {1: 8.1, 2: 8.7, 4: 10.5, 8: 16.2, 16: 17.8, 32: 21.0},
+    "bfloat16": {1: 14.6, 2: 15.3, 4: 15.8, 8: 16.9, 16: 17.8, 32: 21.0},
+    "int8": {1: 12.3, 2: 13.9, 4: 15.2, 8: 26.0, 16: 37.3, 32: 58.2},
+    "float32": {1: 19.7, 2: 21.0, 4: 29.8, 8: 36.6, 16: 39.7, 32: 49.9},
 }
 
 
@@ -59,8 +62,9 @@ def forward_cost(precision: str | None, device: str = "cpu"):
 
 
 # How `project` multiplies: a dense matrix, int8 per channel, int4 in one or two 4-bit planes
-# (the tensors of `packed()`; an int4 projection's low-rank delta, if any, follows its planes).
-DENSE, INT8, INT4, INT4X2 = 0, 1, 2, 3
+# (the tensors of `packed()`; an int4 projection's low-rank delta, if any, follows its planes), a
+# bfloat16 matrix in oneDNN's own blocked layout.
+DENSE, INT8, INT4, INT4X2, PACKED = 0, 1, 2, 3, 4
 
 
 def project(x: Tensor, kind: int, out: int, ts: list[Tensor]) -> Tensor:
@@ -69,6 +73,8 @@ def project(x: Tensor, kind: int, out: int, ts: list[Tensor]) -> Tensor:
     one implementation; no operation is spent where none is needed)."""
     if kind == 0:  # DENSE
         return torch.nn.functional.linear(x, ts[0])
+    if kind == 4:  # PACKED
+        return torch.ops.mkldnn._linear_pointwise(x, ts[0], None, "none", [], "")
     k = x.shape[-1]
     flat = x if x.dim() == 2 else x.reshape(-1, k)
     low = flat  # the low-rank delta reads the activations as given, in float32
@@ -160,6 +166,34 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return project(x, *self.packed())
+
+
+class PackedLinear(nn.Module):
+    """y = x W^T in bfloat16 with W reordered once, at load, into oneDNN's blocked layout: torch's
+    bfloat16 linear on a CPU is the same oneDNN kernel but reorders W on every call. The same
+    bits as `F.linear` (tested), in less time at every width (BENCHMARKS.md: the cost table).
+    Where oneDNN has no bfloat16 (`can_pack`), the runtime keeps dense weights."""
+
+    def __init__(self, weight: Tensor):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        w = weight.detach().to(torch.bfloat16).contiguous()
+        self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS))
+
+    def packed(self) -> tuple[int, int, list[Tensor]]:
+        return PACKED, self.out_features, [self.weight]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return project(x, *self.packed())
+
+
+def can_pack(device: str | torch.device = "cpu") -> bool:
+    """Whether bfloat16 weights can be held in oneDNN's layout here (x86 CPUs with AVX-512)."""
+    return (
+        torch.device(device).type == "cpu"
+        and torch.backends.mkldnn.is_available()
+        and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
 
 
 class Int8Linear(nn.Module):

@@ -28,7 +28,17 @@ from torch import Tensor, nn
 from .config import ConfigError
 from .delta import EmbeddingRows, LoRALinear
 from .model import KVCache, RMSNorm, SplitMask, apply_rope
-from .quant import DENSE, ByWidth, Int4Linear, Int8Linear, NotOnGrid, WidthSwitch, project
+from .quant import (
+    DENSE,
+    ByWidth,
+    Int4Linear,
+    Int8Linear,
+    NotOnGrid,
+    PackedLinear,
+    WidthSwitch,
+    can_pack,
+    project,
+)
 
 PRECISIONS = ("auto", "float32", "bfloat16", "int8", "int4")
 
@@ -203,7 +213,9 @@ def _parts(mods: list[nn.Module]) -> tuple[Tensor, tuple[Tensor, Tensor] | None]
     return torch.cat(ws), low
 
 
-def _dense(w: Tensor, dtype: torch.dtype) -> nn.Linear:
+def _dense(w: Tensor, dtype: torch.dtype) -> nn.Module:
+    if dtype == torch.bfloat16 and can_pack(w.device):
+        return PackedLinear(w)
     lin = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")  # no throwaway init
     lin.weight = nn.Parameter(w.to(dtype), requires_grad=False)
     return lin
