@@ -426,10 +426,25 @@ def test_chat_with_the_shipped_model():
             model=models.DEFAULT, messages=history, max_tokens=16, seed=0, tools=tools
         )
         assert r.choices[0].message.content or r.choices[0].message.tool_calls  # auto: either, parsed
+        # streamed: the text is held until the row ends; a call goes out as one tool_calls delta
+        kw = dict(model=models.DEFAULT, messages=q, max_tokens=32, seed=0, tools=tools)
+        kw["tool_choice"] = "required"
+        whole = c.chat.completions.create(**kw).choices[0].message.tool_calls[0].function
+        chunks = [ch for ch in c.chat.completions.create(stream=True, **kw) if ch.choices]
+        calls = [tc for ch in chunks for tc in ch.choices[0].delta.tool_calls or []]
+        assert chunks[-1].choices[0].finish_reason == "tool_calls" and len(calls) == 1
+        assert (calls[0].function.name, calls[0].function.arguments) == (whole.name, whole.arguments)
+        assert calls[0].id.startswith("call_") and calls[0].index == 0
+        assert not any(ch.choices[0].delta.content for ch in chunks)  # no JSON leaks as text
+        kw = dict(model=models.DEFAULT, messages=history, max_tokens=16, seed=0, tools=tools)
+        chunks = [ch for ch in c.chat.completions.create(stream=True, **kw) if ch.choices]
+        text = "".join(ch.choices[0].delta.content or "" for ch in chunks)
+        got = [tc for ch in chunks for tc in ch.choices[0].delta.tool_calls or []]
+        want = c.chat.completions.create(**kw).choices[0].message  # auto: the same answer either way
+        assert text == (want.content or "") and len(got) == len(want.tool_calls or [])
         nope = {"type": "function", "function": {"name": "nope"}}
-        for bad, words in (({"tool_choice": nope}, "tool_choice"), ({"stream": True}, "stream false")):
-            with pytest.raises(openai.BadRequestError, match=words):
-                c.chat.completions.create(model=models.DEFAULT, messages=q, max_tokens=8, tools=tools, **bad)
+        with pytest.raises(openai.BadRequestError, match="tool_choice"):
+            c.chat.completions.create(**{**kw, "tool_choice": nope})
 
 
 def test_a_failing_batch_fails_its_requests_not_the_server(monkeypatch):

@@ -16,7 +16,6 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -49,6 +48,7 @@ from .protocol import (
     response_format,
     tool_choice,
     tools_turn,
+    usage,
 )
 from .scheduler import Delta, Denoised, Done, Failed, Finished, Job, QueueFull, Scheduler, Started, emitter
 
@@ -112,8 +112,6 @@ class Server:
         funcs, choice = tool_choice(req.model_extra or {})
         if funcs and not isinstance(req, ChatRequest):
             raise APIError(400, "tools are a field of /v1/chat/completions", "tools")
-        if choice and req.stream:
-            raise APIError(400, "blockdiff returns tool calls whole: send tools with stream false", "stream")
         if choice not in (None, "auto"):  # a call is required: its JSON is the constraint
             if {"json_schema", "regex", "grammar"} & set(extra):
                 raise APIError(400, "response_format and a required tool call both constrain it", "tools")
@@ -187,7 +185,7 @@ class Server:
         n_prompt = len(self.tok.encode(prompt))
         if req.stream:
             return EventSourceResponse(
-                self._stream(job, queue, rid, created, obj, n_prompt, chat, include_usage(req)),
+                self._stream(job, queue, rid, created, obj, n_prompt, chat, req),
                 ping=15,
                 sep="\n",
             )
@@ -223,14 +221,18 @@ class Server:
                 "created": created,
                 "model": self.name,
                 "choices": choices,
-                "usage": _usage(n_prompt, ev.stats, ev.tokens),
+                "usage": usage(n_prompt, ev.stats, ev.tokens),
             }
         )
 
-    async def _stream(self, job: Job, queue: asyncio.Queue, rid, created, obj, n_prompt, chat, usage=False):
+    async def _stream(self, job: Job, queue: asyncio.Queue, rid, created, obj, n_prompt, chat, req):
         """OpenAI's chunks: every chunk carries choices, except the usage chunk that
-        `stream_options.include_usage` asks for; blockdiff's per-row stats ride on the last one."""
+        `stream_options.include_usage` asks for; blockdiff's per-row stats ride on the last one.
+        With tools, a row's text is held until it ends: a call goes out as one `tool_calls`
+        delta (name and whole arguments), anything else as one content delta."""
         chunk_obj = "chat.completion.chunk" if chat else "text_completion"
+        funcs, choice = tool_choice(req.model_extra or {}) if chat else ({}, None)
+        held_text: dict[int, str] = {}
 
         def chunk(choices, **extra) -> dict:
             return {"id": rid, "object": chunk_obj, "created": created, "model": self.name,
@@ -254,6 +256,8 @@ class Server:
                     return
                 if isinstance(ev, Started | Denoised) and job.denoise:  # blockdiff's own, by name
                     yield sse(chunk([], blockdiff=ev.as_dict()))
+                elif isinstance(ev, Delta) and choice:
+                    held_text[ev.index] = held_text.get(ev.index, "") + ev.text
                 elif isinstance(ev, Delta):
                     d = {"content": ev.text} if chat else None
                     c = {"index": ev.index, "finish_reason": None}
@@ -262,14 +266,21 @@ class Server:
                 elif isinstance(ev, Finished):
                     if held is not None:
                         yield sse(held)
-                    c = {"index": ev.index, "finish_reason": ev.reason}
+                    reason, text, d = ev.reason, held_text.pop(ev.index, ""), None
+                    if choice and (call := as_call(text, funcs)):
+                        reason, d = "tool_calls", {"tool_calls": [{"index": 0, **call}]}
+                    elif choice and text:
+                        d = {"content": text}
+                    if d is not None:
+                        yield sse(chunk([{"index": ev.index, "delta": d, "finish_reason": None}]))
+                    c = {"index": ev.index, "finish_reason": reason}
                     c.update({"delta": {}} if chat else {"text": "", "logprobs": None})
                     held = chunk([c])
                 elif isinstance(ev, Done):
                     if held is not None:
                         yield sse({**held, "blockdiff": {"type": "done", "stats": ev.stats}})
-                    if usage:
-                        yield sse(chunk([], usage=_usage(n_prompt, ev.stats, ev.tokens)))
+                    if include_usage(req):
+                        yield sse(chunk([], usage=usage(n_prompt, ev.stats, ev.tokens)))
                     yield {"data": "[DONE]"}
                     return
         finally:
@@ -284,21 +295,6 @@ def _param(message: str, names: list[str]) -> str | None:
         return "sampler"
     named = [n for n in names if re.search(rf"\b{re.escape(n)}\b", message)]
     return named[0] if named else None
-
-
-def _usage(n_prompt: int, stats: list[dict], returned: list[int]) -> dict[str, Any]:
-    """OpenAI's usage (completion_tokens: the tokens of the returned texts, no EOS, nothing past
-    a stop string) and blockdiff's NFE figures (over every committed token, as the page shows)."""
-    n = sum(returned)
-    committed = sum(s["tokens"] for s in stats)
-    nfe = max((s["nfe"] for s in stats), default=0)
-    return {
-        "prompt_tokens": n_prompt,
-        "completion_tokens": n,
-        "total_tokens": n_prompt + n,
-        "nfe": nfe,
-        "tokens_per_nfe": round(committed / max(1, nfe), 4),
-    }
 
 
 class KeyAuth:

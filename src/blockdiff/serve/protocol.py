@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -180,3 +180,18 @@ class ChatRequest(_Common):
 
 def include_usage(req: _Common) -> bool:
     return bool((req.stream_options or {}).get("include_usage"))
+
+
+def usage(n_prompt: int, stats: list[dict], returned: list[int]) -> dict[str, Any]:
+    """OpenAI's usage (completion_tokens: the tokens of the returned texts, no EOS, nothing past
+    a stop string) and blockdiff's NFE figures (over every committed token, as the page shows)."""
+    n = sum(returned)
+    committed = sum(s["tokens"] for s in stats)
+    nfe = max((s["nfe"] for s in stats), default=0)
+    return {
+        "prompt_tokens": n_prompt,
+        "completion_tokens": n,
+        "total_tokens": n_prompt + n,
+        "nfe": nfe,
+        "tokens_per_nfe": round(committed / max(1, nfe), 4),
+    }
