@@ -180,7 +180,8 @@ def test_int4_refuses_weights_on_no_grid_and_auto_falls_back():
 @pytest.mark.parametrize("precision", ["int4", "float32"])
 def test_the_compiled_decoder_loop_equals_its_python_bit_for_bit(precision):
     """TorchScript runs `decoder_stack` as compiled; the same function run by Python gives the same
-    bits: a prompt, one token over the cache (4-bit with a delta), writes at per-row slots."""
+    bits: a prompt, one token over the cache (4-bit with a delta), writes at per-row slots of rows
+    of different lengths; in float32 both equal the modules' cache rule."""
     m = on_grid_model()
     delta.attach(m, delta.DeltaSpec(rank=4))
     with torch.no_grad():
@@ -192,6 +193,13 @@ def test_the_compiled_decoder_loop_equals_its_python_bit_for_bit(precision):
     fused = q.fused_layers
     assert isinstance(fused.stack, torch.jit.ScriptFunction)  # the test compares two paths
     ids = torch.randint(0, 60, (2, 10))
+
+    def seen(cache: KVCache, q: int) -> torch.Tensor:  # live cache slots, then the fed causally
+        vis = cache.visible()
+        vis = torch.ones(2, cache.span, dtype=torch.bool) if vis is None else vis
+        causal = torch.ones(q, q, dtype=torch.bool).tril()
+        return torch.cat([vis[:, None, None].expand(2, 1, q, -1), causal.expand(2, 1, q, q)], -1)
+
     got = {}
     with torch.no_grad():
         for name, model, stack in (
@@ -207,14 +215,19 @@ def test_the_compiled_decoder_loop_equals_its_python_bit_for_bit(precision):
             ]
             if model is q and precision == "int4":
                 assert not q.width_switch.wide
-            slots = cache.lengths[:, None] + torch.arange(2)
-            outs.append(model(ids[:, 7:9], cache=cache, write_cache=slots))
-            outs.append(model(ids[:, 9:], cache=cache, write_cache=True))
-            got[name] = outs + [cache.k[1][:, :, : cache.span], cache.v[0][:, :, : cache.span]]
+            cache.truncate(torch.tensor([7, 5]))  # rows of different lengths, stale keys behind row 1
+            for fed in (ids[:, 7:9], ids[:, 9:]):  # writes at each row's own slots, below the span
+                slots = cache.lengths[:, None] + torch.arange(fed.shape[1])
+                outs.append(model(fed, mask=seen(cache, fed.shape[1]), cache=cache, write_cache=slots))
+            assert cache.lengths.tolist() == [10, 8]
+            live = [cache.k[i][r, :, :n] for i in range(2) for r, n in enumerate(cache.lengths.tolist())]
+            got[name] = outs + live + [cache.v[1][1, :, :8]]
     assert all(torch.equal(a, b) for a, b in zip(got["compiled"], got["python"], strict=True))
     if precision == "float32":  # the cache's two ways of storing, as the modules' KVCache.update
         for a, b in zip(got["python"], got["modules"], strict=True):  # (the mask token's logit
             assert torch.allclose(a[..., :69], b[..., :69], atol=1e-5)  # is never read: SUBS)
+    with pytest.raises(TypeError, match="cannot be copied or pickled"):
+        copy.deepcopy(q)
 
 
 @pytest.mark.skipif(not can_pack(), reason="oneDNN has no bfloat16 on this CPU")

@@ -17,6 +17,7 @@ picks per forward.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -30,8 +31,10 @@ NARROW_ROWS = 8
 # bits); the fastest of 8, 32 and 128 for SmolLM2's forwards of 1 to 64 rows (measured, 128).
 PACK_ROWS = 128
 # ms per forward over a 64-token cache by tokens fed per sequence, each precision's runtime on the
-# 2-core CPU (benchmarks/cost_table.py, BENCHMARKS.md; int4 past NARROW_ROWS is its bfloat16 copy):
-# the cost model that picks spec's draft length. Ratios matter, not the milliseconds.
+# 2-core development VM, an Intel Xeon with AMX (benchmarks/cost_table.py, BENCHMARKS.md; int4
+# past NARROW_ROWS is its bfloat16 copy): the cost model that picks spec's draft length. Ratios
+# matter, not the milliseconds; another CPU may order near-ties (int4 vs bfloat16 at 8 rows)
+# differently, which changes only speed, never the text.
 FORWARD_MS = {
     "int4": {1: 8.1, 2: 8.7, 4: 10.5, 8: 16.2, 16: 17.8, 32: 21.0},
     "bfloat16": {1: 14.6, 2: 15.3, 4: 15.8, 8: 16.9, 16: 17.8, 32: 21.0},
@@ -168,6 +171,13 @@ class Int4Linear(nn.Module):
         return project(x, *self.packed())
 
 
+NOT_COPIED = (
+    "a prepared model (load_model(path), runtime.prepare) holds compiled code and packed weights "
+    "and cannot be copied or pickled: copy or save the unprepared model (load_model(path, None)) "
+    "and prepare each copy"
+)
+
+
 class PackedLinear(nn.Module):
     """y = x W^T in bfloat16 with W reordered once, at load, into oneDNN's blocked layout: torch's
     bfloat16 linear on a CPU is the same oneDNN kernel but reorders W on every call. The same
@@ -183,17 +193,28 @@ class PackedLinear(nn.Module):
     def packed(self) -> tuple[int, int, list[Tensor]]:
         return PACKED, self.out_features, [self.weight]
 
+    def __reduce_ex__(self, protocol):
+        raise TypeError(NOT_COPIED)
+
     def forward(self, x: Tensor) -> Tensor:
         return project(x, *self.packed())
 
 
 def can_pack(device: str | torch.device = "cpu") -> bool:
-    """Whether bfloat16 weights can be held in oneDNN's layout here (x86 CPUs with AVX-512)."""
-    return (
-        torch.device(device).type == "cpu"
-        and torch.backends.mkldnn.is_available()
-        and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    )
+    """Whether bfloat16 weights can be held in oneDNN's layout on `device`: a CPU whose oneDNN
+    has bfloat16, and a small packed product there equal to `F.linear`'s (checked once)."""
+    return torch.device(device).type == "cpu" and _packing_works()
+
+
+@functools.cache
+def _packing_works() -> bool:
+    try:
+        if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+            return False
+        w, x = torch.randn(48, 64).bfloat16(), torch.randn(3, 64).bfloat16()
+        return torch.equal(PackedLinear(w)(x), torch.nn.functional.linear(x, w))
+    except Exception:  # an oneDNN without these kernels: dense weights
+        return False
 
 
 class Int8Linear(nn.Module):

@@ -30,6 +30,7 @@ from .delta import EmbeddingRows, LoRALinear
 from .model import KVCache, RMSNorm, SplitMask, apply_rope
 from .quant import (
     DENSE,
+    NOT_COPIED,
     ByWidth,
     Int4Linear,
     Int8Linear,
@@ -181,6 +182,9 @@ class FusedLayers:
         self.wide, self.narrow = packing("wide"), packing("narrow")
         self.switch, self.device = self.model.width_switch, norms[0].device
 
+    def __reduce_ex__(self, protocol):
+        raise TypeError(NOT_COPIED)
+
     def __call__(self, x: Tensor, cos, sin, mask, cache: KVCache | None, write) -> Tensor:
         if isinstance(mask, SplitMask):
             raise ValueError("the split training mask runs on the training modules, not a prepared model")
@@ -213,24 +217,24 @@ def _parts(mods: list[nn.Module]) -> tuple[Tensor, tuple[Tensor, Tensor] | None]
     return torch.cat(ws), low
 
 
-def _dense(w: Tensor, dtype: torch.dtype) -> nn.Module:
-    if dtype == torch.bfloat16 and can_pack(w.device):
+def _dense(w: Tensor, dtype: torch.dtype, pack: bool = False) -> nn.Module:
+    if dtype == torch.bfloat16 and pack:
         return PackedLinear(w)
     lin = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")  # no throwaway init
     lin.weight = nn.Parameter(w.to(dtype), requires_grad=False)
     return lin
 
 
-def _store(w: Tensor, low, precision: str, switch: WidthSwitch, narrow_w: Tensor | None = None):
-    """One projection in the precision's storage (`narrow_w`: the weights the 4-bit copy holds,
-    when they differ from `w` in rows no output is read from)."""
+def _store(w: Tensor, low, precision: str, switch: WidthSwitch, pack: bool, narrow_w: Tensor | None = None):
+    """One projection in the precision's storage (`pack`: bfloat16 in oneDNN's layout; `narrow_w`:
+    the weights the 4-bit copy holds, when they differ from `w` in rows no output is read from)."""
     merged = w if low is None else w + low[1] @ low[0]
     if precision in ("float32", "bfloat16"):
-        return _dense(merged, getattr(torch, precision))
+        return _dense(merged, getattr(torch, precision), pack)
     if precision == "int8":
         return Int8Linear(_dense(merged, torch.float32))
     narrow = Int4Linear(w if narrow_w is None else narrow_w, low)
-    return ByWidth(narrow, _dense(merged, torch.bfloat16), switch)
+    return ByWidth(narrow, _dense(merged, torch.bfloat16, pack), switch)
 
 
 def _head_narrow(model) -> Tensor:
@@ -269,13 +273,15 @@ def prepare(model, precision: str = "auto", device: str | torch.device = "cpu"):
         )
     act = torch.float32 if precision == "float32" else torch.bfloat16
     sw = model.width_switch = WidthSwitch() if precision == "int4" else None
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    pack = on_cpu and can_pack(device)  # bfloat16 in oneDNN's layout: on a CPU, where it works
     try:  # the first layer and the head were checked; a model on a grid only in part ends here
         for layer in model.model.layers:
             a, m = layer.self_attn, layer.mlp
-            a.fuse(_store(*_parts([a.q_proj, a.k_proj, a.v_proj]), precision, sw))
-            a.o_proj = _store(*_parts([a.o_proj]), precision, sw)
-            m.fuse(_store(*_parts([m.gate_proj, m.up_proj]), precision, sw))
-            m.down_proj = _store(*_parts([m.down_proj]), precision, sw)
+            a.fuse(_store(*_parts([a.q_proj, a.k_proj, a.v_proj]), precision, sw, pack))
+            a.o_proj = _store(*_parts([a.o_proj]), precision, sw, pack)
+            m.fuse(_store(*_parts([m.gate_proj, m.up_proj]), precision, sw, pack))
+            m.down_proj = _store(*_parts([m.down_proj]), precision, sw, pack)
             layer.input_layernorm = FastRMSNorm(layer.input_layernorm)
             layer.post_attention_layernorm = FastRMSNorm(layer.post_attention_layernorm)
         model.model.norm = FastRMSNorm(model.model.norm)
@@ -283,7 +289,7 @@ def prepare(model, precision: str = "auto", device: str | torch.device = "cpu"):
             model.model.embed_tokens = model.model.embed_tokens.merged()
         head = model.lm_head.weight.detach().float()
         narrow = _head_narrow(model) if precision == "int4" else None
-        model.lm_head = _store(head, None, precision, sw, narrow)
+        model.lm_head = _store(head, None, precision, sw, pack, narrow)
     except NotOnGrid as e:
         raise ConfigError(
             f"precision {precision}: some of this model's weights are on no 4-bit grid ({e}); "
