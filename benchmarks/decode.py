@@ -20,6 +20,7 @@ import time
 import torch
 
 from blockdiff.decoding import generate
+from blockdiff.model import BlockDiffLM
 from blockdiff.models import bundled_path, load_model
 
 PROMPTS = ["ROMEO.\nBut soft, what light", "KING.\nWhat news", "HAMLET.\nTo be, or not to be"]
@@ -86,9 +87,11 @@ def main() -> None:
     wall = {k: statistics.median(v) for k, v in times.items()}
     tps = {k: stats[k]["tokens"] / wall[k] for k in wall}
     ar, llada = tps["ar, exact KV cache"], tps["llada B=16, 2 tok/step, no cache"]
+    with torch.device("meta"):  # a prepared model holds some weights as buffers: count the modules'
+        params = BlockDiffLM(model.config).num_parameters()
     print(f"command: python {' '.join(sys.argv)}")
     print(
-        f"model: {a.model or 'bundled demo'}, {model.num_parameters() / 1e6:.2f}M params, {a.dtype} weights, "
+        f"model: {a.model or 'bundled demo'}, {params / 1e6:.2f}M params, {a.dtype} weights, "
         f"batch {a.batch}, {a.max_new_tokens} new tokens, greedy, median of {a.repeats}, torch threads "
         f"{torch.get_num_threads()}\n"
     )
