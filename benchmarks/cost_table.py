@@ -2,7 +2,9 @@
 precision's quality.
 
 One forward of n new tokens over a cached 64-token prefix (SmolLM2-135M, batch 1), for the
-4-bit kernel alone, the bfloat16 copy alone, int8 and float32; medians of interleaved repeats.
+4-bit kernel alone, the bfloat16 copy alone, int8 and float32; medians of interleaved repeats,
+each the fastest of 3 forwards back to back (a forward right after another model's ran ~1.5 ms
+slower, which made one-token forwards look dearer against wide ones than they are in decoding).
 `quant.NARROW_ROWS` is the widest forward for which the 4-bit kernel is the faster. Quality:
 teacher-forced, one token per forward over the cache (the decoding path), on held-out chat
 prompts and float32's greedy answers: KL(float32 || precision) per token and argmax agreement.
@@ -80,8 +82,8 @@ def main() -> None:
     times: dict = {label: {n: [] for n in ROWS} for label in runs}
     for _ in range(a.repeats):
         for n in ROWS:
-            for label, r in runs.items():
-                times[label][n].append(r[n]())
+            for label, r in runs.items():  # warm, as decoding runs one model's forwards back to back
+                times[label][n].append(min(r[n]() for _ in range(3)))
     med = {label: {n: statistics.median(ts[n][1:]) for n in ROWS} for label, ts in times.items()}
     print(f"command: python {' '.join(sys.argv)}")
     print(

@@ -46,11 +46,12 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--draft-len", type=int, default=3)
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--split", default="heldout", help="chat prompts: heldout, or train (for a prior)")
     a = ap.parse_args()
     torch.set_num_threads(2)
-    prompts = chat_prompts("heldout")[: a.prompts]
+    prompts = chat_prompts(a.split)[: a.prompts]
     k = a.draft_len
-    print(f"torch {torch.__version__}; {len(prompts)} held-out chat prompts, {a.max_new_tokens} new tokens, "
+    print(f"torch {torch.__version__}; {len(prompts)} {a.split} chat prompts, {a.max_new_tokens} new tokens, "
           f"greedy spec k={k}, --dtype {a.dtype}\n")  # fmt: skip
     head = " | ".join(f"draft {i + 1} accepted" for i in range(k))
     print(f"| model | {head} | tokens/forward | seconds |")

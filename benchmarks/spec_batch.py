@@ -1,8 +1,8 @@
 """Greedy `spec` (draft length chosen by itself) against `ar` on the same runtime, one held-out
 chat prompt alone and a batch: tokens/s of each, alternated, and the median ms of each kind of forward.
 
-    python benchmarks/spec_batch.py [--model smollm2-nbdiff] [--batch 2] [--max-new-tokens 64]
-        [--repeats 2]
+    python benchmarks/spec_batch.py [--model smollm2-nbdiff] [--dtype auto] [--batch 2]
+        [--max-new-tokens 64] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--max-new-tokens", type=int, default=64, dest="n")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--dtype", default="auto")
     a = ap.parse_args()
-    model, tok = load_model(a.model)
+    model, tok = load_model(a.model, a.dtype)
     prompts = [tok.chat(q) for q in chat_prompts("heldout")[: a.batch]]
     forwards: dict = collections.defaultdict(list)
     inner = BlockDiffLM.forward

@@ -334,6 +334,12 @@ def test_a_models_own_sampler_defaults_apply_and_the_callers_options_win(make_mo
     assert "sampler_defaults" not in ModelConfig().to_dict()["blockdiff"]
     with pytest.raises(ConfigError, match="sampler_defaults"):
         ModelConfig(sampler_defaults={"bd3": 3})
+    cfg = ModelConfig(draft_acceptance=[0.4, 0.2, 0])  # spec's prior: rates, written when there
+    assert ModelConfig.from_dict(cfg.to_dict()).draft_acceptance == [0.4, 0.2, 0]
+    assert "draft_acceptance" not in ModelConfig().to_dict()["blockdiff"]
+    for bad in ([1.5], [-0.1], ["0.4"], [True], 0.4):
+        with pytest.raises(ConfigError, match="draft_acceptance"):
+            ModelConfig(draft_acceptance=bad)
     m.config.sampler_notes = {"mdlm": "measured poor on this model"}
     try:
         assert (

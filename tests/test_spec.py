@@ -264,6 +264,36 @@ def test_adaptive_spec_equals_ar_whatever_it_chooses(nbdiff, monkeypatch, slope)
         assert "no draft length pays" in said and per_forward == 1.0
 
 
+@pytest.mark.parametrize("prior", [(0.3, 0.2, 0.1), (0.9, 0.9, 0.9)])
+def test_spec_starts_from_the_models_measured_acceptance(nbdiff, monkeypatch, prior):
+    """A model's config may carry its drafts' measured acceptance: counted as 8 tries per position
+    from the start. At a cost of 1 + 0.05 (n - 1) per forward (k = 1: 1.45, k = 3: 1.95) drafts
+    all accepted would pay, so without a prior spec probes; a prior of 0.3/0.2/0.1 expects 1.44
+    tokens a forward at best (k = 3) and spec is plain AR from the start, without one drafting
+    forward; at 0.9 it drafts from the start. Greedy output is AR's either way."""
+    from blockdiff.decoding import samplers
+
+    model, tok = nbdiff
+    monkeypatch.setattr(samplers, "forward_cost", lambda *a: lambda n: 1 + 0.05 * (n - 1))
+    monkeypatch.setattr(model.config, "draft_acceptance", list(prior))
+    forwards = []
+    orig = Runner.speculate
+    monkeypatch.setattr(Runner, "speculate", lambda self, *a: forwards.append(1) or orig(self, *a))
+    for p in PROMPTS[:2]:
+        forwards.clear()
+        ar = generate(model, tok, [p], sampler="ar", max_new_tokens=30, stop_at_eos=False)
+        sp = generate(model, tok, [p], sampler="spec", max_new_tokens=30, stop_at_eos=False)
+        assert sp.tokens == ar.tokens
+        if prior[0] < 0.5:
+            assert not forwards and "measured" in " ".join(sp.notes), sp.notes
+        else:
+            assert len(forwards) > 1 and sp.rows[0].nfe < 30
+    forwards.clear()  # a batch too: before its first forward its rows share their columns
+    ar = generate(model, tok, PROMPTS, sampler="ar", max_new_tokens=30, stop_at_eos=False)
+    sp = generate(model, tok, PROMPTS, sampler="spec", max_new_tokens=30, stop_at_eos=False)
+    assert sp.tokens == ar.tokens and (not forwards) == (prior[0] < 0.5)
+
+
 def test_spec_refuses_models_without_an_ar_path(make_model, tok, nbdiff):
     aligned = make_model(tok, "aligned", (4, 8, "L"))
     with pytest.raises(ValueError, match="aligned logits"):

@@ -27,6 +27,18 @@ class ConfigError(BlockdiffError, ValueError):
     """A configuration that cannot be used; the message says what to change."""
 
 
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_float(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _is_rate(v: object) -> bool:
+    return _is_float(v) and 0 <= v <= 1
+
+
 def did_you_mean(name: object, known) -> str:
     """The tail of an error message: ` (did you mean 'x'?)` for the closest known name, else ''."""
     close = difflib.get_close_matches(str(name), [str(k) for k in known], n=1)
@@ -71,6 +83,9 @@ class ModelConfig:
     sampler_defaults: dict = field(default_factory=dict)
     # per sampler, a one-line warning its model card measured (e.g. "poor text on this model")
     sampler_notes: dict = field(default_factory=dict)
+    # how often greedy spec's draft i is accepted once drafts 1..i-1 were, measured on chat
+    # prompts (benchmarks/spec_acceptance.py --split train): the prior of spec's draft length
+    draft_acceptance: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         width, heads = self.hidden_size, self.num_attention_heads
@@ -83,11 +98,12 @@ class ModelConfig:
             v, kind = getattr(self, f.name), str(f.type)
             ok = (
                 (v is None and "None" in kind)
-                or (kind.startswith("int") and isinstance(v, int) and not isinstance(v, bool))
-                or (kind.startswith("float") and isinstance(v, int | float) and not isinstance(v, bool))
+                or (kind.startswith("int") and _is_int(v))
+                or (kind.startswith("float") and _is_float(v))
                 or (kind.startswith("bool") and isinstance(v, bool))
                 or (kind.startswith("str") and isinstance(v, str))
-                or (kind.startswith("list") and isinstance(v, list) and all(isinstance(x, int) for x in v))
+                or (kind == "list[int]" and isinstance(v, list) and all(_is_int(x) for x in v))
+                or (kind == "list[float]" and isinstance(v, list) and all(_is_rate(x) for x in v))
                 or (
                     kind == "dict"
                     and isinstance(v, dict)
@@ -148,10 +164,11 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         diff_keys = ["block_size", "block_sizes", "logits", "layout", "train_seq_len", "ar_weight"]
-        diff_keys += ["sampler_defaults", "sampler_notes"]
+        measured = ["sampler_defaults", "sampler_notes", "draft_acceptance"]  # written when there
+        diff_keys += measured
         out = {k: v for k, v in d.items() if k not in diff_keys}
         out.update(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu")
-        out["blockdiff"] = {k: d[k] for k in diff_keys if not k.startswith("sampler_") or d[k]}
+        out["blockdiff"] = {k: d[k] for k in diff_keys if k not in measured or d[k]}
         return out
 
     def save(self, path: Path) -> None:

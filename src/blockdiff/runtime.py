@@ -136,7 +136,8 @@ def _scripted(fn):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return torch.jit.script(fn)
-    except Exception:  # a torch without TorchScript: eager
+    except Exception as e:  # a torch without TorchScript, sources changed since import: eager
+        warnings.warn(f"the decoder loop runs uncompiled (slower): TorchScript failed: {e}", stacklevel=2)
         return fn
 
 

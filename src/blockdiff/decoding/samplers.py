@@ -272,7 +272,7 @@ def plan_spec(
         notes.append(f"spec: draft blocks of {draft_len + 1} tokens; the model was trained with {sizes}")
     return Plan(
         BlockWindow(1), TopK(1), 1, "exact", temperature=temperature, top_k=top_k, top_p=top_p,
-        spec=Speculate(draft_len, cost, notes=notes), **kw,
+        spec=Speculate(draft_len, cost, notes=notes, prior=tuple(cfg.draft_acceptance)), **kw,
     )  # fmt: skip
 
 

@@ -34,6 +34,11 @@ class Speculate:
     cost: Callable[[int], float] | None = None  # forward cost by width: draft length chosen, `best_k`
     probe: int = 4  # forwards at draft_len that measure the acceptance before the first choice
     notes: list[str] | None = None  # where a change of draft length is told
+    prior: tuple[float, ...] = ()  # the model's measured acceptance per draft position (its config)
+
+
+# The prior counts as this many tries of each draft position, beside the counted ones.
+PRIOR_TRIES = 8
 
 
 def rows(k: int, B: int) -> int:
@@ -80,14 +85,29 @@ class SpecStep:
         self.drafts: Tensor | None = None  # [b, k]
         self.q: list[Tensor | None] = []  # per row [k, V]: the draft distributions (sampling)
         if sp.cost is not None and all((k + 1) <= sp.cost(rows(k, self.B)) for k in range(1, self.kmax + 1)):
-            self.k = 0  # even drafts all accepted would not pay for their forward: plain AR
+            why = "even drafts all accepted would not pay for their forward"
+        elif sp.cost is not None and sp.prior and best_k(*self._counts(), self.kmax, self.B, sp.cost) == 0:
+            why = "drafts accepted as often as this model's were measured to be would not pay"
+        else:
+            why = None
+        if why:  # plain AR from the start, nothing probed
+            self.k = 0
             if sp.notes is not None:
                 sp.notes.append(
-                    f"spec: no draft length pays on this runtime (drafting {self.kmax} feeds "
+                    f"spec: no draft length pays on this runtime ({why}; drafting {self.kmax} feeds "
                     f"{rows(self.kmax, self.B)} tokens a forward, "
                     f"{sp.cost(rows(self.kmax, self.B)):.1f}x one token's cost): plain AR"
                 )
             self._hand_over()
+
+    def _counts(self) -> tuple[list[float], list[float]]:
+        """Accepted and tried per draft position: counted, plus the model's prior as PRIOR_TRIES
+        tries at its measured rate (positions it does not cover: counted only)."""
+        prior = list(self.plan.spec.prior[: self.kmax])
+        rate = prior + [0.0] * (self.kmax - len(prior))
+        w = [PRIOR_TRIES] * len(prior) + [0] * (self.kmax - len(prior))
+        hits = [h + p * n for h, p, n in zip(self.hits, rate, w, strict=True)]
+        return hits, [t + n for t, n in zip(self.tried, w, strict=True)]
 
     def _pick(self, logits: Tensor, r: int) -> tuple[Tensor, Tensor | None]:
         """Tokens [..] from logits [.., V] (argmax, or a sample), and the distribution sampled."""
@@ -110,9 +130,10 @@ class SpecStep:
     def _hand_over(self) -> None:
         """Drafting has ended: the engine's own AR step decodes the rest (the same plan, runner
         and cache, rolled back to the committed prefix; this step's one-token forwards build
-        masks and per-row cache slots that AR does not need). One row only: rows of a batch stand
-        at different columns, which the AR step's shared columns cannot hold."""
-        if self.ar_step is None or self.c.batch != 1:
+        masks and per-row cache slots that AR does not need). A batch only before its first
+        forward: after drafting, its rows stand at different columns, which the AR step's shared
+        columns cannot hold."""
+        if self.ar_step is None or (self.c.batch != 1 and self.n is not None):
             return
         if self.n is not None:
             n = int(self.n[0])
@@ -172,14 +193,12 @@ class SpecStep:
         self.forwards += not first
         if sp.cost is None or self.k == 0 or first:
             return
+        hits, tried = self._counts()
         if self.forwards < sp.probe:
             more = (sp.probe - self.forwards) * self.c.batch  # the most tries still to come
-            hope = best_k(
-                [h + more for h in self.hits], [t + more for t in self.tried], self.kmax, self.B, sp.cost
-            )
-            if hope:
+            if best_k([h + more for h in hits], [t + more for t in tried], self.kmax, self.B, sp.cost):
                 return
-        k, self.k = self.k, best_k(self.hits, self.tried, self.kmax, self.B, sp.cost)
+        k, self.k = self.k, best_k(hits, tried, self.kmax, self.B, sp.cost)
         if self.k == 0:
             self._hand_over()
         if self.k != k and sp.notes is not None:
