@@ -436,6 +436,12 @@ def test_chat_with_the_shipped_model():
         assert (calls[0].function.name, calls[0].function.arguments) == (whole.name, whole.arguments)
         assert calls[0].id.startswith("call_") and calls[0].index == 0
         assert not any(ch.choices[0].delta.content for ch in chunks)  # no JSON leaks as text
+        assert chunks[0].choices[0].delta.content is None  # a call's message has no content
+        two = [ch for ch in c.chat.completions.create(stream=True, n=2, **kw) if ch.choices]
+        for i in (0, 1):  # each row its own call and finish
+            mine = [ch.choices[0] for ch in two if ch.choices[0].index == i]
+            assert sum(len(x.delta.tool_calls or []) for x in mine) == 1
+            assert mine[-1].finish_reason == "tool_calls"
         kw = dict(model=models.DEFAULT, messages=history, max_tokens=16, seed=0, tools=tools)
         chunks = [ch for ch in c.chat.completions.create(stream=True, **kw) if ch.choices]
         text = "".join(ch.choices[0].delta.content or "" for ch in chunks)

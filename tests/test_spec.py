@@ -286,6 +286,8 @@ def test_spec_starts_from_the_models_measured_acceptance(nbdiff, monkeypatch, pr
         assert sp.tokens == ar.tokens
         if prior[0] < 0.5:
             assert not forwards and "measured" in " ".join(sp.notes), sp.notes
+            generate(model, tok, [p], sampler="spec", max_new_tokens=30, temperature=0.8, seed=1)
+            assert forwards  # sampling: the greedy prior does not apply, it probes
         else:
             assert len(forwards) > 1 and sp.rows[0].nfe < 30
     forwards.clear()  # a batch too: before its first forward its rows share their columns

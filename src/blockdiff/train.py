@@ -116,7 +116,7 @@ class Trainer(Checkpointing):
                 block_sizes=sizes,
                 train_seq_len=r.data.seq_len,
                 ar_weight=r.objective.ar_weight,
-                **mcfg,
+                **{"draft_acceptance": [], **mcfg},  # the base's measured prior is not this model's
             )
             self.model = base_model if base_model is not None else BlockDiffLM(self.cfg)
             self.model.config = self.cfg

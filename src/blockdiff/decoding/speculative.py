@@ -46,7 +46,7 @@ def rows(k: int, B: int) -> int:
     return 1 if k == 0 else (k + 1) * (1 + B)
 
 
-def best_k(hits: list[int], tried: list[int], kmax: int, B: int, cost: Callable[[int], float]) -> int:
+def best_k(hits: list[float], tried: list[float], kmax: int, B: int, cost: Callable[[int], float]) -> int:
     """The draft length (0 = plain AR) with the most committed tokens per unit of forward cost:
     1 + sum_i prod_{j<=i} a_j tokens (a_j: draft j's acceptance after j - 1 accepted, counted,
     Laplace-smoothed) over cost(rows(k)). Lossless at any k, so only speed depends on it."""
@@ -81,12 +81,14 @@ class SpecStep:
         self.kmax = self.k = sp.draft_len  # self.k: drafts the next forward feeds
         self.B = self.kmax + 1
         self.hits, self.tried, self.forwards = [0] * self.kmax, [0] * self.kmax, 0
+        # the model's measured acceptance (greedy, free text): a prior for such decodes only
+        self.prior = sp.prior[: self.kmax] if plan.temperature == 0 and plan.constraint is None else ()
         self.n: Tensor | None = None  # [b] column of the pending token (committed, not yet fed)
         self.drafts: Tensor | None = None  # [b, k]
         self.q: list[Tensor | None] = []  # per row [k, V]: the draft distributions (sampling)
         if sp.cost is not None and all((k + 1) <= sp.cost(rows(k, self.B)) for k in range(1, self.kmax + 1)):
             why = "even drafts all accepted would not pay for their forward"
-        elif sp.cost is not None and sp.prior and best_k(*self._counts(), self.kmax, self.B, sp.cost) == 0:
+        elif sp.cost is not None and self.prior and best_k(*self._counts(), self.kmax, self.B, sp.cost) == 0:
             why = "drafts accepted as often as this model's were measured to be would not pay"
         else:
             why = None
@@ -103,7 +105,7 @@ class SpecStep:
     def _counts(self) -> tuple[list[float], list[float]]:
         """Accepted and tried per draft position: counted, plus the model's prior as PRIOR_TRIES
         tries at its measured rate (positions it does not cover: counted only)."""
-        prior = list(self.plan.spec.prior[: self.kmax])
+        prior = list(self.prior)
         rate = prior + [0.0] * (self.kmax - len(prior))
         w = [PRIOR_TRIES] * len(prior) + [0] * (self.kmax - len(prior))
         hits = [h + p * n for h, p, n in zip(self.hits, rate, w, strict=True)]
@@ -203,6 +205,7 @@ class SpecStep:
             self._hand_over()
         if self.k != k and sp.notes is not None:
             rate = ", ".join(f"{h}/{t}" for h, t in zip(self.hits, self.tried, strict=True))
+            rate += " and this model's measured rates" if self.prior else ""
             n = f"{self.forwards} forward" + "s" * (self.forwards != 1)
             sp.notes.append(
                 f"spec: draft length {k} -> {self.k} after {n} (drafts accepted "

@@ -232,7 +232,6 @@ class Server:
         delta (name and whole arguments), anything else as one content delta."""
         chunk_obj = "chat.completion.chunk" if chat else "text_completion"
         funcs, choice = tool_choice(req.model_extra or {}) if chat else ({}, None)
-        held_text: dict[int, str] = {}
 
         def chunk(choices, **extra) -> dict:
             return {"id": rid, "object": chunk_obj, "created": created, "model": self.name,
@@ -243,11 +242,9 @@ class Server:
 
         held = None  # the latest finish chunk: the last one carries the stats
         try:
-            if chat:
-                yield sse(chunk([
-                    {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-                    for i in range(job.n)
-                ]))  # fmt: skip
+            if chat:  # (a call's message has no content: none announced with tools)
+                role = {"role": "assistant"} if choice else {"role": "assistant", "content": ""}
+                yield sse(chunk([{"index": i, "delta": role, "finish_reason": None} for i in range(job.n)]))
             while True:
                 ev = await queue.get()
                 if isinstance(ev, Failed):
@@ -256,9 +253,7 @@ class Server:
                     return
                 if isinstance(ev, Started | Denoised) and job.denoise:  # blockdiff's own, by name
                     yield sse(chunk([], blockdiff=ev.as_dict()))
-                elif isinstance(ev, Delta) and choice:
-                    held_text[ev.index] = held_text.get(ev.index, "") + ev.text
-                elif isinstance(ev, Delta):
+                elif isinstance(ev, Delta) and not choice:  # with tools: the row's text when it ends
                     d = {"content": ev.text} if chat else None
                     c = {"index": ev.index, "finish_reason": None}
                     c.update({"delta": d} if chat else {"text": ev.text, "logprobs": None})
@@ -266,11 +261,11 @@ class Server:
                 elif isinstance(ev, Finished):
                     if held is not None:
                         yield sse(held)
-                    reason, text, d = ev.reason, held_text.pop(ev.index, ""), None
-                    if choice and (call := as_call(text, funcs)):
+                    reason, d = ev.reason, None
+                    if choice and (call := as_call(ev.text, funcs)):
                         reason, d = "tool_calls", {"tool_calls": [{"index": 0, **call}]}
-                    elif choice and text:
-                        d = {"content": text}
+                    elif choice and ev.text:
+                        d = {"content": ev.text}
                     if d is not None:
                         yield sse(chunk([{"index": ev.index, "delta": d, "finish_reason": None}]))
                     c = {"index": ev.index, "finish_reason": reason}

@@ -73,6 +73,7 @@ class Finished(JobEvent):
     type: ClassVar[str] = "finish"
     index: int
     reason: str
+    text: str  # the row's whole text (what a non-streamed answer returns)
 
 
 @dataclass(frozen=True)
@@ -376,7 +377,7 @@ class Scheduler:
                 j.emit(Delta(i, text[len(j.sent[i]) :]))
                 j.sent[i] = text
             if row_done:
-                j.emit(Finished(i, j.finish[i]))
+                j.emit(Finished(i, j.finish[i], j.texts[i]))
         if all(f is not None for f in j.finish):
             stats = [s.as_dict() for s in (c.stats()[r] for r in j.rows)]
             counts = [
