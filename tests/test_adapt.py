@@ -61,6 +61,25 @@ def test_adapt_tiny_ar_base(ar_base, corpus_dir, tmp_path, capsys):
     assert cli.main(args[:-2] + ["--out", str(out), "--resume", "--set", "train.steps=9"]) == 0
 
 
+def test_a_base_models_measured_spec_prior_is_not_inherited(ar_base, corpus_dir, tmp_path, capsys):
+    """`draft_acceptance` was measured on the base's weights: a model trained from it starts
+    without one (spec then measures its own drafts)."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(ar_base, base)
+    for path in base.rglob("config.json"):  # the run's checkpoints
+        cfg = json.loads(path.read_text())
+        cfg.setdefault("blockdiff", {})["draft_acceptance"] = [0.9, 0.8]
+        path.write_text(json.dumps(cfg))
+    assert load_model(base, None)[0].config.draft_acceptance == [0.9, 0.8]
+    out = tmp_path / "adapted"
+    args = ["adapt", "--base", str(base), "--data", str(corpus_dir), "--target-block-size", "4"]
+    args += ["--seq-len", "32", "--steps", "2", "--batch-size", "2", "--precision", "fp32", "--out", str(out)]
+    assert cli.main(args) == 0, capsys.readouterr().err
+    assert load_model(out, None)[0].config.draft_acceptance == []
+
+
 @pytest.mark.parametrize(
     "extra,message",
     [

@@ -45,6 +45,16 @@ def on_grid_model(vocab: int = 70, tied: bool = True) -> BlockDiffLM:
     return m.eval()
 
 
+def with_delta(m: BlockDiffLM) -> BlockDiffLM:
+    """m with a rank-4 delta attached and moved off zero (a trained delta's shape)."""
+    delta.attach(m, delta.DeltaSpec(rank=4))
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    return m
+
+
 def test_fused_float32_logits_equal_the_unfused_model(tiny_ckpt, tok):
     plain, _ = load_model(tiny_ckpt, None)
     fused, _ = load_model(tiny_ckpt, "float32")
@@ -133,12 +143,7 @@ def test_int4_model_tracks_bfloat16_and_decodes(tok):
 
 
 def test_int4_with_a_delta_equals_the_merged_model():
-    m = on_grid_model()
-    delta.attach(m, delta.DeltaSpec(rank=4))
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))
+    m = with_delta(on_grid_model())
     merged = BlockDiffLM(m.config)
     twin = on_grid_model()
     delta.attach(twin, delta.DeltaSpec(rank=4))
@@ -182,12 +187,7 @@ def test_the_compiled_decoder_loop_equals_its_python_bit_for_bit(precision):
     """TorchScript runs `decoder_stack` as compiled; the same function run by Python gives the same
     bits: a prompt, one token over the cache (4-bit with a delta), writes at per-row slots of rows
     of different lengths; in float32 both equal the modules' cache rule."""
-    m = on_grid_model()
-    delta.attach(m, delta.DeltaSpec(rank=4))
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))
+    m = with_delta(on_grid_model())
     plain = copy.deepcopy(m)  # the modules, the delta beside them
     q = prepare(m, precision)
     fused = q.fused_layers
@@ -247,3 +247,26 @@ def test_packed_bfloat16_weights_give_the_dense_bits(monkeypatch):
             spans = ((0, 8), (8, 9), (9, 12))
             got.append([model(ids[:, a:b], cache=cache, write_cache=True) for a, b in spans])
     assert all(torch.equal(a, b) for a, b in zip(*got, strict=True))
+
+
+@pytest.mark.parametrize("precision", ["float32", "int4"])
+def test_the_prepared_cache_grows_and_equals_recomputation(precision):
+    """Fed in chunks past the cache's first capacity (64 slots, then 128), a prepared model's
+    last logits are a full causal forward's (float32 to rounding; int4's 4-bit step against its
+    own wide path: the same argmax)."""
+    torch.manual_seed(3)
+    q = prepare(on_grid_model(), precision)
+    ids = torch.randint(0, 60, (2, 100))
+    cache = KVCache(2)
+    with torch.no_grad():
+        for a in range(0, 99, 9):  # each chunk causal over the cache and itself
+            mask = torch.ones(9, a + 9, dtype=torch.bool).tril(a)[None, None]
+            step = q(ids[:, a : a + 9], mask=mask, cache=cache, write_cache=True)
+        last = q(ids[:, 99:], cache=cache, write_cache=True)[:, -1]
+        full = q(ids, mask=torch.ones(100, 100, dtype=torch.bool).tril()[None, None])[:, -1]
+    assert cache.k[0].shape[2] >= 100 and cache.span == 100 and step.shape[1] == 9
+    if precision == "float32":
+        assert torch.allclose(last, full, atol=1e-4)
+    else:
+        top = [t[:, :69].float().argmax(-1) for t in (last, full)]  # (the mask token's logit:
+        assert torch.equal(*top)  # zeroed in the 4-bit head, never read)

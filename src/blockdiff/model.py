@@ -42,6 +42,11 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + torch.roll(x, x.shape[-1] // 2, -1) * sin
 
 
+def _kept(write: bool | int, q: int) -> int:
+    """How many of a forward's q fed tokens stay in the cache (`write_cache` as a bool or a count)."""
+    return 0 if not write else q if write is True else int(write)
+
+
 class KVCache:
     """Keys/values (after RoPE) of tokens already processed, per layer, in preallocated buffers
     [b, kv_heads, capacity, head_dim] written in place (capacity doubles when full).
@@ -115,7 +120,7 @@ class KVCache:
         if isinstance(write, Tensor):
             need, self._pending = int(write.max()) + 1, write.max(1).values + 1
         else:
-            need, keep = self.span + q, 0 if not write else q if write is True else int(write)
+            need, keep = self.span + q, _kept(write, q)
             if keep:
                 self._pending = torch.full_like(self.lengths, self.span + keep)
         if self.k[-1] is None or self.k[-1].shape[2] < need:  # the runtime grows every layer at once
@@ -135,7 +140,7 @@ class KVCache:
             both = (k, v) if pk is None else (torch.cat([pk, k], 2), torch.cat([pv, v], 2))
             self.write(layer, k[:, :, : write.shape[1]], v[:, :, : write.shape[1]], write)
             return both
-        return self.extend(layer, k, v, 0 if not write else k.shape[2] if write is True else int(write))
+        return self.extend(layer, k, v, _kept(write, k.shape[2]))
 
     def advance(self) -> None:
         """After a forward's writes in every layer: rows now end after what was written."""

@@ -7,7 +7,7 @@ is Q8_0 (a step per group of 32, 255 levels). `Int4Linear` recovers that grid an
 very same weights in torch's int4 CPU kernel layout (`_weight_int4pack_mm_for_cpu`), 255-level
 groups as two 4-bit planes: no rounding of any weight, only the per-group step and offset are held
 in bfloat16 as the kernel wants. A low-rank delta (LoRA) over such a base stays unmerged beside
-it in bfloat16, so the adapted model keeps the base's exact 4-bit weights.
+it in float32, so the adapted model keeps the base's exact 4-bit weights.
 
 The int4 kernel's cost grows with the rows of a forward, a bfloat16 GEMM's barely (the measured
 table: BENCHMARKS.md, `benchmarks/cost_table.py`), so `ByWidth` keeps both and a `WidthSwitch`
@@ -73,7 +73,8 @@ DENSE, INT8, INT4, INT4X2, PACKED = 0, 1, 2, 3, 4
 def project(x: Tensor, kind: int, out: int, ts: list[Tensor]) -> Tensor:
     """x W^T for a projection stored as `kind` (TorchScript-compatible: the runtime's decoder
     loop calls it from a compiled graph on 2-D activations, the modules' `forward` from Python:
-    one implementation; no operation is spent where none is needed)."""
+    one implementation; no operation is spent where none is needed). Kinds and the group size
+    are literals: TorchScript reads no module-level values."""
     if kind == 0:  # DENSE
         return torch.nn.functional.linear(x, ts[0])
     if kind == 4:  # PACKED

@@ -86,21 +86,29 @@ class SpecStep:
         self.n: Tensor | None = None  # [b] column of the pending token (committed, not yet fed)
         self.drafts: Tensor | None = None  # [b, k]
         self.q: list[Tensor | None] = []  # per row [k, V]: the draft distributions (sampling)
-        if sp.cost is not None and all((k + 1) <= sp.cost(rows(k, self.B)) for k in range(1, self.kmax + 1)):
-            why = "even drafts all accepted would not pay for their forward"
-        elif sp.cost is not None and self.prior and best_k(*self._counts(), self.kmax, self.B, sp.cost) == 0:
-            why = "drafts accepted as often as this model's were measured to be would not pay"
-        else:
-            why = None
-        if why:  # plain AR from the start, nothing probed
+        if sp.cost is not None and not self._may_pay():  # plain AR from the start, nothing probed
             self.k = 0
             if sp.notes is not None:
+                known = " at this model's measured acceptance" if self.prior else ""
                 sp.notes.append(
-                    f"spec: no draft length pays on this runtime ({why}; drafting {self.kmax} feeds "
-                    f"{rows(self.kmax, self.B)} tokens a forward, "
-                    f"{sp.cost(rows(self.kmax, self.B)):.1f}x one token's cost): plain AR"
+                    f"spec: no draft length pays on this runtime{known}, even with the probe's drafts "
+                    f"all accepted (drafting {self.kmax} feeds {rows(self.kmax, self.B)} tokens a "
+                    f"forward, {sp.cost(rows(self.kmax, self.B)):.1f}x one token's cost): plain AR"
                 )
             self._hand_over()
+
+    def _may_pay(self) -> bool:
+        """Whether some draft length would pay if every draft of the probe's remaining forwards
+        were accepted, beside the tries counted so far (and the prior's): the one test that
+        decides whether to start drafting and whether to go on probing."""
+        hits, tried = self._counts()
+        more = max(self.plan.spec.probe - self.forwards, 0) * self.c.batch  # the most tries to come
+        return (
+            best_k(
+                [h + more for h in hits], [t + more for t in tried], self.kmax, self.B, self.plan.spec.cost
+            )
+            > 0
+        )
 
     def _counts(self) -> tuple[list[float], list[float]]:
         """Accepted and tried per draft position: counted, plus the model's prior as PRIOR_TRIES
@@ -195,12 +203,9 @@ class SpecStep:
         self.forwards += not first
         if sp.cost is None or self.k == 0 or first:
             return
-        hits, tried = self._counts()
-        if self.forwards < sp.probe:
-            more = (sp.probe - self.forwards) * self.c.batch  # the most tries still to come
-            if best_k([h + more for h in hits], [t + more for t in tried], self.kmax, self.B, sp.cost):
-                return
-        k, self.k = self.k, best_k(hits, tried, self.kmax, self.B, sp.cost)
+        if self.forwards < sp.probe and self._may_pay():
+            return
+        k, self.k = self.k, best_k(*self._counts(), self.kmax, self.B, sp.cost)
         if self.k == 0:
             self._hand_over()
         if self.k != k and sp.notes is not None:
