@@ -17,6 +17,7 @@ $(BIN)/python:
 $(VENV)/.setup: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[ref]"
+	$(BIN)/python -m blockdiff.native  # compile the C++ decode step once (falls back if it cannot)
 	touch $@
 
 $(VENV)/.setup-dev: pyproject.toml $(VENV)/.setup

@@ -10,7 +10,7 @@ ROOT = Path(next(iter(blockdiff.__path__)))  # a namespace package: no __init__.
 
 # Lowest first. A module may import from its own floor or below, never from above.
 FLOORS = [
-    {"config", "tokenizer", "quant"},
+    {"config", "tokenizer", "quant", "native"},
     {"model", "delta"},
     {"masks", "runtime", "convert"},
     {"noise", "checkpoint", "sharding"},

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,13 @@ LAYOUTS = ("block_causal", "context_causal")
 class BlockdiffError(Exception):
     """Every expected failure (bad input, missing or corrupt files, no network): the CLI prints
     its message as one line and exits 2."""
+
+
+def cache_dir() -> Path:
+    """Where blockdiff keeps what it downloads, imports and compiles (`BLOCKDIFF_CACHE`)."""
+    d = Path(os.environ.get("BLOCKDIFF_CACHE", Path.home() / ".cache" / "blockdiff"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
 
 
 class ConfigError(BlockdiffError, ValueError):

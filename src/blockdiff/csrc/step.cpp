@@ -1,0 +1,310 @@
+// The decoder layers of a prepared model for forwards of at most a few tokens per sequence over a
+// KV cache (one-token AR steps, spec's verify, the server's batched steps): the same computation as
+// runtime.decoder_stack, in one C++ call. The matrix products are the very ATen kernels the Python
+// loop calls; RMSNorm, RoPE, attention, SiLU·up and the cache writes are loops over a few hundred
+// numbers here, where each was an operator call of ~1-20 us (allocation, dispatch, TorchScript's
+// interpreter). Elementwise steps round to the activation dtype where the Python ops do; sums
+// (norm, attention) run in float32 in their own order, so results equal the Python loop's to
+// rounding, not bit for bit (tests/test_runtime.py). Built once per machine by blockdiff.native.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <cmath>
+#include <algorithm>
+#include <bit>
+#include <cstring>
+#include <optional>
+#include <vector>
+
+using at::Tensor;
+
+namespace {
+
+using bf16 = uint16_t;  // bfloat16 as its bits: loops over a struct type do not vectorise
+
+// Conversions as torch's: bfloat16 is the top half of a float, rounded to nearest even (NaN kept
+// a NaN), written as integer arithmetic so that the loops below vectorise.
+inline float f32(float v) { return v; }
+inline float f32(bf16 v) { return std::bit_cast<float>(uint32_t(v) << 16); }
+template <typename T> inline T to(float v);
+template <> inline float to<float>(float v) { return v; }
+template <> inline bf16 to<bf16>(float v) {
+  const uint32_t u = std::bit_cast<uint32_t>(v);
+  const bf16 r = bf16((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  return v != v ? bf16(0x7FC0) : r;
+}
+template <typename T> inline T* ptr(const Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); }
+
+// e^x to ~2 ulp in float32 (Cephes' polynomial): std::exp does not vectorise here; attention and
+// SiLU take ~10^5 exponentials per forward.
+inline float exp_approx(float x) {
+  x = std::clamp(x, -87.0f, 88.0f);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693359375f - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  return p * std::bit_cast<float>(uint32_t(int32_t(n) + 127) << 23);
+}
+
+template <typename T>
+void rms_norm(const T* x, const T* w, T* y, int64_t n, int64_t d, float eps) {
+  for (int64_t r = 0; r < n; ++r) {
+    const T* xr = x + r * d;
+    T* yr = y + r * d;
+    float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+    for (int64_t i = 0; i < d; ++i) ss = std::fma(f32(xr[i]), f32(xr[i]), ss);
+    const float inv = 1.f / std::sqrt(ss / float(d) + eps);
+#pragma omp simd
+    for (int64_t i = 0; i < d; ++i) yr[i] = to<T>(f32(w[i]) * f32(to<T>(f32(xr[i]) * inv)));
+  }
+}
+
+// x*cos + roll(x, hd/2)*sin per head (the sin's first half negated: model.rope_cos_sin), in place
+// on the first `heads` heads of each row.
+template <typename T>
+void rope(T* h, const T* cos, const T* sin, int64_t b, int64_t q, int64_t cb, int64_t heads, int64_t hd,
+          int64_t stride) {
+  const int64_t half = hd / 2;
+  for (int64_t bi = 0; bi < b; ++bi)
+    for (int64_t t = 0; t < q; ++t) {
+      const T* c = cos + ((cb > 1 ? bi : 0) * q + t) * hd;
+      const T* s = sin + ((cb > 1 ? bi : 0) * q + t) * hd;
+      for (int64_t hh = 0; hh < heads; ++hh) {
+        T* x = h + (bi * q + t) * stride + hh * hd;
+#pragma omp simd
+        for (int64_t i = 0; i < half; ++i) {
+          const float x1 = f32(x[i]), x2 = f32(x[i + half]);
+          x[i] = to<T>(f32(to<T>(x1 * f32(c[i]))) + f32(to<T>(x2 * f32(s[i]))));
+          x[i + half] = to<T>(f32(to<T>(x2 * f32(c[i + half]))) + f32(to<T>(x1 * f32(s[i + half]))));
+        }
+      }
+    }
+}
+
+// silu(gate) * up, rounded after each as torch's two operations.
+template <typename T>
+void silu_mul(const T* gu, T* out, int64_t n, int64_t f) {
+  for (int64_t r = 0; r < n; ++r) {
+    const T* g = gu + r * 2 * f;
+    const T* u = g + f;
+    T* o = out + r * f;
+#pragma omp simd
+    for (int64_t i = 0; i < f; ++i) {
+      const float v = f32(g[i]);
+      o[i] = to<T>(f32(to<T>(v / (1.f + exp_approx(-v)))) * f32(u[i]));
+    }
+  }
+}
+
+// Attention of the fed rows over the cache's `span` slots, then the fed keys themselves (read
+// from the projection's output). Per row of keys and values shared by a group of query heads, the
+// keys are transposed to float32 once, so that scores are computed for many keys at a time. A
+// masked key weighs exactly 0; a row with every key masked gives 0, as torch's CPU kernel.
+template <typename T>
+void attend(const T* qkv, const T* kc, const T* vc, int64_t cap, const bool* mask, int64_t mb, int64_t b,
+            int64_t q, int64_t span, int64_t nh, int64_t nkv, int64_t hd, T* out) {
+  const int64_t stride = (nh + 2 * nkv) * hd, tk = span + q, group = nh / nkv;
+  const float scale = 1.f / std::sqrt(float(hd));
+  at::parallel_for(0, b * nkv, (b * nh * tk * q >= 65536) ? 1 : b * nkv, [&](int64_t lo, int64_t hi) {
+    std::vector<float> kt(hd * tk), qf(hd), sc(tk), acc(hd);
+    for (int64_t p = lo; p < hi; ++p) {
+      const int64_t bi = p / nkv, g = p % nkv;
+      auto key = [&](int64_t j) {
+        return j < span ? kc + ((bi * nkv + g) * cap + j) * hd : qkv + (bi * q + j - span) * stride + (nh + g) * hd;
+      };
+      auto value = [&](int64_t j) {
+        return j < span ? vc + ((bi * nkv + g) * cap + j) * hd : qkv + (bi * q + j - span) * stride + (nh + nkv + g) * hd;
+      };
+      for (int64_t j = 0; j < tk; ++j) {
+        const T* kr = key(j);
+        for (int64_t e = 0; e < hd; ++e) kt[e * tk + j] = f32(kr[e]);
+      }
+      for (int64_t hh = g * group; hh < (g + 1) * group; ++hh)
+        for (int64_t t = 0; t < q; ++t) {
+          const T* qr = qkv + (bi * q + t) * stride + hh * hd;
+          const bool* m = mask ? mask + ((mb > 1 ? bi : 0) * q + t) * tk : nullptr;
+          std::fill(sc.begin(), sc.end(), 0.f);
+          for (int64_t e = 0; e < hd; ++e) {
+            const float qe = f32(qr[e]) * scale;
+            const float* kr = kt.data() + e * tk;
+#pragma omp simd
+            for (int64_t j = 0; j < tk; ++j) sc[j] = std::fma(qe, kr[j], sc[j]);
+          }
+          float mx = -INFINITY;
+#pragma omp simd reduction(max : mx)
+          for (int64_t j = 0; j < tk; ++j) mx = std::max(mx, (!m || m[j]) ? sc[j] : -INFINITY);
+          float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+          for (int64_t j = 0; j < tk; ++j) {
+            sc[j] = (!m || m[j]) ? exp_approx(sc[j] - mx) : 0.f;
+            sum += sc[j];
+          }
+          std::fill(acc.begin(), acc.end(), 0.f);
+          for (int64_t j = 0; j < tk; ++j) {
+            const float pj = sc[j];
+            if (pj == 0.f) continue;  // masked (or too small to count in float32)
+            const T* vr = value(j);
+#pragma omp simd
+            for (int64_t e = 0; e < hd; ++e) acc[e] = std::fma(pj, f32(vr[e]), acc[e]);
+          }
+          T* o = out + (bi * q + t) * nh * hd + hh * hd;
+          const float inv = sum > 0.f ? 1.f / sum : 0.f;
+#pragma omp simd
+          for (int64_t e = 0; e < hd; ++e) o[e] = to<T>(acc[e] * inv);
+        }
+    }
+  });
+}
+
+// y += T(x A B) row by row (A [K, r], B [r, N] in float32): a low-rank delta beside 4-bit weights.
+// Loops rather than two GEMMs: each was an operator call (6 per delta with the conversions) for a
+// few thousand multiply-adds, and a row's numbers never depend on the rows beside it.
+template <typename X, typename T>
+void low_rank(const X* x, const float* a, const float* bm, T* y, int64_t n, int64_t k, int64_t r, int64_t nn) {
+  at::parallel_for(0, n, n * (k + nn) * r >= (1 << 20) ? 1 : n, [&](int64_t lo, int64_t hi) {
+    std::vector<float> t(r), u(nn);
+    for (int64_t row = lo; row < hi; ++row) {
+      std::fill(t.begin(), t.end(), 0.f);
+      std::fill(u.begin(), u.end(), 0.f);
+      for (int64_t i = 0; i < k; ++i) {
+        const float xv = f32(x[row * k + i]);
+        const float* ar = a + i * r;
+#pragma omp simd
+        for (int64_t j = 0; j < r; ++j) t[j] = std::fma(xv, ar[j], t[j]);
+      }
+      for (int64_t j = 0; j < r; ++j) {
+        const float tj = t[j];
+        const float* br = bm + j * nn;
+#pragma omp simd
+        for (int64_t c = 0; c < nn; ++c) u[c] = std::fma(tj, br[c], u[c]);
+      }
+      T* yr = y + row * nn;
+#pragma omp simd
+      for (int64_t c = 0; c < nn; ++c) yr[c] = to<T>(f32(yr[c]) + f32(to<T>(u[c])));
+    }
+  });
+}
+
+// x W^T for a projection stored as `kind` (quant.project's kinds: 0 dense, 1 int8, 2/3 int4 in
+// one/two planes then an optional low-rank delta, 4 bfloat16 in oneDNN's layout).
+Tensor project(const Tensor& x, int64_t kind, int64_t out, const std::vector<Tensor>& ts) {
+  if (kind == 0) return at::linear(x, ts[0]);
+  if (kind == 4) {
+    static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+    torch::jit::Stack stack{x, ts[0], c10::IValue(), c10::IValue("none"),
+                            c10::IValue(c10::List<std::optional<at::Scalar>>()), c10::IValue("")};
+    op.callBoxed(&stack);
+    return stack[0].toTensor();
+  }
+  const Tensor& flat = x.scalar_type() == at::kBFloat16 ? x : x.to(at::kBFloat16);
+  if (kind == 1) return at::_weight_int8pack_mm(flat, ts[0], ts[1]);
+  TORCH_CHECK(kind == 2 || kind == 3, "unknown projection kind ", kind);
+  const int64_t planes = kind - 1;
+  Tensor y = at::_weight_int4pack_mm_for_cpu(flat, ts[0], 32, ts[1]);
+  if (planes == 2) y.add_(at::_weight_int4pack_mm_for_cpu(flat, ts[2], 32, ts[3]));
+  if (y.size(1) != out) y = y.narrow(1, 0, out).contiguous();  // the kernel packs rows in sixteens
+  if ((int64_t)ts.size() > 2 * planes) {
+    const Tensor &a = ts[2 * planes], &bm = ts[2 * planes + 1];
+    TORCH_CHECK(a.scalar_type() == at::kFloat && bm.scalar_type() == at::kFloat && a.is_contiguous() &&
+                    bm.is_contiguous() && y.scalar_type() == at::kBFloat16 && x.is_contiguous(),
+                "a low-rank delta: float32 A [K, r] and B [r, N]");
+    auto* yp = ptr<bf16>(y);
+    if (x.scalar_type() == at::kFloat)
+      low_rank(x.data_ptr<float>(), a.data_ptr<float>(), bm.data_ptr<float>(), yp, x.size(0), x.size(1), a.size(1), out);
+    else
+      low_rank(ptr<bf16>(x), a.data_ptr<float>(), bm.data_ptr<float>(), yp, x.size(0), x.size(1),
+               a.size(1), out);
+  }
+  return y;
+}
+
+template <typename T>
+Tensor run(const Tensor& x_in, const Tensor& cos, const Tensor& sin, const std::optional<Tensor>& mask,
+           const std::vector<Tensor>& ks, const std::vector<Tensor>& vs, int64_t span,
+           const std::optional<Tensor>& slots, const std::vector<Tensor>& norms, const std::vector<int64_t>& kinds,
+           const std::vector<int64_t>& outs, const std::vector<std::vector<Tensor>>& parts, int64_t nh, int64_t nkv,
+           int64_t hd, double eps) {
+  const int64_t b = x_in.size(0), q = x_in.size(1), d = x_in.size(2), n = b * q;
+  Tensor x = x_in.reshape({n, d}).clone();
+  Tensor hn = at::empty_like(x), att = at::empty({n, nh * hd}, x.options());
+  Tensor c = cos.contiguous(), s = sin.contiguous();
+  Tensor m = mask ? mask->contiguous() : Tensor();
+  const bool cached = !ks.empty();
+  const int64_t tk = span + q;
+  const auto dt = x_in.scalar_type();
+  TORCH_CHECK(c.scalar_type() == dt && s.scalar_type() == dt, "cos/sin must be in the activations' dtype");
+  TORCH_CHECK(ks.size() == vs.size() && (!cached || ks.size() == norms.size() / 2), "one cache per layer");
+  for (size_t i = 0; i < ks.size(); ++i)
+    TORCH_CHECK(ks[i].scalar_type() == dt && vs[i].scalar_type() == dt && ks[i].is_contiguous() &&
+                    vs[i].is_contiguous() && ks[i].size(2) >= (slots ? span : tk),
+                "cache buffers: contiguous, the activations' dtype, room for the fed tokens");
+  if (slots) {
+    TORCH_CHECK(cached && slots->scalar_type() == at::kLong && slots->is_contiguous() && slots->size(0) == b &&
+                    slots->size(1) <= q, "slots [b, n <= q] of int64 over a cache");
+    if (slots->numel())
+      TORCH_CHECK(slots->min().item<int64_t>() >= 0 && slots->max().item<int64_t>() < ks[0].size(2), "slot out of the cache");
+  }
+  TORCH_CHECK(c.dim() == 4 && c.size(2) == q && c.size(3) == hd && (c.size(0) == 1 || c.size(0) == b), "cos [b|1, 1, q, hd]");
+  for (const auto& w : norms) TORCH_CHECK(w.scalar_type() == dt && w.is_contiguous(), "norm gains");
+  if (m.defined())
+    TORCH_CHECK(m.scalar_type() == at::kBool && m.dim() == 4 && (m.size(0) == 1 || m.size(0) == b) && m.size(-1) == tk && m.size(-2) == q, "mask [b|1, 1, q, span+q]");
+  for (size_t i = 0; i < norms.size() / 2; ++i) {
+    const size_t j = 4 * i;
+    rms_norm(ptr<T>(x), ptr<T>(norms[2 * i]), ptr<T>(hn), n, d, (float)eps);
+    Tensor qkv = project(hn, kinds[j], outs[j], parts[j]).contiguous();
+    T* h = ptr<T>(qkv);
+    const int64_t stride = (nh + 2 * nkv) * hd;
+    rope(h, ptr<T>(c), ptr<T>(s), b, q, c.size(0), nh + nkv, hd, stride);
+    const T* kc = cached ? ptr<T>(ks[i]) : nullptr;
+    const T* vc = cached ? ptr<T>(vs[i]) : nullptr;
+    const int64_t cap = cached ? ks[i].size(2) : 0;
+    attend(h, kc, vc, cap, m.defined() ? m.data_ptr<bool>() : nullptr, m.defined() ? m.size(0) : 1, b, q,
+           cached ? span : 0, nh, nkv, hd, ptr<T>(att));
+    if (cached) {  // store the fed keys and values: after the span, or the first n at per-row slots
+      T* kw = ptr<T>(ks[i]);
+      T* vw = ptr<T>(vs[i]);
+      const int64_t nw = slots ? slots->size(1) : q;
+      const int64_t* sl = slots ? slots->data_ptr<int64_t>() : nullptr;
+      for (int64_t bi = 0; bi < b; ++bi)
+        for (int64_t t = 0; t < nw; ++t) {
+          const int64_t slot = sl ? sl[bi * nw + t] : span + t;
+          const T* row = h + (bi * q + t) * stride;
+          for (int64_t g = 0; g < nkv; ++g) {
+            std::memcpy(kw + ((bi * nkv + g) * cap + slot) * hd, row + (nh + g) * hd, hd * sizeof(T));
+            std::memcpy(vw + ((bi * nkv + g) * cap + slot) * hd, row + (nh + nkv + g) * hd, hd * sizeof(T));
+          }
+        }
+    }
+    x.add_(project(att, kinds[j + 1], outs[j + 1], parts[j + 1]));
+    rms_norm(ptr<T>(x), ptr<T>(norms[2 * i + 1]), ptr<T>(hn), n, d, (float)eps);
+    Tensor gu = project(hn, kinds[j + 2], outs[j + 2], parts[j + 2]).contiguous();
+    const int64_t f = gu.size(1) / 2;
+    Tensor act = at::empty({n, f}, x.options());
+    silu_mul(ptr<T>(gu), ptr<T>(act), n, f);
+    x.add_(project(act, kinds[j + 3], outs[j + 3], parts[j + 3]));
+  }
+  return x.view({b, q, d});
+}
+
+}  // namespace
+
+Tensor layers(const Tensor& x, const Tensor& cos, const Tensor& sin, const std::optional<Tensor>& mask,
+              const std::vector<Tensor>& ks, const std::vector<Tensor>& vs, int64_t span,
+              const std::optional<Tensor>& slots, const std::vector<Tensor>& norms,
+              const std::vector<int64_t>& kinds, const std::vector<int64_t>& outs,
+              const std::vector<std::vector<Tensor>>& parts, int64_t nh, int64_t nkv, int64_t hd, double eps) {
+  if (x.scalar_type() == at::kBFloat16)
+    return run<bf16>(x, cos, sin, mask, ks, vs, span, slots, norms, kinds, outs, parts, nh, nkv, hd, eps);
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "activations must be float32 or bfloat16");
+  return run<float>(x, cos, sin, mask, ks, vs, span, slots, norms, kinds, outs, parts, nh, nkv, hd, eps);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("layers", &layers, py::call_guard<py::gil_scoped_release>());
+}

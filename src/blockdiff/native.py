@@ -1,0 +1,124 @@
+"""The decode step in C++ (`csrc/step.cpp`), compiled once per machine, loaded where it can be.
+
+A one-token step of SmolLM2 runs ~1000 operator calls besides its matrix products: ~1-20 µs each
+of allocation, dispatch and TorchScript's interpreter, a third of the step (BENCHMARKS.md).
+`layers` runs them as loops in one call; `runtime.FusedLayers` uses it for forwards of at most
+`quant.NARROW_ROWS` tokens per sequence and keeps TorchScript for wide ones (prompts, diffusion
+blocks), where operator overhead is small against the matrix products.
+
+Built with the system's C++ compiler (`$CXX`, else `c++`) against the installed torch, for this
+CPU (`-march=native`), into the blockdiff cache keyed by source, torch, Python and CPU: the first
+use compiles (~20 s; `make setup` does it ahead), later ones load. Where that fails (no compiler,
+no headers) the runtime warns once and runs TorchScript; `BLOCKDIFF_NATIVE=0` asks for that.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.machinery
+import importlib.util
+import os
+import platform
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from .config import cache_dir
+
+SOURCE = Path(__file__).with_name("csrc") / "step.cpp"
+NAME = "blockdiff_step"
+# -ffp-contract=off: no fused multiply-adds, so an elementwise step rounds where torch's op does;
+# -fno-trapping-math (no floating-point traps: values unchanged) lets the loops with selects vectorise.
+FLAGS = [
+    *("-O3", "-march=native", "-ffp-contract=off", "-fno-trapping-math", "-fopenmp-simd"),
+    *("-std=c++20", "-shared", "-fPIC", "-w"),
+]
+
+
+def _cpu() -> str:
+    """What `-march=native` compiles for: the CPU's model and feature flags."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        return "\n".join(sorted({l for l in info.splitlines() if l.startswith(("model name", "flags"))}))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def built_path() -> Path:
+    key = hashlib.sha256(
+        "\0".join([SOURCE.read_text(), torch.__version__, sys.version, " ".join(FLAGS), _cpu()]).encode()
+    ).hexdigest()[:16]
+    return cache_dir() / "native" / key / (NAME + (sysconfig.get_config_var("EXT_SUFFIX") or ".so"))
+
+
+def build() -> Path:
+    """The compiled extension's path, compiling it first if needed (atomic: concurrent builders
+    each write their own file and rename it into place)."""
+    out = built_path()
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    from torch.utils import cpp_extension
+
+    includes = [*cpp_extension.include_paths(), sysconfig.get_paths()["include"]]
+    libs = cpp_extension.library_paths()[0]
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    fd, tmp = tempfile.mkstemp(suffix=out.suffix, dir=out.parent)
+    os.close(fd)
+    cmd = [
+        os.environ.get("CXX", "c++"),
+        *FLAGS,
+        f"-DTORCH_EXTENSION_NAME={NAME}",
+        f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+        *(f"-I{p}" for p in includes),
+        str(SOURCE),
+        "-o",
+        tmp,
+        f"-L{libs}",
+        "-ltorch",
+        "-ltorch_cpu",
+        "-lc10",
+        "-ltorch_python",
+        f"-Wl,-rpath,{libs}",
+    ]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{cmd[0]} failed: {done.stderr.strip()[-2000:]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+@functools.cache
+def layers():
+    """The compiled `layers` function (signature of `runtime.decoder_stack`), or None where it
+    cannot be had here (warned once) or `BLOCKDIFF_NATIVE=0`."""
+    if os.environ.get("BLOCKDIFF_NATIVE", "1") == "0":
+        return None
+    try:
+        path = build()
+        loader = importlib.machinery.ExtensionFileLoader(NAME, str(path))
+        spec = importlib.util.spec_from_file_location(NAME, path, loader=loader)
+        module = importlib.util.module_from_spec(spec)
+        loader.exec_module(module)
+        return module.layers
+    except Exception as e:  # no compiler, no headers, a foreign build: TorchScript
+        warnings.warn(
+            f"the native decode step is unavailable, TorchScript runs it (slower): {e}", stacklevel=2
+        )
+        return None
+
+
+if __name__ == "__main__":  # `python -m blockdiff.native`: build ahead of the first use (make setup)
+    fn = layers()
+    print(f"native decode step: {built_path()}" if fn else "native decode step: unavailable (TorchScript)")
+    sys.exit(0)
