@@ -54,7 +54,8 @@ def quality(model, seqs) -> list[torch.Tensor]:
     out = []
     for ids, n in seqs:
         cache = KVCache(model.config.num_hidden_layers)
-        model(ids[None, : n - 1], cache=cache, write_cache=True)
+        causal = torch.ones(n - 1, n - 1, dtype=torch.bool).tril()[None, None]  # as decoding feeds it
+        model(ids[None, : n - 1], mask=causal, cache=cache, write_cache=True)
         steps = [
             model(ids[None, t : t + 1], cache=cache, write_cache=True) for t in range(n - 1, len(ids) - 1)
         ]

@@ -31,15 +31,16 @@ NARROW_ROWS = 8
 # bits); the fastest of 8, 32 and 128 for SmolLM2's forwards of 1 to 64 rows (measured, 128).
 PACK_ROWS = 128
 # ms per forward over a 64-token cache by tokens fed per sequence, each precision's runtime on the
-# 2-core development VM, an Intel Xeon with AMX (benchmarks/cost_table.py, BENCHMARKS.md; int4
-# past NARROW_ROWS is its bfloat16 copy): the cost model that picks spec's draft length. Ratios
+# 2-core development VM, an Intel Xeon with AMX, forwards of <= 8 tokens as compiled C++
+# (benchmarks/cost_table.py, BENCHMARKS.md; int4 past NARROW_ROWS is its bfloat16 copy): the
+# cost model that picks spec's draft length. Ratios
 # matter, not the milliseconds; another CPU may order near-ties (int4 vs bfloat16 at 8 rows)
 # differently, which changes only speed, never the text.
 FORWARD_MS = {
-    "int4": {1: 6.7, 2: 8.0, 4: 9.9, 8: 14.9, 16: 16.6, 32: 20.2},
-    "bfloat16": {1: 14.0, 2: 13.9, 4: 14.5, 8: 15.4, 16: 16.6, 32: 20.2},
-    "int8": {1: 7.7, 2: 9.8, 4: 10.9, 8: 17.2, 16: 28.1, 32: 49.3},
-    "float32": {1: 20.3, 2: 21.7, 4: 26.8, 8: 32.1, 16: 36.5, 32: 46.6},
+    "int4": {1: 6.0, 2: 7.0, 4: 9.8, 8: 16.0, 16: 18.9, 32: 22.2},
+    "bfloat16": {1: 12.7, 2: 13.1, 4: 14.1, 8: 16.4, 16: 18.9, 32: 22.2},
+    "int8": {1: 7.3, 2: 8.9, 4: 10.6, 8: 18.5, 16: 32.0, 32: 56.4},
+    "float32": {1: 19.9, 2: 21.4, 4: 27.3, 8: 34.6, 16: 40.1, 32: 51.1},
 }
 
 

@@ -103,61 +103,60 @@ void silu_mul(const T* gu, T* out, int64_t n, int64_t f) {
 }
 
 // Attention of the fed rows over the cache's `span` slots, then the fed keys themselves (read
-// from the projection's output). Per row of keys and values shared by a group of query heads, the
-// keys are transposed to float32 once, so that scores are computed for many keys at a time. A
-// masked key weighs exactly 0; a row with every key masked gives 0, as torch's CPU kernel.
+// from the projection's output). A masked key weighs exactly 0; a row with every key masked
+// gives 0, as torch's CPU kernel.
 template <typename T>
 void attend(const T* qkv, const T* kc, const T* vc, int64_t cap, const bool* mask, int64_t mb, int64_t b,
             int64_t q, int64_t span, int64_t nh, int64_t nkv, int64_t hd, T* out) {
   const int64_t stride = (nh + 2 * nkv) * hd, tk = span + q, group = nh / nkv;
   const float scale = 1.f / std::sqrt(float(hd));
-  at::parallel_for(0, b * nkv, (b * nh * tk * q >= 65536) ? 1 : b * nkv, [&](int64_t lo, int64_t hi) {
-    std::vector<float> kt(hd * tk), qf(hd), sc(tk), acc(hd);
+  at::parallel_for(0, b * nh, (b * nh * tk * q >= 65536) ? 1 : b * nh, [&](int64_t lo, int64_t hi) {
+    std::vector<float> qf(hd), sc(tk), acc(hd);
     for (int64_t p = lo; p < hi; ++p) {
-      const int64_t bi = p / nkv, g = p % nkv;
+      const int64_t bi = p / nh, hh = p % nh, g = hh / group;
       auto key = [&](int64_t j) {
         return j < span ? kc + ((bi * nkv + g) * cap + j) * hd : qkv + (bi * q + j - span) * stride + (nh + g) * hd;
       };
       auto value = [&](int64_t j) {
         return j < span ? vc + ((bi * nkv + g) * cap + j) * hd : qkv + (bi * q + j - span) * stride + (nh + nkv + g) * hd;
       };
-      for (int64_t j = 0; j < tk; ++j) {
-        const T* kr = key(j);
-        for (int64_t e = 0; e < hd; ++e) kt[e * tk + j] = f32(kr[e]);
-      }
-      for (int64_t hh = g * group; hh < (g + 1) * group; ++hh)
-        for (int64_t t = 0; t < q; ++t) {
-          const T* qr = qkv + (bi * q + t) * stride + hh * hd;
-          const bool* m = mask ? mask + ((mb > 1 ? bi : 0) * q + t) * tk : nullptr;
-          std::fill(sc.begin(), sc.end(), 0.f);
-          for (int64_t e = 0; e < hd; ++e) {
-            const float qe = f32(qr[e]) * scale;
-            const float* kr = kt.data() + e * tk;
+      for (int64_t t = 0; t < q; ++t) {
+        const T* qr = qkv + (bi * q + t) * stride + hh * hd;
+        const bool* m = mask ? mask + ((mb > 1 ? bi : 0) * q + t) * tk : nullptr;
 #pragma omp simd
-            for (int64_t j = 0; j < tk; ++j) sc[j] = std::fma(qe, kr[j], sc[j]);
+        for (int64_t e = 0; e < hd; ++e) qf[e] = f32(qr[e]) * scale;
+        float mx = -INFINITY;
+        for (int64_t j = 0; j < tk; ++j) {
+          if (m && !m[j]) {
+            sc[j] = -INFINITY;
+            continue;
           }
-          float mx = -INFINITY;
-#pragma omp simd reduction(max : mx)
-          for (int64_t j = 0; j < tk; ++j) mx = std::max(mx, (!m || m[j]) ? sc[j] : -INFINITY);
-          float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-          for (int64_t j = 0; j < tk; ++j) {
-            sc[j] = (!m || m[j]) ? exp_approx(sc[j] - mx) : 0.f;
-            sum += sc[j];
-          }
-          std::fill(acc.begin(), acc.end(), 0.f);
-          for (int64_t j = 0; j < tk; ++j) {
-            const float pj = sc[j];
-            if (pj == 0.f) continue;  // masked (or too small to count in float32)
-            const T* vr = value(j);
-#pragma omp simd
-            for (int64_t e = 0; e < hd; ++e) acc[e] = std::fma(pj, f32(vr[e]), acc[e]);
-          }
-          T* o = out + (bi * q + t) * nh * hd + hh * hd;
-          const float inv = sum > 0.f ? 1.f / sum : 0.f;
-#pragma omp simd
-          for (int64_t e = 0; e < hd; ++e) o[e] = to<T>(acc[e] * inv);
+          const T* kr = key(j);
+          float s = 0.f;
+#pragma omp simd reduction(+ : s)
+          for (int64_t e = 0; e < hd; ++e) s = std::fma(qf[e], f32(kr[e]), s);
+          sc[j] = s;
+          mx = std::max(mx, s);
         }
+        float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < tk; ++j) {
+          sc[j] = sc[j] == -INFINITY ? 0.f : exp_approx(sc[j] - mx);
+          sum += sc[j];
+        }
+        std::fill(acc.begin(), acc.end(), 0.f);
+        for (int64_t j = 0; j < tk; ++j) {
+          const float pj = sc[j];
+          if (pj == 0.f) continue;  // masked (or too small to count in float32)
+          const T* vr = value(j);
+#pragma omp simd
+          for (int64_t e = 0; e < hd; ++e) acc[e] = std::fma(pj, f32(vr[e]), acc[e]);
+        }
+        T* o = out + (bi * q + t) * nh * hd + hh * hd;
+        const float inv = sum > 0.f ? 1.f / sum : 0.f;
+#pragma omp simd
+        for (int64_t e = 0; e < hd; ++e) o[e] = to<T>(acc[e] * inv);
+      }
     }
   });
 }

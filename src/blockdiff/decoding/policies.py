@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -170,6 +171,14 @@ SCORES: dict[str, Score] = {"prob": _prob, "margin": _margin, "entropy": _entrop
 PROB = SCORES["prob"]
 
 
+def argmax(x: Tensor) -> Tensor:
+    """x.argmax(-1), the same indices (the first of equal maxima): torch's CPU argmax over one
+    49152-wide row takes ~65 µs, numpy's ~4, against a ~6 ms one-token step."""
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+        return torch.from_numpy(np.asarray(x.detach().numpy().argmax(-1)))
+    return x.argmax(-1)
+
+
 def sample(
     logits: Tensor,
     temperature: float,
@@ -185,11 +194,11 @@ def sample(
     """
     probs = logits.double().softmax(-1)
     if temperature == 0:
-        tok = logits.argmax(-1)  # top-k / top-p never remove the argmax
+        tok = argmax(logits)  # top-k / top-p never remove the argmax
     else:
         u = torch.rand(logits.shape, generator=gen, dtype=torch.float64).clamp_(1e-300, 1.0)
         filtered = filter_logits(logits / temperature, top_k, top_p).double()
-        tok = (filtered - torch.log(-torch.log(u))).argmax(-1)
+        tok = argmax(filtered - torch.log(-torch.log(u)))
     return tok, score(probs, tok, gen)
 
 

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .canvas import Canvas
-from .policies import filter_logits
+from .policies import argmax, filter_logits
 from .runner import Runner
 
 
@@ -123,7 +123,7 @@ class SpecStep:
         """Tokens [..] from logits [.., V] (argmax, or a sample), and the distribution sampled."""
         p = self.plan
         if p.temperature == 0:
-            return logits.argmax(-1), None
+            return argmax(logits), None
         d = distribution(logits, p.temperature, p.top_k, p.top_p)
         flat = d.reshape(-1, d.shape[-1])
         tok = torch.multinomial(flat, 1, generator=self.gens[r])[:, 0].view(d.shape[:-1])
