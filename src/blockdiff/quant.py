@@ -7,7 +7,8 @@ is Q8_0 (a step per group of 32, 255 levels). `Int4Linear` recovers that grid an
 very same weights in torch's int4 CPU kernel layout (`_weight_int4pack_mm_for_cpu`), 255-level
 groups as two 4-bit planes: no rounding of any weight, only the per-group step and offset are held
 in bfloat16 as the kernel wants. A low-rank delta (LoRA) over such a base stays unmerged beside
-it in float32, so the adapted model keeps the base's exact 4-bit weights.
+it (factors in bfloat16, summed in float32), so the adapted model keeps the base's exact 4-bit
+weights.
 
 The int4 kernel's cost grows with the rows of a forward, a bfloat16 GEMM's barely (the measured
 table: BENCHMARKS.md, `benchmarks/cost_table.py`), so `ByWidth` keeps both and a `WidthSwitch`
@@ -37,10 +38,10 @@ PACK_ROWS = 128
 # matter, not the milliseconds; another CPU may order near-ties (int4 vs bfloat16 at 8 rows)
 # differently, which changes only speed, never the text.
 FORWARD_MS = {
-    "int4": {1: 6.0, 2: 7.0, 4: 9.8, 8: 16.0, 16: 18.9, 32: 22.2},
-    "bfloat16": {1: 12.7, 2: 13.1, 4: 14.1, 8: 16.4, 16: 18.9, 32: 22.2},
-    "int8": {1: 7.3, 2: 8.9, 4: 10.6, 8: 18.5, 16: 32.0, 32: 56.4},
-    "float32": {1: 19.9, 2: 21.4, 4: 27.3, 8: 34.6, 16: 40.1, 32: 51.1},
+    "int4": {1: 5.4, 2: 6.6, 4: 9.1, 8: 16.3, 16: 16.8, 32: 19.5},
+    "bfloat16": {1: 11.6, 2: 12.5, 4: 12.4, 8: 16.8, 16: 16.8, 32: 19.5},
+    "int8": {1: 6.6, 2: 8.0, 4: 10.2, 8: 17.7, 16: 28.8, 32: 49.9},
+    "float32": {1: 19.1, 2: 19.7, 4: 25.1, 8: 31.2, 16: 37.1, 32: 46.2},
 }
 
 
@@ -95,7 +96,7 @@ def project(x: Tensor, kind: int, out: int, ts: list[Tensor]) -> Tensor:
         if y.shape[1] != out:  # the kernel packs rows in sixteens
             y = y.narrow(1, 0, out)
         if len(ts) > 2 * planes:
-            y = y + (low.float() @ ts[2 * planes] @ ts[2 * planes + 1]).to(y.dtype)
+            y = y + (low.float() @ ts[2 * planes].float() @ ts[2 * planes + 1].float()).to(y.dtype)
     if x.dim() == 2:
         return y
     shape = list(x.shape[:-1])
@@ -160,9 +161,10 @@ class Int4Linear(nn.Module):
         self.low_rank = None
         if low_rank is not None:
             a, b = low_rank
-            # float32: small bfloat16 products go through a far slower path on CPU (~5x)
-            self.register_buffer("lr_a", a.detach().float().t().contiguous())
-            self.register_buffer("lr_b", b.detach().float().t().contiguous())
+            # bfloat16: half the bytes a step reads; the native step sums in float32, `project`
+            # multiplies in float32 (torch's small bfloat16 products take a ~5x slower path)
+            self.register_buffer("lr_a", a.detach().t().contiguous().bfloat16())
+            self.register_buffer("lr_b", b.detach().t().contiguous().bfloat16())
             self.low_rank = True
 
     def packed(self) -> tuple[int, int, list[Tensor]]:

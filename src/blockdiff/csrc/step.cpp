@@ -161,11 +161,12 @@ void attend(const T* qkv, const T* kc, const T* vc, int64_t cap, const bool* mas
   });
 }
 
-// y += T(x A B) row by row (A [K, r], B [r, N] in float32): a low-rank delta beside 4-bit weights.
-// Loops rather than two GEMMs: each was an operator call (6 per delta with the conversions) for a
-// few thousand multiply-adds, and a row's numbers never depend on the rows beside it.
-template <typename X, typename T>
-void low_rank(const X* x, const float* a, const float* bm, T* y, int64_t n, int64_t k, int64_t r, int64_t nn) {
+// y += T(x A B) row by row (A [K, r], B [r, N] in bfloat16, summed in float32): a low-rank delta
+// beside 4-bit weights. Loops rather than two GEMMs: each was an operator call (6 per delta with
+// the conversions) for a few thousand multiply-adds, and a row's numbers never depend on the rows
+// beside it.
+template <typename X>
+void low_rank(const X* x, const bf16* a, const bf16* bm, bf16* y, int64_t n, int64_t k, int64_t r, int64_t nn) {
   at::parallel_for(0, n, n * (k + nn) * r >= (1 << 20) ? 1 : n, [&](int64_t lo, int64_t hi) {
     std::vector<float> t(r), u(nn);
     for (int64_t row = lo; row < hi; ++row) {
@@ -173,19 +174,19 @@ void low_rank(const X* x, const float* a, const float* bm, T* y, int64_t n, int6
       std::fill(u.begin(), u.end(), 0.f);
       for (int64_t i = 0; i < k; ++i) {
         const float xv = f32(x[row * k + i]);
-        const float* ar = a + i * r;
+        const bf16* ar = a + i * r;
 #pragma omp simd
-        for (int64_t j = 0; j < r; ++j) t[j] = std::fma(xv, ar[j], t[j]);
+        for (int64_t j = 0; j < r; ++j) t[j] = std::fma(xv, f32(ar[j]), t[j]);
       }
       for (int64_t j = 0; j < r; ++j) {
         const float tj = t[j];
-        const float* br = bm + j * nn;
+        const bf16* br = bm + j * nn;
 #pragma omp simd
-        for (int64_t c = 0; c < nn; ++c) u[c] = std::fma(tj, br[c], u[c]);
+        for (int64_t c = 0; c < nn; ++c) u[c] = std::fma(tj, f32(br[c]), u[c]);
       }
-      T* yr = y + row * nn;
+      bf16* yr = y + row * nn;
 #pragma omp simd
-      for (int64_t c = 0; c < nn; ++c) yr[c] = to<T>(f32(yr[c]) + f32(to<T>(u[c])));
+      for (int64_t c = 0; c < nn; ++c) yr[c] = to<bf16>(f32(yr[c]) + f32(to<bf16>(u[c])));
     }
   });
 }
@@ -210,15 +211,14 @@ Tensor project(const Tensor& x, int64_t kind, int64_t out, const std::vector<Ten
   if (y.size(1) != out) y = y.narrow(1, 0, out).contiguous();  // the kernel packs rows in sixteens
   if ((int64_t)ts.size() > 2 * planes) {
     const Tensor &a = ts[2 * planes], &bm = ts[2 * planes + 1];
-    TORCH_CHECK(a.scalar_type() == at::kFloat && bm.scalar_type() == at::kFloat && a.is_contiguous() &&
+    TORCH_CHECK(a.scalar_type() == at::kBFloat16 && bm.scalar_type() == at::kBFloat16 && a.is_contiguous() &&
                     bm.is_contiguous() && y.scalar_type() == at::kBFloat16 && x.is_contiguous(),
-                "a low-rank delta: float32 A [K, r] and B [r, N]");
-    auto* yp = ptr<bf16>(y);
+                "a low-rank delta: bfloat16 A [K, r] and B [r, N]");
+    const int64_t rows = x.size(0), k = x.size(1), r = a.size(1);
     if (x.scalar_type() == at::kFloat)
-      low_rank(x.data_ptr<float>(), a.data_ptr<float>(), bm.data_ptr<float>(), yp, x.size(0), x.size(1), a.size(1), out);
+      low_rank(ptr<float>(x), ptr<bf16>(a), ptr<bf16>(bm), ptr<bf16>(y), rows, k, r, out);
     else
-      low_rank(ptr<bf16>(x), a.data_ptr<float>(), bm.data_ptr<float>(), yp, x.size(0), x.size(1),
-               a.size(1), out);
+      low_rank(ptr<bf16>(x), ptr<bf16>(a), ptr<bf16>(bm), ptr<bf16>(y), rows, k, r, out);
   }
   return y;
 }
