@@ -9,11 +9,12 @@ from blockdiff import native, runtime
 from blockdiff.decoding import generate
 from blockdiff.model import KVCache, rope_cos_sin
 from blockdiff.runtime import prepare
-from tests.test_runtime import on_grid_model, with_delta
+from tests.test_runtime import on_grid_model, q8_0, with_delta
 
 
-def stack_args(model, q: int, span: int, mask=None):
-    """Arguments of `decoder_stack` for q random tokens per row over a filled cache of `span`."""
+def stack_args(model, q: int, span: int, mask=None, rope_rows: int = 2):
+    """Arguments of `decoder_stack` for q random tokens per row over a filled cache of `span`
+    (RoPE angles for each row, or one set for both: `rope_rows` 1)."""
     fused = model.fused_layers
     torch.manual_seed(1)
     ids = torch.randint(0, 60, (2, span))
@@ -21,11 +22,38 @@ def stack_args(model, q: int, span: int, mask=None):
     with torch.no_grad():
         model(ids, cache=cache, write_cache=True)
     x = torch.randn(2, q, model.config.hidden_size).to(fused.narrow[0][0].dtype)
-    pos = span + torch.arange(q)[None].expand(2, q)
+    pos = span + torch.arange(q)[None].expand(rope_rows, q)
     cos, sin = rope_cos_sin(pos, model.config.head_dim, model.config.rope_theta, x.dtype)
     cache.reserve(x.new_empty(2, fused.nkv, 0, fused.hd), q, True)
     weights = fused.narrow if model.width_switch is not None else fused.wide
     return [x, cos, sin, mask, cache.k, cache.v, cache.span, None, *weights]
+
+
+SHAPES = {
+    "gqa": {},  # 4 query heads over 2 key/value heads, head size 16
+    "mha": {"num_key_value_heads": 4},
+    "padded": {"hidden_size": 32, "num_attention_heads": 8, "num_key_value_heads": 1},  # q|k|v 40 wide:
+}  # the 4-bit kernel pads its rows to 48, the delta is added after the cut
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("precision", ["float32", "bfloat16", "int8", "int4"])
+def test_every_storage_and_shape_equals_the_loop(precision, shape):
+    """8 tokens per row over a cache, one mask and one set of RoPE angles for both rows (the
+    broadcast forms); int4 with a delta, one projection in two 4-bit planes (a Q8_0 matrix)."""
+    m = with_delta(on_grid_model(**SHAPES[shape]))
+    with torch.no_grad():
+        o = m.model.layers[0].self_attn.o_proj.base.weight
+        o.copy_(q8_0(o))
+    q = prepare(m, precision)
+    if q.width_switch is not None:
+        q.width_switch.wide = False
+    mask = torch.ones(1, 1, 8, 6 + 8, dtype=torch.bool).tril(6)
+    args = stack_args(q, 8, 6, mask, rope_rows=1)
+    want = runtime.decoder_stack(*args)
+    got = q.fused_layers.native(*args).float()
+    tol = 1e-5 if precision == "float32" else 0.05
+    assert torch.allclose(want.float(), got, atol=tol, rtol=tol), (want.float() - got).abs().max()
 
 
 @pytest.mark.parametrize("precision", ["float32", "int4"])
@@ -52,6 +80,14 @@ def test_bad_arguments_are_refused_with_a_message():
     args = stack_args(q, 2, 6)
     args[1] = args[1].double()
     with pytest.raises(RuntimeError, match="cos/sin"):
+        step(*args)
+    args = stack_args(q, 2, 6)
+    args[7] = torch.tensor([[0, 1000], [1, 2]])  # a slot past the cache's capacity
+    with pytest.raises(RuntimeError, match="slot out of the cache"):
+        step(*args)
+    args = stack_args(q, 2, 6)
+    args[4] = [k[:, :, :7].contiguous() for k in args[4]]  # no room for the 2 fed after 6
+    with pytest.raises(RuntimeError, match="cache buffers"):
         step(*args)
 
 

@@ -31,10 +31,11 @@ def q8_0(w: torch.Tensor) -> torch.Tensor:
     return (step * torch.round(g / step)).reshape(w.shape)
 
 
-def on_grid_model(vocab: int = 70, tied: bool = True) -> BlockDiffLM:
+def on_grid_model(vocab: int = 70, tied: bool = True, **config) -> BlockDiffLM:
     """A small Llama whose projections are Q4_1 and whose embedding is Q8_0, as SmolLM2's GGUF."""
     torch.manual_seed(0)
-    m = BlockDiffLM(tiny_config(vocab_size=vocab, tie_word_embeddings=tied, mask_token_id=vocab - 1))
+    cfg = tiny_config(vocab_size=vocab, tie_word_embeddings=tied, mask_token_id=vocab - 1, **config)
+    m = BlockDiffLM(cfg)
     with torch.no_grad():
         for name, p in m.named_parameters():
             if name.endswith("proj.weight"):

@@ -3,7 +3,7 @@
 A one-token step of SmolLM2 runs ~1000 operator calls besides its matrix products: ~1-20 µs each
 of allocation, dispatch and TorchScript's interpreter, a third of the step (BENCHMARKS.md).
 `layers` runs them as loops in one call; `runtime.FusedLayers` uses it for forwards of at most
-`quant.NARROW_ROWS` tokens per sequence and keeps TorchScript for wide ones (prompts, diffusion
+`runtime.NATIVE_ROWS` (8) tokens per sequence and keeps TorchScript for wide ones (prompts, diffusion
 blocks), where operator overhead is small against the matrix products.
 
 Built with the system's C++ compiler (`$CXX`, else `c++`) against the installed torch, for this
@@ -20,6 +20,7 @@ import importlib.machinery
 import importlib.util
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import sysconfig
@@ -36,25 +37,40 @@ NAME = "blockdiff_step"
 # -ffp-contract=off: no fused multiply-adds, so an elementwise step rounds where torch's op does;
 # -fno-trapping-math (no floating-point traps: values unchanged) lets the loops with selects vectorise.
 FLAGS = [
-    *("-O3", "-march=native", "-ffp-contract=off", "-fno-trapping-math", "-fopenmp-simd"),
+    *("-O3", "-march=native", "-ffp-contract=off", "-fno-trapping-math", "-fopenmp"),
     *("-std=c++20", "-shared", "-fPIC", "-w"),
 ]
 
 
+def _compiler() -> list[str]:
+    return shlex.split(os.environ.get("CXX", "c++"))
+
+
 def _cpu() -> str:
-    """What `-march=native` compiles for: the CPU's model and feature flags."""
+    """What `-march=native` compiles for: the CPU's model and feature flags (x86 `flags`, Arm
+    `Features`)."""
     try:
         info = Path("/proc/cpuinfo").read_text()
-        return "\n".join(sorted({l for l in info.splitlines() if l.startswith(("model name", "flags"))}))
+        keys = ("model name", "flags", "Features", "CPU part")
+        return "\n".join(sorted({l for l in info.splitlines() if l.startswith(keys)}))
     except OSError:
         return platform.processor() or platform.machine()
 
 
+@functools.cache
+def _key() -> str:
+    """Source, torch (its build, not only its version), Python, compiler, flags and CPU."""
+    try:
+        cxx = subprocess.run([*_compiler(), "--version"], capture_output=True, text=True).stdout
+    except OSError:
+        cxx = "none"
+    parts = [SOURCE.read_text(), torch.__version__, str(torch.version.git_version), torch.__file__]
+    parts += [str(torch._C._GLIBCXX_USE_CXX11_ABI), sys.version, cxx, " ".join(FLAGS), _cpu()]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+
 def built_path() -> Path:
-    key = hashlib.sha256(
-        "\0".join([SOURCE.read_text(), torch.__version__, sys.version, " ".join(FLAGS), _cpu()]).encode()
-    ).hexdigest()[:16]
-    return cache_dir() / "native" / key / (NAME + (sysconfig.get_config_var("EXT_SUFFIX") or ".so"))
+    return cache_dir() / "native" / _key() / (NAME + (sysconfig.get_config_var("EXT_SUFFIX") or ".so"))
 
 
 def build() -> Path:
@@ -72,7 +88,7 @@ def build() -> Path:
     fd, tmp = tempfile.mkstemp(suffix=out.suffix, dir=out.parent)
     os.close(fd)
     cmd = [
-        os.environ.get("CXX", "c++"),
+        *_compiler(),
         *FLAGS,
         f"-DTORCH_EXTENSION_NAME={NAME}",
         f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
@@ -98,6 +114,14 @@ def build() -> Path:
     return out
 
 
+def _load(path: Path):
+    loader = importlib.machinery.ExtensionFileLoader(NAME, str(path))
+    spec = importlib.util.spec_from_file_location(NAME, path, loader=loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module.layers
+
+
 @functools.cache
 def layers():
     """The compiled `layers` function (signature of `runtime.decoder_stack`), or None where it
@@ -105,12 +129,11 @@ def layers():
     if os.environ.get("BLOCKDIFF_NATIVE", "1") == "0":
         return None
     try:
-        path = build()
-        loader = importlib.machinery.ExtensionFileLoader(NAME, str(path))
-        spec = importlib.util.spec_from_file_location(NAME, path, loader=loader)
-        module = importlib.util.module_from_spec(spec)
-        loader.exec_module(module)
-        return module.layers
+        try:
+            return _load(build())
+        except ImportError:  # a build that no longer loads (a damaged file): build it again, once
+            built_path().unlink(missing_ok=True)
+            return _load(build())
     except Exception as e:  # no compiler, no headers, a foreign build: TorchScript
         warnings.warn(
             f"the native decode step is unavailable, TorchScript runs it (slower): {e}", stacklevel=2

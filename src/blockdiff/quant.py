@@ -27,21 +27,21 @@ from torch import Tensor, nn
 GROUP = 32
 # Forwards over a cache feeding at most this many tokens per sequence take the 4-bit kernel,
 # others bfloat16: the crossover of the measured per-forward cost table (benchmarks/cost_table.py).
-NARROW_ROWS = 8
+NARROW_ROWS = 4
 # The rows oneDNN lays a packed bfloat16 weight out for (a hint: any width runs, with the same
 # bits); the fastest of 8, 32 and 128 for SmolLM2's forwards of 1 to 64 rows (measured, 128).
 PACK_ROWS = 128
 # ms per forward over a 64-token cache by tokens fed per sequence, each precision's runtime on the
-# 2-core development VM, an Intel Xeon with AMX, forwards of <= 8 tokens as compiled C++
-# (benchmarks/cost_table.py, BENCHMARKS.md; int4 past NARROW_ROWS is its bfloat16 copy): the
-# cost model that picks spec's draft length. Ratios
-# matter, not the milliseconds; another CPU may order near-ties (int4 vs bfloat16 at 8 rows)
-# differently, which changes only speed, never the text.
+# 2-core development VM, an Intel Xeon with AMX, forwards of <= 8 tokens as compiled C++, each
+# model (each side of int4's switch) timed warm on its own (benchmarks/cost_table.py,
+# BENCHMARKS.md; int4 past NARROW_ROWS is its bfloat16 copy): the cost model that picks spec's
+# draft length. Ratios matter, not the milliseconds; another CPU may order near-ties (int4 vs
+# bfloat16 at 4 rows) differently, which changes only speed, never the text.
 FORWARD_MS = {
-    "int4": {1: 5.4, 2: 6.6, 4: 9.1, 8: 16.3, 16: 16.8, 32: 19.5},
-    "bfloat16": {1: 11.6, 2: 12.5, 4: 12.4, 8: 16.8, 16: 16.8, 32: 19.5},
-    "int8": {1: 6.6, 2: 8.0, 4: 10.2, 8: 17.7, 16: 28.8, 32: 49.9},
-    "float32": {1: 19.1, 2: 19.7, 4: 25.1, 8: 31.2, 16: 37.1, 32: 46.2},
+    "int4": {1: 5.1, 2: 6.3, 4: 8.8, 8: 10.5, 16: 12.6, 32: 15.4},
+    "bfloat16": {1: 7.9, 2: 8.4, 4: 9.5, 8: 10.7, 16: 12.7, 32: 15.4},
+    "int8": {1: 5.0, 2: 6.2, 4: 8.8, 8: 15.3, 16: 26.9, 32: 47.4},
+    "float32": {1: 14.6, 2: 15.8, 4: 24.2, 8: 30.4, 16: 35.0, 32: 44.5},
 }
 
 

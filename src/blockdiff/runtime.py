@@ -32,7 +32,6 @@ from .delta import EmbeddingRows, LoRALinear
 from .model import KVCache, RMSNorm, SplitMask, apply_rope
 from .quant import (
     DENSE,
-    NARROW_ROWS,
     NOT_COPIED,
     ByWidth,
     Int4Linear,
@@ -45,6 +44,9 @@ from .quant import (
 )
 
 PRECISIONS = ("auto", "float32", "bfloat16", "int8", "int4")
+# Forwards of at most this many tokens per sequence run as the compiled step (`native`); wider ones
+# (prompts, diffusion blocks) as TorchScript, where the matrix products dominate and SDPA attends.
+NATIVE_ROWS = 8
 
 
 def check_precision(precision: str) -> str:
@@ -202,9 +204,19 @@ class FusedLayers:
             span, ks, vs = cache.span, cache.k, cache.v
         weights = self.wide if self.switch is None or self.switch.wide else self.narrow
         run = self.stack  # wide forwards: the matrix products dominate, SDPA's kernel attends
-        if self.native is not None and q <= NARROW_ROWS and (mask is None or mask.dtype == torch.bool):
+        if self.native is not None and q <= NATIVE_ROWS and self._native_takes(x, mask):
             run = self.native
         return run(x, cos, sin, mask, ks, vs, span, slots, *weights)
+
+    @staticmethod
+    def _native_takes(x: Tensor, mask: Tensor | None) -> bool:
+        """What the native step is written for: float32 or bfloat16 activations without a gradient
+        to record, a boolean mask [b|1, 1, q, keys] or none (others: TorchScript, as SDPA reads them)."""
+        if x.dtype not in (torch.float32, torch.bfloat16) or (torch.is_grad_enabled() and x.requires_grad):
+            return False
+        if mask is None:
+            return True
+        return mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1:3] == (1, x.shape[1])
 
 
 def _parts(mods: list[nn.Module]) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:

@@ -12,6 +12,7 @@
 #include <cmath>
 #include <algorithm>
 #include <bit>
+#include <climits>
 #include <cstring>
 #include <optional>
 #include <vector>
@@ -110,7 +111,8 @@ void attend(const T* qkv, const T* kc, const T* vc, int64_t cap, const bool* mas
             int64_t q, int64_t span, int64_t nh, int64_t nkv, int64_t hd, T* out) {
   const int64_t stride = (nh + 2 * nkv) * hd, tk = span + q, group = nh / nkv;
   const float scale = 1.f / std::sqrt(float(hd));
-  at::parallel_for(0, b * nh, (b * nh * tk * q >= 65536) ? 1 : b * nh, [&](int64_t lo, int64_t hi) {
+  // In parallel (torch's threads) past ~2^18 multiply-adds: below that, starting threads costs more.
+  at::parallel_for(0, b * nh, b * nh * q * tk * hd >= (1 << 18) ? 1 : b * nh, [&](int64_t lo, int64_t hi) {
     std::vector<float> qf(hd), sc(tk), acc(hd);
     for (int64_t p = lo; p < hi; ++p) {
       const int64_t bi = p / nh, hh = p % nh, g = hh / group;
@@ -167,7 +169,7 @@ void attend(const T* qkv, const T* kc, const T* vc, int64_t cap, const bool* mas
 // beside it.
 template <typename X>
 void low_rank(const X* x, const bf16* a, const bf16* bm, bf16* y, int64_t n, int64_t k, int64_t r, int64_t nn) {
-  at::parallel_for(0, n, n * (k + nn) * r >= (1 << 20) ? 1 : n, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, n, n * (k + nn) * r >= (1 << 18) ? 1 : n, [&](int64_t lo, int64_t hi) {
     std::vector<float> t(r), u(nn);
     for (int64_t row = lo; row < hi; ++row) {
       std::fill(t.begin(), t.end(), 0.f);
@@ -194,6 +196,8 @@ void low_rank(const X* x, const bf16* a, const bf16* bm, bf16* y, int64_t n, int
 // x W^T for a projection stored as `kind` (quant.project's kinds: 0 dense, 1 int8, 2/3 int4 in
 // one/two planes then an optional low-rank delta, 4 bfloat16 in oneDNN's layout).
 Tensor project(const Tensor& x, int64_t kind, int64_t out, const std::vector<Tensor>& ts) {
+  const size_t need = kind == 0 || kind == 4 ? 1 : kind == 3 ? 4 : 2;
+  TORCH_CHECK(kind >= 0 && kind <= 4 && ts.size() >= need, "projection kind ", kind, " with ", ts.size(), " tensors");
   if (kind == 0) return at::linear(x, ts[0]);
   if (kind == 4) {
     static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
@@ -212,7 +216,9 @@ Tensor project(const Tensor& x, int64_t kind, int64_t out, const std::vector<Ten
   if ((int64_t)ts.size() > 2 * planes) {
     const Tensor &a = ts[2 * planes], &bm = ts[2 * planes + 1];
     TORCH_CHECK(a.scalar_type() == at::kBFloat16 && bm.scalar_type() == at::kBFloat16 && a.is_contiguous() &&
-                    bm.is_contiguous() && y.scalar_type() == at::kBFloat16 && x.is_contiguous(),
+                    bm.is_contiguous() && y.scalar_type() == at::kBFloat16 && x.is_contiguous() && x.dim() == 2 &&
+                    a.dim() == 2 && bm.dim() == 2 && a.size(0) == x.size(1) && bm.size(0) == a.size(1) &&
+                    bm.size(1) == out && y.size(1) == out && (int64_t)ts.size() == 2 * planes + 2,
                 "a low-rank delta: bfloat16 A [K, r] and B [r, N]");
     const int64_t rows = x.size(0), k = x.size(1), r = a.size(1);
     if (x.scalar_type() == at::kFloat)
@@ -229,34 +235,57 @@ Tensor run(const Tensor& x_in, const Tensor& cos, const Tensor& sin, const std::
            const std::optional<Tensor>& slots, const std::vector<Tensor>& norms, const std::vector<int64_t>& kinds,
            const std::vector<int64_t>& outs, const std::vector<std::vector<Tensor>>& parts, int64_t nh, int64_t nkv,
            int64_t hd, double eps) {
+  TORCH_CHECK(x_in.dim() == 3 && x_in.device().is_cpu(), "x [b, q, d] on the CPU");
   const int64_t b = x_in.size(0), q = x_in.size(1), d = x_in.size(2), n = b * q;
+  const auto dt = x_in.scalar_type();
   Tensor x = x_in.reshape({n, d}).clone();
   Tensor hn = at::empty_like(x), att = at::empty({n, nh * hd}, x.options());
   Tensor c = cos.contiguous(), s = sin.contiguous();
   Tensor m = mask ? mask->contiguous() : Tensor();
   const bool cached = !ks.empty();
-  const int64_t tk = span + q;
-  const auto dt = x_in.scalar_type();
-  TORCH_CHECK(c.scalar_type() == dt && s.scalar_type() == dt, "cos/sin must be in the activations' dtype");
-  TORCH_CHECK(ks.size() == vs.size() && (!cached || ks.size() == norms.size() / 2), "one cache per layer");
-  for (size_t i = 0; i < ks.size(); ++i)
-    TORCH_CHECK(ks[i].scalar_type() == dt && vs[i].scalar_type() == dt && ks[i].is_contiguous() &&
-                    vs[i].is_contiguous() && ks[i].size(2) >= (slots ? span : tk),
-                "cache buffers: contiguous, the activations' dtype, room for the fed tokens");
-  if (slots) {
-    TORCH_CHECK(cached && slots->scalar_type() == at::kLong && slots->is_contiguous() && slots->size(0) == b &&
-                    slots->size(1) <= q, "slots [b, n <= q] of int64 over a cache");
-    if (slots->numel())
-      TORCH_CHECK(slots->min().item<int64_t>() >= 0 && slots->max().item<int64_t>() < ks[0].size(2), "slot out of the cache");
+  const int64_t tk = span + q, layers_n = norms.size() / 2;
+  // Every index below is checked here: a wrong argument is an error, never a stray read or write.
+  TORCH_CHECK(norms.size() % 2 == 0 && (int64_t)kinds.size() == 4 * layers_n && outs.size() == kinds.size() &&
+                  parts.size() == kinds.size(), "two norms and four projections per layer");
+  TORCH_CHECK(nkv > 0 && nh % nkv == 0 && hd % 2 == 0, "heads and head size");
+  for (const auto& w : norms)
+    TORCH_CHECK(w.scalar_type() == dt && w.is_contiguous() && w.numel() == d && w.device().is_cpu(), "norm gains [d]");
+  TORCH_CHECK(c.sizes() == s.sizes() && c.scalar_type() == dt && s.scalar_type() == dt && c.device().is_cpu() &&
+                  s.device().is_cpu() && c.dim() == 4 && c.size(1) == 1 && c.size(2) == q && c.size(3) == hd &&
+                  (c.size(0) == 1 || c.size(0) == b),
+              "cos/sin [b|1, 1, q, hd] in the activations' dtype");
+  TORCH_CHECK(cached || (span == 0 && !slots), "a span or slots without a cache");
+  TORCH_CHECK(ks.size() == vs.size() && (!cached || (int64_t)ks.size() == layers_n), "one cache per layer");
+  int64_t cap_min = INT64_MAX;
+  for (size_t i = 0; i < ks.size(); ++i) {
+    TORCH_CHECK(ks[i].dim() == 4 && ks[i].size(0) == b && ks[i].size(1) == nkv && ks[i].size(3) == hd &&
+                    vs[i].sizes() == ks[i].sizes() && ks[i].scalar_type() == dt && vs[i].scalar_type() == dt &&
+                    ks[i].is_contiguous() && vs[i].is_contiguous() && ks[i].device().is_cpu() &&
+                    vs[i].device().is_cpu() && ks[i].size(2) >= (slots ? span : tk),
+                "cache buffers [b, kv heads, capacity, head size]: contiguous, the activations' dtype, room "
+                "for the fed tokens");
+    cap_min = std::min(cap_min, ks[i].size(2));
   }
-  TORCH_CHECK(c.dim() == 4 && c.size(2) == q && c.size(3) == hd && (c.size(0) == 1 || c.size(0) == b), "cos [b|1, 1, q, hd]");
-  for (const auto& w : norms) TORCH_CHECK(w.scalar_type() == dt && w.is_contiguous(), "norm gains");
+  if (slots) {
+    TORCH_CHECK(slots->scalar_type() == at::kLong && slots->is_contiguous() && slots->device().is_cpu() &&
+                    slots->dim() == 2 && slots->size(0) == b && slots->size(1) <= q,
+                "slots [b, n <= q] of int64 over a cache");
+    if (slots->numel())
+      TORCH_CHECK(slots->min().item<int64_t>() >= 0 && slots->max().item<int64_t>() < cap_min, "slot out of the cache");
+  }
   if (m.defined())
-    TORCH_CHECK(m.scalar_type() == at::kBool && m.dim() == 4 && (m.size(0) == 1 || m.size(0) == b) && m.size(-1) == tk && m.size(-2) == q, "mask [b|1, 1, q, span+q]");
+    TORCH_CHECK(m.scalar_type() == at::kBool && m.device().is_cpu() && m.dim() == 4 && m.size(1) == 1 &&
+                    (m.size(0) == 1 || m.size(0) == b) && m.size(2) == q && m.size(3) == tk,
+                "mask [b|1, 1, q, span+q] of bools");
+  auto checked = [&](Tensor y, int64_t cols) {  // a projection's output, as the loops read it
+    TORCH_CHECK(y.scalar_type() == dt && y.dim() == 2 && y.size(0) == n && (cols < 0 || y.size(1) == cols),
+                "a projection's output: [rows, ", cols, "] in the activations' dtype");
+    return y.contiguous();
+  };
   for (size_t i = 0; i < norms.size() / 2; ++i) {
     const size_t j = 4 * i;
     rms_norm(ptr<T>(x), ptr<T>(norms[2 * i]), ptr<T>(hn), n, d, (float)eps);
-    Tensor qkv = project(hn, kinds[j], outs[j], parts[j]).contiguous();
+    Tensor qkv = checked(project(hn, kinds[j], outs[j], parts[j]), (nh + 2 * nkv) * hd);
     T* h = ptr<T>(qkv);
     const int64_t stride = (nh + 2 * nkv) * hd;
     rope(h, ptr<T>(c), ptr<T>(s), b, q, c.size(0), nh + nkv, hd, stride);
@@ -280,13 +309,14 @@ Tensor run(const Tensor& x_in, const Tensor& cos, const Tensor& sin, const std::
           }
         }
     }
-    x.add_(project(att, kinds[j + 1], outs[j + 1], parts[j + 1]));
+    x.add_(checked(project(att, kinds[j + 1], outs[j + 1], parts[j + 1]), d));
     rms_norm(ptr<T>(x), ptr<T>(norms[2 * i + 1]), ptr<T>(hn), n, d, (float)eps);
-    Tensor gu = project(hn, kinds[j + 2], outs[j + 2], parts[j + 2]).contiguous();
+    Tensor gu = checked(project(hn, kinds[j + 2], outs[j + 2], parts[j + 2]), -1);
+    TORCH_CHECK(gu.size(1) % 2 == 0, "gate|up: an even width");
     const int64_t f = gu.size(1) / 2;
     Tensor act = at::empty({n, f}, x.options());
     silu_mul(ptr<T>(gu), ptr<T>(act), n, f);
-    x.add_(project(act, kinds[j + 3], outs[j + 3], parts[j + 3]));
+    x.add_(checked(project(act, kinds[j + 3], outs[j + 3], parts[j + 3]), d));
   }
   return x.view({b, q, d});
 }
