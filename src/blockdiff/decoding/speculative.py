@@ -86,7 +86,9 @@ class SpecStep:
         self.n: Tensor | None = None  # [b] column of the pending token (committed, not yet fed)
         self.drafts: Tensor | None = None  # [b, k]
         self.q: list[Tensor | None] = []  # per row [k, V]: the draft distributions (sampling)
-        if sp.cost is not None and not self._may_pay():  # plain AR from the start, nothing probed
+        # plain AR from the start, nothing probed: where the model's measured rate (its prior)
+        # cannot pay, or without one, where not even every draft of the probe accepted could
+        if sp.cost is not None and not self._may_pay(probing=not self.prior):
             self.k = 0
             if sp.notes is not None:
                 known = " at this model's measured acceptance" if self.prior else ""
@@ -97,12 +99,12 @@ class SpecStep:
                 )
             self._hand_over()
 
-    def _may_pay(self) -> bool:
-        """Whether some draft length would pay if every draft of the probe's remaining forwards
-        were accepted, beside the tries counted so far (and the prior's): the one test that
+    def _may_pay(self, probing: bool = True) -> bool:
+        """Whether some draft length would pay at the tries counted so far and the prior's, and
+        (`probing`) if every draft of the probe's remaining forwards were accepted: the test that
         decides whether to start drafting and whether to go on probing."""
         hits, tried = self._counts()
-        more = max(self.plan.spec.probe - self.forwards, 0) * self.c.batch  # the most tries to come
+        more = max(self.plan.spec.probe - self.forwards, 0) * self.c.batch if probing else 0
         return (
             best_k(
                 [h + more for h in hits], [t + more for t in tried], self.kmax, self.B, self.plan.spec.cost
