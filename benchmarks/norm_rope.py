@@ -1,7 +1,8 @@
 """Microseconds per call of the inference runtime's RMSNorm and RoPE against the formulas they
 replace, on one SmolLM2 token (bfloat16, 576 wide; 9 + 3 heads of 64), and their largest
 difference: `FastRMSNorm` (a LayerNorm over [x, -x]) vs torch's RMSNorm in float32, RoPE by one
-roll vs rotate-half.
+roll vs rotate-half; greedy argmax over SmolLM2's 49152 logits, torch's against numpy's
+(`policies.argmax`).
 
     python benchmarks/norm_rope.py
 """
@@ -13,6 +14,7 @@ import time
 
 import torch
 
+from blockdiff.decoding.policies import argmax
 from blockdiff.model import RMSNorm, apply_rope, rope_cos_sin
 from blockdiff.runtime import FastRMSNorm
 
@@ -52,6 +54,11 @@ def main() -> None:
         d = (rotate_half_rope(h, cos, sin).float() - apply_rope(h, cos, signed).float()).abs().max()
         old, new = us(lambda: rotate_half_rope(h, cos, sin)), us(lambda: apply_rope(h, cos, signed))
         print(f"| RoPE (q and k of one layer) | {old:.1f} | {new:.1f} | {d:.3g} |")
+        logits = torch.randn(1, 49152)
+        same = torch.equal(logits.argmax(-1), argmax(logits))
+        old, new = us(lambda: logits.argmax(-1), n=500), us(lambda: argmax(logits), n=500)
+        d = "same index" if same else "DIFFERS"
+        print(f"| greedy argmax (49152 logits) | {old:.1f} | {new:.1f} | {d} |")
 
 
 if __name__ == "__main__":

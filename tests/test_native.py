@@ -107,3 +107,30 @@ def test_without_a_compiler_the_runtime_warns_and_runs_torchscript(tmp_path, mon
         assert native.layers() is None and not list(tmp_path.rglob("*.so"))
     finally:
         native.layers.cache_clear()
+
+
+def test_what_the_native_step_does_not_take_runs_torchscript():
+    """Masks it is not written for (2-D, an additive float mask), other activation dtypes and a
+    gradient to record go to the TorchScript loop: a float mask's forward equals the boolean one's,
+    which the native step ran."""
+    q = prepare(on_grid_model(), "float32")
+    fused = q.fused_layers
+    x = torch.zeros(2, 3, 8)
+    takes = fused._native_takes
+    assert takes(x, None) and takes(x, torch.ones(1, 1, 3, 9, dtype=torch.bool))
+    assert not takes(x, torch.ones(3, 9, dtype=torch.bool)) and not takes(x, torch.zeros(2, 1, 3, 9))
+    assert not takes(x.half(), None) and not takes(x.requires_grad_(), None)
+    ids = torch.randint(0, 60, (2, 9))
+    allowed = torch.ones(3, 9, dtype=torch.bool).tril(6)[None, None]
+    additive = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
+    calls = []
+    native_step = fused.native
+    fused.native = lambda *a: calls.append(1) or native_step(*a)
+    got = []
+    with torch.no_grad():
+        for mask in (allowed, additive):
+            cache = KVCache(2)
+            q(ids[:, :6], cache=cache, write_cache=True)
+            got.append(q(ids[:, 6:], mask=mask, cache=cache, write_cache=True))
+    assert len(calls) == 3  # both prompts and the boolean step; not the float-mask step
+    assert torch.allclose(got[0], got[1], atol=1e-5)

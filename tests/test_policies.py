@@ -22,6 +22,7 @@ from blockdiff.decoding.policies import (
     SlidingWindow,
     Threshold,
     TopK,
+    argmax,
 )
 from blockdiff.decoding.runner import RefreshEvery, RefreshPerBlock, Runner
 from blockdiff.decoding.samplers import SAMPLERS, build_plan
@@ -243,3 +244,17 @@ def test_has_global_block_is_a_model_config_property():
     assert cfg.has_global_block and cfg.trained_block_sizes == [4, 64]
     assert not ModelConfig(block_size=4, train_seq_len=64).has_global_block
     assert ModelConfig(block_size=1024).has_global_block  # max_position_embeddings without a seq len
+
+
+def test_argmax_gives_torchs_indices_first_of_ties_included():
+    """`policies.argmax` (through numpy on CPU floats) = torch's argmax: rows, one row, ties
+    (the first maximum), -inf logits, float64, a non-contiguous view, and bfloat16 (torch's)."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 300)
+    x[1, [7, 40]] = 9.0  # a tie: the first wins
+    x[2, :] = float("-inf")
+    x[2, 123] = 0.0
+    for t in (x, x[3], x.double(), x[:, ::2], x.bfloat16()):
+        got = argmax(t)
+        assert got.dtype == torch.int64 and torch.equal(got, t.argmax(-1))
+    assert int(argmax(x)[1]) == 7

@@ -7,8 +7,8 @@ of allocation, dispatch and TorchScript's interpreter, a third of the step (BENC
 blocks), where operator overhead is small against the matrix products.
 
 Built with the system's C++ compiler (`$CXX`, else `c++`) against the installed torch, for this
-CPU (`-march=native`), into the blockdiff cache keyed by source, torch, Python and CPU: the first
-use compiles (~20 s; `make setup` does it ahead), later ones load. Where that fails (no compiler,
+CPU (`-march=native`), into the blockdiff cache keyed by source, torch, Python, compiler and CPU:
+the first use compiles (~20 s; `make setup` does it ahead), later ones load. Where that fails (no compiler,
 no headers) the runtime warns once and runs TorchScript; `BLOCKDIFF_NATIVE=0` asks for that.
 """
 

@@ -4,8 +4,9 @@
 // loop calls; RMSNorm, RoPE, attention, SiLU·up and the cache writes are loops over a few hundred
 // numbers here, where each was an operator call of ~1-20 us (allocation, dispatch, TorchScript's
 // interpreter). Elementwise steps round to the activation dtype where the Python ops do; sums
-// (norm, attention) run in float32 in their own order, so results equal the Python loop's to
-// rounding, not bit for bit (tests/test_runtime.py). Built once per machine by blockdiff.native.
+// (norm, attention, the low-rank delta) run in float32 in their own order, so results equal the
+// Python loop's to rounding, not bit for bit (tests/test_native.py, tests/test_runtime.py).
+// Built once per machine by blockdiff.native.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -208,7 +209,6 @@ Tensor project(const Tensor& x, int64_t kind, int64_t out, const std::vector<Ten
   }
   const Tensor& flat = x.scalar_type() == at::kBFloat16 ? x : x.to(at::kBFloat16);
   if (kind == 1) return at::_weight_int8pack_mm(flat, ts[0], ts[1]);
-  TORCH_CHECK(kind == 2 || kind == 3, "unknown projection kind ", kind);
   const int64_t planes = kind - 1;
   Tensor y = at::_weight_int4pack_mm_for_cpu(flat, ts[0], 32, ts[1]);
   if (planes == 2) y.add_(at::_weight_int4pack_mm_for_cpu(flat, ts[2], 32, ts[3]));

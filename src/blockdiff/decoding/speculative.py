@@ -91,11 +91,15 @@ class SpecStep:
         if sp.cost is not None and not self._may_pay(probing=not self.prior):
             self.k = 0
             if sp.notes is not None:
-                known = " at this model's measured acceptance" if self.prior else ""
+                why = (
+                    " at this model's measured acceptance"
+                    if self.prior
+                    else (", even with the probe's drafts all accepted")
+                )
                 sp.notes.append(
-                    f"spec: no draft length pays on this runtime{known}, even with the probe's drafts "
-                    f"all accepted (drafting {self.kmax} feeds {rows(self.kmax, self.B)} tokens a "
-                    f"forward, {sp.cost(rows(self.kmax, self.B)):.1f}x one token's cost): plain AR"
+                    f"spec: no draft length pays on this runtime{why} (drafting {self.kmax} feeds "
+                    f"{rows(self.kmax, self.B)} tokens a forward, "
+                    f"{sp.cost(rows(self.kmax, self.B)):.1f}x one token's cost): plain AR"
                 )
             self._hand_over()
 
