@@ -94,7 +94,7 @@ def test_bad_arguments_are_refused_with_a_message():
 def test_without_a_compiler_the_runtime_warns_and_runs_torchscript(tmp_path, monkeypatch, tok):
     monkeypatch.setenv("BLOCKDIFF_CACHE", str(tmp_path))  # no build to find
     monkeypatch.setenv("CXX", "false")  # a compiler that fails
-    native.layers.cache_clear()
+    native.module.cache_clear()
     try:
         with pytest.warns(UserWarning, match="native decode step is unavailable"):
             q = prepare(on_grid_model(vocab=tok.vocab_size + 1), "int4")
@@ -103,10 +103,10 @@ def test_without_a_compiler_the_runtime_warns_and_runs_torchscript(tmp_path, mon
         assert len(out.tokens[0]) == 4
         monkeypatch.delenv("CXX")
         monkeypatch.setenv("BLOCKDIFF_NATIVE", "0")  # asked for: no build, no warning
-        native.layers.cache_clear()
+        native.module.cache_clear()
         assert native.layers() is None and not list(tmp_path.rglob("*.so"))
     finally:
-        native.layers.cache_clear()
+        native.module.cache_clear()
 
 
 def test_what_the_native_step_does_not_take_runs_torchscript():

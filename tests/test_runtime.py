@@ -227,10 +227,14 @@ def test_the_compiled_decoder_loops_equal_its_python(precision):
             assert cache.lengths.tolist() == [10, 8]
             live = [cache.k[i][r, :, :n] for i in range(2) for r, n in enumerate(cache.lengths.tolist())]
             got[name] = outs + live + [cache.v[1][1, :, :8]]
-    assert all(torch.equal(a, b) for a, b in zip(got["compiled"], got["python"], strict=True))
     tol = 1e-5 if precision == "float32" else 0.05  # bfloat16 activations: a unit in the last place
-    for a, b in zip(got["python"], got["native"], strict=True):  # (the mask token's logit is never
-        assert torch.allclose(a[..., :69].float(), b[..., :69].float(), atol=tol, rtol=tol)  # read)
+    close = lambda a, b: torch.allclose(a[..., :69].float(), b[..., :69].float(), atol=tol, rtol=tol)  # noqa: E731
+    # (the mask token's logit is never read). 4-bit codes are held in the compiled kernel's layout:
+    # Python calls the kernel, TorchScript (which cannot) multiplies their float32 weights: equal
+    # to rounding there, the same bits everywhere else.
+    same = torch.equal if precision == "float32" else close
+    assert all(same(a, b) for a, b in zip(got["compiled"], got["python"], strict=True))
+    assert all(close(a, b) for a, b in zip(got["python"], got["native"], strict=True))
     if precision == "float32":  # the cache's two ways of storing, as the modules' KVCache.update
         for a, b in zip(got["python"], got["modules"], strict=True):
             assert torch.allclose(a[..., :69], b[..., :69], atol=1e-5)

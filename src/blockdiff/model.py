@@ -7,6 +7,7 @@ Parameter names follow Hugging Face `LlamaForCausalLM`, so Llama-family state di
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -26,11 +27,16 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
+@functools.lru_cache(maxsize=8)
+def _inv_freq(head_dim: int, theta: float, device: torch.device) -> Tensor:
+    """RoPE's frequencies (the same bits every call: computed once per shape; never written to)."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+
+
 def rope_cos_sin(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """cos and signed sin of shape [b, 1, q, head_dim] for absolute positions [b, q] (HF's
     rotate-half layout; the sin's first half negated so that `apply_rope` rotates with one roll)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
-    freqs = positions.float()[..., None] * inv_freq
+    freqs = positions.float()[..., None] * _inv_freq(head_dim, theta, positions.device)
     emb = torch.cat([freqs, freqs], dim=-1)[:, None]
     sin = emb.sin()
     sin[..., : head_dim // 2].neg_()

@@ -32,7 +32,8 @@ import torch
 
 from .config import cache_dir
 
-SOURCE = Path(__file__).with_name("csrc") / "step.cpp"
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = [CSRC / "step.cpp", CSRC / "lowbit.cpp"]  # and their headers, in the build key
 NAME = "blockdiff_step"
 # -ffp-contract=off: no fused multiply-adds, so an elementwise step rounds where torch's op does;
 # -fno-trapping-math (no floating-point traps: values unchanged) lets the loops with selects vectorise.
@@ -44,6 +45,12 @@ FLAGS = [
 
 def _compiler() -> list[str]:
     return shlex.split(os.environ.get("CXX", "c++"))
+
+
+def _flags() -> list[str]:
+    """FLAGS, then `$BLOCKDIFF_NATIVE_FLAGS` (e.g. -mno-avx512f: the portable kernels, as a CPU
+    without AVX-512 builds them)."""
+    return [*FLAGS, *shlex.split(os.environ.get("BLOCKDIFF_NATIVE_FLAGS", ""))]
 
 
 def _cpu() -> str:
@@ -64,8 +71,9 @@ def _key() -> str:
         cxx = subprocess.run([*_compiler(), "--version"], capture_output=True, text=True).stdout
     except OSError:
         cxx = "none"
-    parts = [SOURCE.read_text(), torch.__version__, str(torch.version.git_version), torch.__file__]
-    parts += [str(torch._C._GLIBCXX_USE_CXX11_ABI), sys.version, cxx, " ".join(FLAGS), _cpu()]
+    parts = [f.read_text() for f in sorted(CSRC.iterdir()) if f.suffix in (".cpp", ".h")]
+    parts += [torch.__version__, str(torch.version.git_version), torch.__file__]
+    parts += [str(torch._C._GLIBCXX_USE_CXX11_ABI), sys.version, cxx, " ".join(_flags()), _cpu()]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 
@@ -85,32 +93,30 @@ def build() -> Path:
     includes = [*cpp_extension.include_paths(), sysconfig.get_paths()["include"]]
     libs = cpp_extension.library_paths()[0]
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    fd, tmp = tempfile.mkstemp(suffix=out.suffix, dir=out.parent)
-    os.close(fd)
-    cmd = [
+    compile_ = [
         *_compiler(),
-        *FLAGS,
+        *_flags(),
         f"-DTORCH_EXTENSION_NAME={NAME}",
         f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
         *(f"-I{p}" for p in includes),
-        str(SOURCE),
-        "-o",
-        tmp,
-        f"-L{libs}",
-        "-ltorch",
-        "-ltorch_cpu",
-        "-lc10",
-        "-ltorch_python",
-        f"-Wl,-rpath,{libs}",
     ]
-    try:
+    link = [f"-L{libs}", "-ltorch", "-ltorch_cpu", "-lc10", "-ltorch_python", f"-Wl,-rpath,{libs}"]
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        objs = [Path(tmp) / (f.stem + ".o") for f in SOURCES]
+        jobs = [  # one process per source: torch's headers make each ~20 s
+            (cmd, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+            for cmd in ([*compile_, "-c", str(f), "-o", str(o)] for f, o in zip(SOURCES, objs, strict=True))
+        ]
+        for cmd, job in jobs:
+            _, err = job.communicate()
+            if job.returncode != 0:
+                raise RuntimeError(f"{cmd[0]} failed: {err.strip()[-2000:]}")
+        so = Path(tmp) / out.name
+        cmd = [*_compiler(), *_flags(), *map(str, objs), "-o", str(so), *link]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{cmd[0]} failed: {done.stderr.strip()[-2000:]}")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        os.replace(so, out)  # atomic: a concurrent builder's file is replaced by an equal one
     return out
 
 
@@ -119,13 +125,20 @@ def _load(path: Path):
     spec = importlib.util.spec_from_file_location(NAME, path, loader=loader)
     module = importlib.util.module_from_spec(spec)
     loader.exec_module(module)
-    return module.layers
+    return module
 
 
-@functools.cache
 def layers():
     """The compiled `layers` function (signature of `runtime.decoder_stack`), or None where it
     cannot be had here (warned once) or `BLOCKDIFF_NATIVE=0`."""
+    m = module()
+    return None if m is None else m.layers
+
+
+@functools.cache
+def module():
+    """The compiled extension (`layers`; `lowbit_pack` and `lowbit_mm`, csrc/lowbit.cpp), or None
+    where it cannot be had here (warned once) or `BLOCKDIFF_NATIVE=0`."""
     if os.environ.get("BLOCKDIFF_NATIVE", "1") == "0":
         return None
     try:
@@ -142,6 +155,6 @@ def layers():
 
 
 if __name__ == "__main__":  # `python -m blockdiff.native`: build ahead of the first use (make setup)
-    fn = layers()
+    fn = module()
     print(f"native decode step: {built_path()}" if fn else "native decode step: unavailable (TorchScript)")
     sys.exit(0)

@@ -68,8 +68,9 @@ def forward_cost(precision: str | None, device: str = "cpu"):
 
 # How `project` multiplies: a dense matrix, int8 per channel, int4 in one or two 4-bit planes
 # (the tensors of `packed()`; an int4 projection's low-rank delta, if any, follows its planes), a
-# bfloat16 matrix in oneDNN's own blocked layout.
-DENSE, INT8, INT4, INT4X2, PACKED = 0, 1, 2, 3, 4
+# bfloat16 matrix in oneDNN's own blocked layout, 4-bit or 8-bit codes in the compiled kernel's
+# layout (csrc/lowbit.cpp: codes, steps, offsets, their order; then the delta, if any).
+DENSE, INT8, INT4, INT4X2, PACKED, LOWBIT4, LOWBIT8 = 0, 1, 2, 3, 4, 5, 6
 
 
 def project(x: Tensor, kind: int, out: int, ts: list[Tensor]) -> Tensor:
@@ -84,24 +85,50 @@ def project(x: Tensor, kind: int, out: int, ts: list[Tensor]) -> Tensor:
     k = x.shape[-1]
     flat = x if x.dim() == 2 else x.reshape(-1, k)
     low = flat  # the low-rank delta reads the activations as given, in float32
-    if flat.dtype != torch.bfloat16:
-        flat = flat.to(torch.bfloat16)
-    if kind == 1:  # INT8
-        y = torch._weight_int8pack_mm(flat, ts[0], ts[1])
+    used = 4
+    if kind >= 5:  # LOWBIT4, LOWBIT8
+        bits = 4 if kind == 5 else 8
+        if torch.jit.is_scripting():  # the TorchScript loop (rare: where the native step is not taken)
+            y = torch.nn.functional.linear(flat.float(), lowbit_weights(ts, bits)).to(flat.dtype)
+        else:
+            y = _native().lowbit_mm(flat, ts[0], ts[1], ts[2], bits, k)
     else:
-        y = torch._weight_int4pack_mm_for_cpu(flat, ts[0], 32, ts[1])
-        planes = kind - 1
-        if planes == 2:
-            y = y + torch._weight_int4pack_mm_for_cpu(flat, ts[2], 32, ts[3])
-        if y.shape[1] != out:  # the kernel packs rows in sixteens
-            y = y.narrow(1, 0, out)
-        if len(ts) > 2 * planes:
-            y = y + (low.float() @ ts[2 * planes].float() @ ts[2 * planes + 1].float()).to(y.dtype)
+        if flat.dtype != torch.bfloat16:
+            flat = flat.to(torch.bfloat16)
+        if kind == 1:  # INT8
+            y = torch._weight_int8pack_mm(flat, ts[0], ts[1])
+        else:
+            y = torch._weight_int4pack_mm_for_cpu(flat, ts[0], 32, ts[1])
+            planes = kind - 1
+            used = 2 * planes
+            if planes == 2:
+                y = y + torch._weight_int4pack_mm_for_cpu(flat, ts[2], 32, ts[3])
+            if y.shape[1] != out:  # the kernel packs rows in sixteens
+                y = y.narrow(1, 0, out)
+    if kind >= 2 and len(ts) > used:
+        y = y + (low.float() @ ts[used].float() @ ts[used + 1].float()).to(y.dtype)
     if x.dim() == 2:
         return y
     shape = list(x.shape[:-1])
     shape.append(out)
     return y.reshape(shape)
+
+
+def lowbit_weights(ts: list[Tensor], bits: int) -> Tensor:
+    """The float32 weights [N, K] of codes in the compiled kernel's layout (its `order` in ts[3]):
+    weight = step * (base + code) + offset', base 128 for 4 bits, 256 for 8."""
+    codes, order = ts[0], ts[3]
+    if bits == 4:
+        codes = torch.stack([codes & 15, codes >> 4], -1).reshape(codes.shape[0], -1)
+    code = codes.index_select(1, order[0]).float()
+    base = 128.0 if bits == 4 else 256.0
+    return ts[1].index_select(1, order[1]) * (code + base) + ts[2].index_select(1, order[1])
+
+
+def _native():
+    from . import native  # the compiled kernels: only where a projection is stored for them
+
+    return native.module()
 
 
 class NotOnGrid(ValueError):
@@ -151,14 +178,32 @@ class Int4Linear(nn.Module):
             planes.append((code % 16, step, 8 * step))
         else:
             raise NotOnGrid("weights are not on a 4-bit or 8-bit grid per group of 32")
-        self.pad = pad = -self.out_features % 16  # the kernel packs rows in sixteens
-        for i, (q, s, z) in enumerate(planes):
-            q, s, z = (nn.functional.pad(t, (0, 0, 0, pad)) for t in (q, s, z))
-            packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
-            self.register_buffer(f"q{i}", packed)
-            self.register_buffer(f"sz{i}", torch.stack([s.t(), z.t()], -1).to(torch.bfloat16).contiguous())
         self.planes = len(planes)
         self.low_rank = None
+        lowbit = _native()
+        if lowbit is not None:  # the compiled kernel's layout: one set of codes, 4 or 8 bits
+            # the very weights torch's kernel would hold (step and offset rounded to bfloat16):
+            # sum over planes of (q - 8) s + z, the first plane's step 16x the second's
+            s = [p[1].bfloat16().float() for p in planes]
+            z = [p[2].bfloat16().float() for p in planes]
+            code = planes[0][0] if len(planes) == 1 else 16 * planes[0][0] + planes[1][0]
+            offset = sum(zi - 8 * si for si, zi in zip(s, z, strict=True))
+            bits = 4 * len(planes)
+            codes, steps, offsets = lowbit.lowbit_pack(code, s[-1], offset, bits)
+            self.register_buffer("codes", codes)
+            self.register_buffer("steps", steps)
+            self.register_buffer("offsets", offsets)
+            self.register_buffer("order", lowbit.lowbit_order(self.in_features, bits))
+            self.kind = LOWBIT4 if bits == 4 else LOWBIT8
+        else:
+            self.kind = INT4 if len(planes) == 1 else INT4X2
+            self.pad = pad = -self.out_features % 16  # the kernel packs rows in sixteens
+            for i, (q, s, z) in enumerate(planes):
+                q, s, z = (nn.functional.pad(t, (0, 0, 0, pad)) for t in (q, s, z))
+                packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
+                self.register_buffer(f"q{i}", packed)
+                sz = torch.stack([s.t(), z.t()], -1).to(torch.bfloat16).contiguous()
+                self.register_buffer(f"sz{i}", sz)
         if low_rank is not None:
             a, b = low_rank
             # bfloat16: half the bytes a step reads; the native step sums in float32, `project`
@@ -168,8 +213,11 @@ class Int4Linear(nn.Module):
             self.low_rank = True
 
     def packed(self) -> tuple[int, int, list[Tensor]]:
-        ts = [self.q0, self.sz0] + ([self.q1, self.sz1] if self.planes == 2 else [])
-        return self.planes + 1, self.out_features, ts + ([self.lr_a, self.lr_b] if self.low_rank else [])
+        if self.kind >= LOWBIT4:
+            ts = [self.codes, self.steps, self.offsets, self.order]
+        else:
+            ts = [self.q0, self.sz0] + ([self.q1, self.sz1] if self.planes == 2 else [])
+        return self.kind, self.out_features, ts + ([self.lr_a, self.lr_b] if self.low_rank else [])
 
     def forward(self, x: Tensor) -> Tensor:
         return project(x, *self.packed())

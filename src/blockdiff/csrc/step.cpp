@@ -8,6 +8,8 @@
 // Python loop's to rounding, not bit for bit (tests/test_native.py, tests/test_runtime.py).
 // Built once per machine by blockdiff.native.
 #include <ATen/core/dispatch/Dispatcher.h>
+#include "common.h"
+#include "lowbit.h"
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cmath>
@@ -22,20 +24,7 @@ using at::Tensor;
 
 namespace {
 
-using bf16 = uint16_t;  // bfloat16 as its bits: loops over a struct type do not vectorise
-
-// Conversions as torch's: bfloat16 is the top half of a float, rounded to nearest even (NaN kept
-// a NaN), written as integer arithmetic so that the loops below vectorise.
-inline float f32(float v) { return v; }
-inline float f32(bf16 v) { return std::bit_cast<float>(uint32_t(v) << 16); }
-template <typename T> inline T to(float v);
-template <> inline float to<float>(float v) { return v; }
-template <> inline bf16 to<bf16>(float v) {
-  const uint32_t u = std::bit_cast<uint32_t>(v);
-  const bf16 r = bf16((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-  return v != v ? bf16(0x7FC0) : r;
-}
-template <typename T> inline T* ptr(const Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); }
+using namespace blockdiff;
 
 // e^x to ~2 ulp in float32 (Cephes' polynomial): std::exp does not vectorise here; attention and
 // SiLU take ~10^5 exponentials per forward.
@@ -168,8 +157,8 @@ void attend(const T* qkv, const T* kc, const T* vc, int64_t cap, const bool* mas
 // beside 4-bit weights. Loops rather than two GEMMs: each was an operator call (6 per delta with
 // the conversions) for a few thousand multiply-adds, and a row's numbers never depend on the rows
 // beside it.
-template <typename X>
-void low_rank(const X* x, const bf16* a, const bf16* bm, bf16* y, int64_t n, int64_t k, int64_t r, int64_t nn) {
+template <typename X, typename Y>
+void low_rank(const X* x, const bf16* a, const bf16* bm, Y* y, int64_t n, int64_t k, int64_t r, int64_t nn) {
   at::parallel_for(0, n, n * (k + nn) * r >= (1 << 18) ? 1 : n, [&](int64_t lo, int64_t hi) {
     std::vector<float> t(r), u(nn);
     for (int64_t row = lo; row < hi; ++row) {
@@ -187,18 +176,19 @@ void low_rank(const X* x, const bf16* a, const bf16* bm, bf16* y, int64_t n, int
 #pragma omp simd
         for (int64_t c = 0; c < nn; ++c) u[c] = std::fma(tj, f32(br[c]), u[c]);
       }
-      bf16* yr = y + row * nn;
+      Y* yr = y + row * nn;
 #pragma omp simd
-      for (int64_t c = 0; c < nn; ++c) yr[c] = to<bf16>(f32(yr[c]) + f32(to<bf16>(u[c])));
+      for (int64_t c = 0; c < nn; ++c) yr[c] = to<Y>(f32(yr[c]) + f32(to<Y>(u[c])));
     }
   });
 }
 
 // x W^T for a projection stored as `kind` (quant.project's kinds: 0 dense, 1 int8, 2/3 int4 in
-// one/two planes then an optional low-rank delta, 4 bfloat16 in oneDNN's layout).
+// one/two planes, 5/6 4-/8-bit codes in lowbit's layout (then their column order), each of the
+// last four with an optional low-rank delta; 4 bfloat16 in oneDNN's layout).
 Tensor project(const Tensor& x, int64_t kind, int64_t out, const std::vector<Tensor>& ts) {
-  const size_t need = kind == 0 || kind == 4 ? 1 : kind == 3 ? 4 : 2;
-  TORCH_CHECK(kind >= 0 && kind <= 4 && ts.size() >= need, "projection kind ", kind, " with ", ts.size(), " tensors");
+  const size_t need = kind == 0 || kind == 4 ? 1 : kind == 3 || kind >= 5 ? 4 : 2;
+  TORCH_CHECK(kind >= 0 && kind <= 6 && ts.size() >= need, "projection kind ", kind, " with ", ts.size(), " tensors");
   if (kind == 0) return at::linear(x, ts[0]);
   if (kind == 4) {
     static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
@@ -207,24 +197,38 @@ Tensor project(const Tensor& x, int64_t kind, int64_t out, const std::vector<Ten
     op.callBoxed(&stack);
     return stack[0].toTensor();
   }
-  const Tensor& flat = x.scalar_type() == at::kBFloat16 ? x : x.to(at::kBFloat16);
-  if (kind == 1) return at::_weight_int8pack_mm(flat, ts[0], ts[1]);
-  const int64_t planes = kind - 1;
-  Tensor y = at::_weight_int4pack_mm_for_cpu(flat, ts[0], 32, ts[1]);
-  if (planes == 2) y.add_(at::_weight_int4pack_mm_for_cpu(flat, ts[2], 32, ts[3]));
-  if (y.size(1) != out) y = y.narrow(1, 0, out).contiguous();  // the kernel packs rows in sixteens
-  if ((int64_t)ts.size() > 2 * planes) {
-    const Tensor &a = ts[2 * planes], &bm = ts[2 * planes + 1];
+  Tensor y;
+  size_t used = 4;
+  if (kind >= 5) {
+    y = lowbit::mm(x, ts[0], ts[1], ts[2], kind == 5 ? 4 : 8, x.size(1));
+  } else {
+    const Tensor& flat = x.scalar_type() == at::kBFloat16 ? x : x.to(at::kBFloat16);
+    if (kind == 1) return at::_weight_int8pack_mm(flat, ts[0], ts[1]);
+    const int64_t planes = kind - 1;
+    used = 2 * planes;
+    y = at::_weight_int4pack_mm_for_cpu(flat, ts[0], 32, ts[1]);
+    if (planes == 2) y.add_(at::_weight_int4pack_mm_for_cpu(flat, ts[2], 32, ts[3]));
+    if (y.size(1) != out) y = y.narrow(1, 0, out).contiguous();  // the kernel packs rows in sixteens
+  }
+  TORCH_CHECK(y.dim() == 2 && y.size(1) == out, "a projection ", out, " wide");
+  if (ts.size() > used) {
+    const Tensor &a = ts[used], &bm = ts[used + 1];
     TORCH_CHECK(a.scalar_type() == at::kBFloat16 && bm.scalar_type() == at::kBFloat16 && a.is_contiguous() &&
-                    bm.is_contiguous() && y.scalar_type() == at::kBFloat16 && x.is_contiguous() && x.dim() == 2 &&
+                    bm.is_contiguous() && y.is_contiguous() && x.is_contiguous() && x.dim() == 2 &&
                     a.dim() == 2 && bm.dim() == 2 && a.size(0) == x.size(1) && bm.size(0) == a.size(1) &&
-                    bm.size(1) == out && y.size(1) == out && (int64_t)ts.size() == 2 * planes + 2,
+                    bm.size(1) == out && ts.size() == used + 2,
                 "a low-rank delta: bfloat16 A [K, r] and B [r, N]");
     const int64_t rows = x.size(0), k = x.size(1), r = a.size(1);
+    auto delta = [&](auto* xp) {
+      if (y.scalar_type() == at::kFloat)
+        low_rank(xp, ptr<bf16>(a), ptr<bf16>(bm), ptr<float>(y), rows, k, r, out);
+      else
+        low_rank(xp, ptr<bf16>(a), ptr<bf16>(bm), ptr<bf16>(y), rows, k, r, out);
+    };
     if (x.scalar_type() == at::kFloat)
-      low_rank(ptr<float>(x), ptr<bf16>(a), ptr<bf16>(bm), ptr<bf16>(y), rows, k, r, out);
+      delta(ptr<float>(x));
     else
-      low_rank(ptr<bf16>(x), ptr<bf16>(a), ptr<bf16>(bm), ptr<bf16>(y), rows, k, r, out);
+      delta(ptr<bf16>(x));
   }
   return y;
 }
@@ -336,4 +340,7 @@ Tensor layers(const Tensor& x, const Tensor& cos, const Tensor& sin, const std::
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("layers", &layers, py::call_guard<py::gil_scoped_release>());
+  m.def("lowbit_pack", &lowbit::pack);
+  m.def("lowbit_order", &lowbit::order);
+  m.def("lowbit_mm", &lowbit::mm, py::call_guard<py::gil_scoped_release>());
 }

@@ -192,14 +192,16 @@ def sample(
     Gumbel-max in float64 (as LLaDA does: float32 Gumbel noise visibly lowers quality);
     temperature 0 is argmax. Confidence by `score` (one of `SCORES`).
     """
-    probs = logits.double().softmax(-1)
     if temperature == 0:
         tok = argmax(logits)  # top-k / top-p never remove the argmax
     else:
         u = torch.rand(logits.shape, generator=gen, dtype=torch.float64).clamp_(1e-300, 1.0)
         filtered = filter_logits(logits / temperature, top_k, top_p).double()
         tok = argmax(filtered - torch.log(-torch.log(u)))
-    return tok, score(probs, tok, gen)
+    wide = logits.double()
+    if score is PROB:  # the chosen token's probability alone: a logsumexp, half a softmax's cost
+        return tok, (wide.gather(-1, tok[:, None])[:, 0] - wide.logsumexp(-1)).exp()
+    return tok, score(wide.softmax(-1), tok, gen)
 
 
 # ---- commit rules ------------------------------------------------------------------------------
