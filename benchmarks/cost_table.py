@@ -7,7 +7,8 @@ int4's switch) at a time, medians of repeats interleaved over the widths, each t
 forwards back to back, as decoding runs them (with all four models loaded and interleaved, as
 this script did before, the bfloat16 one-token forward read 11.6 ms against 7.9 alone: this
 machine's large shared cache keeps one model's weights between its forwards, not four models').
-`quant.NARROW_ROWS` is the widest forward for which the 4-bit kernel is the faster. Quality:
+`quant.NARROW_ROWS` is the widest forward for which the 4-bit kernel is the faster (it runs in the
+native step only: forwards of at most `runtime.NATIVE_ROWS` tokens). Quality:
 teacher-forced, one token per forward over the cache (the decoding path), on held-out chat
 prompts and float32's greedy answers: KL(float32 || precision) per token and argmax agreement.
 
@@ -28,6 +29,7 @@ from blockdiff.data.prompts import chat_prompts
 from blockdiff.decoding import generate
 from blockdiff.model import KVCache
 from blockdiff.models import load_model
+from blockdiff.runtime import NATIVE_ROWS
 
 ROWS = (1, 2, 4, 8, 16, 32)
 
@@ -97,10 +99,11 @@ def main() -> None:
     )
     print("| ms per forward, n new tokens | " + " | ".join(map(str, ROWS)) + " |")
     print("|---|" + "---|" * len(ROWS))
-    for label, m in med.items():
-        print(f"| {label} | " + " | ".join(f"{m[n] * 1e3:.1f}" for n in ROWS) + " |")
+    for label, m in med.items():  # the 4-bit codes run in the native step only (its widths)
+        only = NATIVE_ROWS if label == "int4 (4-bit kernel)" else ROWS[-1]
+        print(f"| {label} | " + " | ".join(f"{m[n] * 1e3:.1f}" if n <= only else "–" for n in ROWS) + " |")
     narrow, wide = med["int4 (4-bit kernel)"], med["int4 (its bfloat16 copy)"]
-    cross = max((n for n in ROWS if narrow[n] <= wide[n]), default=0)
+    cross = max((n for n in ROWS if n <= NATIVE_ROWS and narrow[n] <= wide[n]), default=0)
     print(f"\nwidest forward where the 4-bit kernel is faster than bfloat16: {cross} rows")
     mem = {
         label: sum(t.numel() * t.element_size() for t in [*mdl.parameters(), *mdl.buffers()]) / 1e6

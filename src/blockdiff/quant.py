@@ -4,13 +4,15 @@ A one-token decoding step is a chain of matrix-vector products bound by reading 
 fewer bytes per weight is speed. SmolLM2's weights come from a Q4_1 GGUF: every projection is
 already on a 4-bit grid per group of 32 (a step and a minimum per group), and the tied embedding
 is Q8_0 (a step per group of 32, 255 levels). `Int4Linear` recovers that grid and stores the
-very same weights in torch's int4 CPU kernel layout (`_weight_int4pack_mm_for_cpu`), 255-level
-groups as two 4-bit planes: no rounding of any weight, only the per-group step and offset are held
-in bfloat16 as the kernel wants. A low-rank delta (LoRA) over such a base stays unmerged beside
-it (factors in bfloat16, summed in float32), so the adapted model keeps the base's exact 4-bit
+very same weights as codes for blockdiff's compiled kernel (`csrc/lowbit.cpp`: 4 bits, or 8 for
+255 levels, summed in float32), or, where it cannot be built, for torch's int4 CPU kernel
+(`_weight_int4pack_mm_for_cpu`; 255-level groups as two 4-bit planes): no rounding of any weight,
+only the per-group step and offset are held as bfloat16 values (torch's kernel wants them so;
+both layouts hold the same). A low-rank delta (LoRA) over such a base stays unmerged beside it
+(factors in bfloat16, summed in float32), so the adapted model keeps the base's exact 4-bit
 weights.
 
-The int4 kernel's cost grows with the rows of a forward, a bfloat16 GEMM's barely (the measured
+The 4-bit product's cost grows with the rows of a forward, a bfloat16 GEMM's barely (the measured
 table: BENCHMARKS.md, `benchmarks/cost_table.py`), so `ByWidth` keeps both and a `WidthSwitch`
 picks per forward.
 `Int8Linear` (per-output-channel int8, any weights) is the lossy option for weights on no grid.
@@ -32,16 +34,16 @@ NARROW_ROWS = 4
 # bits); the fastest of 8, 32 and 128 for SmolLM2's forwards of 1 to 64 rows (measured, 128).
 PACK_ROWS = 128
 # ms per forward over a 64-token cache by tokens fed per sequence, each precision's runtime on the
-# 2-core development VM, an Intel Xeon with AMX, forwards of <= 8 tokens as compiled C++, each
-# model (each side of int4's switch) timed warm on its own (benchmarks/cost_table.py,
-# BENCHMARKS.md; int4 past NARROW_ROWS is its bfloat16 copy): the cost model that picks spec's
-# draft length. Ratios matter, not the milliseconds; another CPU may order near-ties (int4 vs
-# bfloat16 at 4 rows) differently, which changes only speed, never the text.
+# 2-core development VM, an Intel Xeon with AMX, forwards of <= 8 tokens as compiled C++ (4-bit
+# products: csrc/lowbit.cpp), each model (each side of int4's switch) timed warm on its own
+# (benchmarks/cost_table.py, BENCHMARKS.md; int4 past NARROW_ROWS is its bfloat16 copy): the cost
+# model that picks spec's draft length. Ratios matter, not the milliseconds; another CPU may order
+# near-ties (int4 vs bfloat16 at 4 rows) differently, which changes only speed, never the text.
 FORWARD_MS = {
-    "int4": {1: 5.1, 2: 6.3, 4: 8.8, 8: 10.5, 16: 12.6, 32: 15.4},
-    "bfloat16": {1: 7.9, 2: 8.4, 4: 9.5, 8: 10.7, 16: 12.7, 32: 15.4},
-    "int8": {1: 5.0, 2: 6.2, 4: 8.8, 8: 15.3, 16: 26.9, 32: 47.4},
-    "float32": {1: 14.6, 2: 15.8, 4: 24.2, 8: 30.4, 16: 35.0, 32: 44.5},
+    "int4": {1: 5.8, 2: 6.0, 4: 8.8, 8: 11.3, 16: 13.4, 32: 16.5},
+    "bfloat16": {1: 8.6, 2: 8.9, 4: 10.1, 8: 11.4, 16: 13.4, 32: 16.9},
+    "int8": {1: 5.4, 2: 6.6, 4: 9.2, 8: 15.8, 16: 27.5, 32: 49.6},
+    "float32": {1: 16.5, 2: 17.7, 4: 26.0, 8: 31.9, 16: 36.9, 32: 48.3},
 }
 
 
@@ -159,8 +161,8 @@ def _grid(w: Tensor, levels: int) -> tuple[Tensor, Tensor, Tensor] | None:
 
 
 class Int4Linear(nn.Module):
-    """y = x W^T (+ x A^T B^T, a low-rank delta) with W held exactly as 4-bit codes per group
-    of 32 (one or two planes), multiplied in bfloat16 by torch's int4 CPU kernel."""
+    """y = x W^T (+ x A^T B^T, a low-rank delta) with W held exactly as 4- or 8-bit codes per
+    group of 32: the compiled kernel's layout, else torch's int4 kernel's (one or two planes)."""
 
     def __init__(self, weight: Tensor, low_rank: tuple[Tensor, Tensor] | None = None):
         super().__init__()

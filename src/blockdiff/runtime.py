@@ -32,6 +32,7 @@ from .delta import EmbeddingRows, LoRALinear
 from .model import KVCache, RMSNorm, SplitMask, apply_rope
 from .quant import (
     DENSE,
+    LOWBIT4,
     NOT_COPIED,
     ByWidth,
     Int4Linear,
@@ -186,6 +187,7 @@ class FusedLayers:
             return (norms, list(kinds), list(outs), list(parts), *shape)
 
         self.wide, self.narrow = packing("wide"), packing("narrow")
+        self.native_codes = any(k >= LOWBIT4 for k in self.narrow[1])  # read by the native step only
         self.switch, self.device = self.model.width_switch, norms[0].device
         self.native = native.layers() if self.device.type == "cpu" else None
 
@@ -202,11 +204,15 @@ class FusedLayers:
         if cache is not None:
             slots = cache.reserve(x.new_empty(b, self.nkv, 0, self.hd), q, write)
             span, ks, vs = cache.span, cache.k, cache.v
-        weights = self.wide if self.switch is None or self.switch.wide else self.narrow
         run = self.stack  # wide forwards: the matrix products dominate, SDPA's kernel attends
         if self.native is not None and q <= NATIVE_ROWS and self._native_takes(x, mask):
             run = self.native
-        return run(x, cos, sin, mask, ks, vs, span, slots, *weights)
+        # codes in the compiled kernel's layout are read by the native step only (TorchScript
+        # would multiply their float32 weights, ~100x slower): elsewhere the bfloat16 copy
+        narrow = (
+            self.switch is not None and not self.switch.wide and (run is self.native or not self.native_codes)
+        )
+        return run(x, cos, sin, mask, ks, vs, span, slots, *(self.narrow if narrow else self.wide))
 
     @staticmethod
     def _native_takes(x: Tensor, mask: Tensor | None) -> bool:

@@ -1,7 +1,8 @@
 // The decoder layers of a prepared model for forwards of at most a few tokens per sequence over a
 // KV cache (one-token AR steps, spec's verify, the server's batched steps): the same computation as
-// runtime.decoder_stack, in one C++ call. The matrix products are the very ATen kernels the Python
-// loop calls; RMSNorm, RoPE, attention, SiLU·up and the cache writes are loops over a few hundred
+// runtime.decoder_stack, in one C++ call. The matrix products are the kernels `quant.project` calls
+// (ATen's, lowbit.cpp's for 4-/8-bit codes); RMSNorm, RoPE, attention, SiLU·up and the cache writes
+// are loops over a few hundred
 // numbers here, where each was an operator call of ~1-20 us (allocation, dispatch, TorchScript's
 // interpreter). Elementwise steps round to the activation dtype where the Python ops do; sums
 // (norm, attention, the low-rank delta) run in float32 in their own order, so results equal the
