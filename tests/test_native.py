@@ -134,3 +134,23 @@ def test_what_the_native_step_does_not_take_runs_torchscript():
             got.append(q(ids[:, 6:], mask=mask, cache=cache, write_cache=True))
     assert len(calls) == 3  # both prompts and the boolean step; not the float-mask step
     assert torch.allclose(got[0], got[1], atol=1e-5)
+
+
+def test_a_narrow_forward_the_native_step_does_not_take_runs_the_bfloat16_copy():
+    """The 4-bit codes are the native step's: TorchScript (here for an additive float mask) gets
+    the bfloat16 copy's weights, and its output is that copy's (as a wide forward computes it)."""
+    q = prepare(with_delta(on_grid_model()), "int4")
+    fused = q.fused_layers
+    assert fused.native_codes
+    seen = []
+    stack = fused.stack
+    fused.stack = lambda *a: seen.append(a[9]) or stack(*a)  # a[9]: the projections' kinds
+    ids = torch.randint(0, 60, (2, 9))
+    allowed = torch.ones(2, 9, dtype=torch.bool).tril(7)[None, None]
+    additive = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
+    with torch.no_grad():
+        cache = KVCache(2)
+        q(ids[:, :7], cache=cache, write_cache=True)
+        q(ids[:, 7:], mask=additive, cache=cache, write_cache=True)
+    assert not q.width_switch.wide  # a narrow forward (2 tokens over the cache)
+    assert seen[-1] == fused.wide[1] and seen[-1] != fused.narrow[1]

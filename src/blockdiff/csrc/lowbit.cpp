@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <deque>
 
 #include "common.h"
 
@@ -73,7 +74,7 @@ struct Table {
 };
 
 const Table& table(const Shape& sh) {
-  thread_local std::vector<std::pair<int64_t, Table>> made;  // a model has a few K
+  thread_local std::deque<std::pair<int64_t, Table>> made;  // a model has a few K (stable references)
   for (const auto& [k, t] : made)
     if (k == sh.k) return t;
   Table t;

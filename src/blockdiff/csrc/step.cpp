@@ -102,8 +102,9 @@ void attend(const T* qkv, const T* kc, const T* vc, int64_t cap, const bool* mas
             int64_t q, int64_t span, int64_t nh, int64_t nkv, int64_t hd, T* out) {
   const int64_t stride = (nh + 2 * nkv) * hd, tk = span + q, group = nh / nkv;
   const float scale = 1.f / std::sqrt(float(hd));
-  // In parallel (torch's threads) past ~2^18 multiply-adds: below that, starting threads costs more.
-  at::parallel_for(0, b * nh, b * nh * q * tk * hd >= (1 << 18) ? 1 : b * nh, [&](int64_t lo, int64_t hi) {
+  // In parallel (torch's threads) past ~2^15 multiply-adds (one token over ~60 keys): below that,
+  // starting threads costs more.
+  at::parallel_for(0, b * nh, b * nh * q * tk * hd >= (1 << 15) ? 1 : b * nh, [&](int64_t lo, int64_t hi) {
     std::vector<float> qf(hd), sc(tk), acc(hd);
     for (int64_t p = lo; p < hi; ++p) {
       const int64_t bi = p / nh, hh = p % nh, g = hh / group;
