@@ -40,10 +40,10 @@ PACK_ROWS = 128
 # model that picks spec's draft length. Ratios matter, not the milliseconds; another CPU may order
 # near-ties (int4 vs bfloat16 at 4 rows) differently, which changes only speed, never the text.
 FORWARD_MS = {
-    "int4": {1: 5.8, 2: 6.0, 4: 8.8, 8: 11.3, 16: 13.4, 32: 16.5},
-    "bfloat16": {1: 8.6, 2: 8.9, 4: 10.1, 8: 11.4, 16: 13.4, 32: 16.9},
-    "int8": {1: 5.4, 2: 6.6, 4: 9.2, 8: 15.8, 16: 27.5, 32: 49.6},
-    "float32": {1: 16.5, 2: 17.7, 4: 26.0, 8: 31.9, 16: 36.9, 32: 48.3},
+    "int4": {1: 4.3, 2: 5.6, 4: 8.8, 8: 11.1, 16: 13.1, 32: 16.4},
+    "bfloat16": {1: 8.4, 2: 9.3, 4: 9.5, 8: 11.4, 16: 13.3, 32: 17.2},
+    "int8": {1: 5.0, 2: 6.2, 4: 8.8, 8: 16.2, 16: 27.6, 32: 50.1},
+    "float32": {1: 16.3, 2: 16.9, 4: 25.4, 8: 31.5, 16: 37.3, 32: 47.7},
 }
 
 
