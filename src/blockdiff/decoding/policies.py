@@ -147,19 +147,20 @@ def filter_logits(logits: Tensor, top_k: int | None, top_p: float | None) -> Ten
 
 # ---- scoring: how confident the model is in a sampled token (what commit rules rank) -------------
 
-Score = Callable[[Tensor, Tensor, torch.Generator], Tensor]  # (probs [n, V], tokens [n], gen) -> [n]
+Score = Callable[[Tensor, Tensor, torch.Generator], Tensor]  # (float64 logits [n, V], tokens [n], gen) -> [n]
 
 
-def _prob(probs: Tensor, tok: Tensor, gen: torch.Generator) -> Tensor:
-    return probs.gather(-1, tok[:, None])[:, 0]  # the chosen token's probability
+def _prob(logits: Tensor, tok: Tensor, gen: torch.Generator) -> Tensor:  # by a logsumexp: half a softmax
+    return (logits.gather(-1, tok[:, None])[:, 0] - logits.logsumexp(-1)).exp()  # the chosen token's
 
 
-def _margin(probs: Tensor, tok: Tensor, gen: torch.Generator) -> Tensor:
-    top2 = probs.topk(2, -1).values
+def _margin(logits: Tensor, tok: Tensor, gen: torch.Generator) -> Tensor:
+    top2 = logits.softmax(-1).topk(2, -1).values
     return top2[:, 0] - top2[:, 1]
 
 
-def _entropy(probs: Tensor, tok: Tensor, gen: torch.Generator) -> Tensor:
+def _entropy(logits: Tensor, tok: Tensor, gen: torch.Generator) -> Tensor:
+    probs = logits.softmax(-1)
     return (probs * probs.clamp_min(1e-300).log()).sum(-1)  # negative entropy
 
 
@@ -198,10 +199,7 @@ def sample(
         u = torch.rand(logits.shape, generator=gen, dtype=torch.float64).clamp_(1e-300, 1.0)
         filtered = filter_logits(logits / temperature, top_k, top_p).double()
         tok = argmax(filtered - torch.log(-torch.log(u)))
-    wide = logits.double()
-    if score is PROB:  # the chosen token's probability alone: a logsumexp, half a softmax's cost
-        return tok, (wide.gather(-1, tok[:, None])[:, 0] - wide.logsumexp(-1)).exp()
-    return tok, score(wide.softmax(-1), tok, gen)
+    return tok, score(logits.double(), tok, gen)
 
 
 # ---- commit rules ------------------------------------------------------------------------------
