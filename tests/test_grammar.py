@@ -80,6 +80,19 @@ def test_overlapping_terminals_follow_the_grammar_not_a_greedy_lexer():
     assert re.fullmatch(pattern, "ab")
 
 
+def test_larks_escaped_string_is_the_same_language_without_its_lookbehind():
+    """`common.ESCAPED_STRING` (written with a lookbehind): every string of up to 6 characters
+    over quote, backslash, a letter and a newline, against Lark's own parser."""
+    g = "start: ESCAPED_STRING\n%import common.ESCAPED_STRING\n"
+    pattern, parser = grammar_regex(g), lark.Lark(g, lexer="dynamic_complete")
+    fsm, seen = char_fsm(pattern), 0
+    for s in strings('"\\a\n', 6):
+        want = parses(parser, s)
+        assert bool(re.fullmatch(pattern, s)) == want and fsm.accepts(s) == want, s
+        seen += want
+    assert seen > 20 and re.fullmatch(pattern, r'"a\"b\\"') and not re.fullmatch(pattern, '"a\\"')
+
+
 @pytest.mark.parametrize("sampler", ["ar", "bd3", "mdlm", "llada", "fastdllm", "dcd", "structural"])
 def test_every_sampler_answers_parse(make_model, tok, sampler):
     """256 sampled answers per sampler under a recursive grammar (a tiny model that never saw it)."""

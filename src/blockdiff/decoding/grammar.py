@@ -19,6 +19,11 @@ import re
 
 DEPTH = 4  # re-entries of one rule along a derivation path (nesting depth)
 MAX_REGEX = 200_000  # characters: a deeper unrolling than this is refused, not built
+# Lark's `common.ESCAPED_STRING` is written with a lookbehind, which no automaton library compiles.
+# Its lazy pattern ends a string at the first quote no odd run of backslashes escapes, so Lark's
+# lexers take as one ESCAPED_STRING exactly: a quote, then characters other than quote, backslash
+# and newline or a backslash and any character but a newline, then a quote (tested against Lark).
+SAME_WITHOUT_LOOKBEHIND = {r'"(?:.*?)(?:(?<!\\)(\\\\)*?)"': r'"(?:[^"\\\n]|\\[^\n])*"'}
 
 
 def grammar_regex(text: str, depth: int = DEPTH) -> str:
@@ -61,7 +66,8 @@ class _Translate:
         if name not in self.cache:
             if name not in self.terms:
                 raise ValueError(f"unknown terminal {name}")
-            self.cache[name] = "(?:" + self.tree(self.terms[name], {}, terminal=True) + ")"
+            body = self.tree(self.terms[name], {}, terminal=True)
+            self.cache[name] = "(?:" + SAME_WITHOUT_LOOKBEHIND.get(body, body) + ")"
         return self.cache[name]
 
     def rule(self, name: str, seen: dict) -> str | None:
