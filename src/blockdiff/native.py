@@ -107,8 +107,8 @@ def build() -> Path:
             (cmd, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
             for cmd in ([*compile_, "-c", str(f), "-o", str(o)] for f, o in zip(SOURCES, objs, strict=True))
         ]
-        for cmd, job in jobs:
-            _, err = job.communicate()
+        errs = [job.communicate()[1] for _, job in jobs]  # every job waited for before any error
+        for (cmd, job), err in zip(jobs, errs, strict=True):
             if job.returncode != 0:
                 raise RuntimeError(f"{cmd[0]} failed: {err.strip()[-2000:]}")
         so = Path(tmp) / out.name

@@ -90,7 +90,7 @@ def project(x: Tensor, kind: int, out: int, ts: list[Tensor]) -> Tensor:
     used = 4
     if kind >= 5:  # LOWBIT4, LOWBIT8
         bits = 4 if kind == 5 else 8
-        if torch.jit.is_scripting():  # the TorchScript loop (rare: where the native step is not taken)
+        if torch.jit.is_scripting():  # cannot call the kernel (FusedLayers then runs the bfloat16 copy)
             y = torch.nn.functional.linear(flat.float(), lowbit_weights(ts, bits)).to(flat.dtype)
         else:
             y = _native().lowbit_mm(flat, ts[0], ts[1], ts[2], bits, k)
