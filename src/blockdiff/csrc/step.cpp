@@ -155,32 +155,36 @@ void attend(const T* qkv, const T* kc, const T* vc, int64_t cap, const bool* mas
   });
 }
 
-// y += T(x A B) row by row (A [K, r], B [r, N] in bfloat16, summed in float32): a low-rank delta
+// y += T(x A B) (A [K, r], B [r, N] in bfloat16, summed in float32): a low-rank delta
 // beside 4-bit weights. Loops rather than two GEMMs: each was an operator call (6 per delta with
 // the conversions) for a few thousand multiply-adds, and a row's numbers never depend on the rows
 // beside it.
 template <typename X, typename Y>
 void low_rank(const X* x, const bf16* a, const bf16* bm, Y* y, int64_t n, int64_t k, int64_t r, int64_t nn) {
-  at::parallel_for(0, n, n * (k + nn) * r >= (1 << 18) ? 1 : n, [&](int64_t lo, int64_t hi) {
-    std::vector<float> t(r), u(nn);
-    for (int64_t row = lo; row < hi; ++row) {
-      std::fill(t.begin(), t.end(), 0.f);
+  std::vector<float> t(n * r, 0.f);
+  for (int64_t row = 0; row < n; ++row)  // x A: r sums over K per row
+    for (int64_t i = 0; i < k; ++i) {
+      const float xv = f32(x[row * k + i]);
+      const bf16* ar = a + i * r;
+      float* tr = t.data() + row * r;
+#pragma omp simd
+      for (int64_t j = 0; j < r; ++j) tr[j] = std::fma(xv, f32(ar[j]), tr[j]);
+    }
+  // (x A) B by blocks of columns, in parallel even for one row (B is most of the bytes); a
+  // column's sum runs over the rank in one order, whatever the split
+  at::parallel_for(0, nn, n * nn * r >= (1 << 15) ? 128 : nn, [&](int64_t c0, int64_t c1) {
+    std::vector<float> u(c1 - c0);
+    for (int64_t row = 0; row < n; ++row) {
       std::fill(u.begin(), u.end(), 0.f);
-      for (int64_t i = 0; i < k; ++i) {
-        const float xv = f32(x[row * k + i]);
-        const bf16* ar = a + i * r;
-#pragma omp simd
-        for (int64_t j = 0; j < r; ++j) t[j] = std::fma(xv, f32(ar[j]), t[j]);
-      }
       for (int64_t j = 0; j < r; ++j) {
-        const float tj = t[j];
-        const bf16* br = bm + j * nn;
+        const float tj = t[row * r + j];
+        const bf16* br = bm + j * nn + c0;
 #pragma omp simd
-        for (int64_t c = 0; c < nn; ++c) u[c] = std::fma(tj, f32(br[c]), u[c]);
+        for (int64_t c = 0; c < c1 - c0; ++c) u[c] = std::fma(tj, f32(br[c]), u[c]);
       }
-      Y* yr = y + row * nn;
+      Y* yr = y + row * nn + c0;
 #pragma omp simd
-      for (int64_t c = 0; c < nn; ++c) yr[c] = to<Y>(f32(yr[c]) + f32(to<Y>(u[c])));
+      for (int64_t c = 0; c < c1 - c0; ++c) yr[c] = to<Y>(f32(yr[c]) + f32(to<Y>(u[c])));
     }
   });
 }
