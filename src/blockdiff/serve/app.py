@@ -46,7 +46,6 @@ from .protocol import (
     call_schema,
     include_usage,
     response_format,
-    tool_choice,
     tools_turn,
     usage,
 )
@@ -109,7 +108,7 @@ class Server:
         skip = (*NEUTRAL, *IGNORED, "response_format", "tools", "tool_choice")
         extra = {k: v for k, v in (req.model_extra or {}).items() if k not in skip}
         extra |= response_format((req.model_extra or {}).get("response_format"))
-        funcs, choice = tool_choice(req.model_extra or {})
+        funcs, choice = req.tools()
         if funcs and not isinstance(req, ChatRequest):
             raise APIError(400, "tools are a field of /v1/chat/completions", "tools")
         if choice not in (None, "auto"):  # a call is required: its JSON is the constraint
@@ -160,7 +159,7 @@ class Server:
             raise APIError(400, f"model '{self.name}' has no chat template; use /v1/completions", "messages")
         if not req.messages:
             raise APIError(400, "messages must not be empty", "messages")
-        funcs, choice = tool_choice(req.model_extra or {})
+        funcs, choice = req.tools()
         turns = [m.as_turn() for m in req.messages]
         if choice:  # the functions join the leading system turn, or make one
             tools = tools_turn(funcs)
@@ -206,7 +205,7 @@ class Server:
             job.cancelled = True
             raise
         choices = []
-        funcs, choice = tool_choice(req.model_extra or {}) if chat else ({}, None)
+        funcs, choice = req.tools() if chat else ({}, None)
         for i, (text, fin) in enumerate(zip(ev.texts, ev.finish, strict=True)):
             msg = {"role": "assistant", "content": text}
             if choice and (call := as_call(text, funcs)):
@@ -231,7 +230,7 @@ class Server:
         With tools, a row's text is held until it ends: a call goes out as one `tool_calls`
         delta (name and whole arguments), anything else as one content delta."""
         chunk_obj = "chat.completion.chunk" if chat else "text_completion"
-        funcs, choice = tool_choice(req.model_extra or {}) if chat else ({}, None)
+        funcs, choice = req.tools() if chat else ({}, None)
 
         def chunk(choices, **extra) -> dict:
             return {"id": rid, "object": chunk_obj, "created": created, "model": self.name,

@@ -8,7 +8,7 @@ import uuid
 from typing import Any, Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 # OpenAI fields blockdiff does not implement: accepted only at their neutral values.
 NEUTRAL: dict[str, tuple] = {
@@ -143,6 +143,13 @@ class _Common(BaseModel):
     user: str | None = None
     sampler: str | None = None
     denoise: bool = False  # blockdiff: stream every canvas step (what the page draws)
+    _tools: tuple[dict[str, dict], str | None] | None = PrivateAttr(default=None)
+
+    def tools(self) -> tuple[dict[str, dict], str | None]:
+        """`tool_choice` of the request's fields, read once (prompt, job and response ask)."""
+        if self._tools is None:
+            self._tools = tool_choice(self.model_extra or {})
+        return self._tools
 
 
 class CompletionRequest(_Common):
