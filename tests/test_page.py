@@ -232,6 +232,35 @@ def test_page_races_the_two_agents(tmp_path, url):
         d.quit()
 
 
+def test_page_constrains_the_agents_calls(tmp_path, url):
+    """ "calls under the schema" sends the tools' call schema as both agents' json_schema (as
+    `agent eval --constrain`): each run is the API's with that option, and no reply fails to parse."""
+    from blockdiff.agent.trajectory import call_schema
+
+    d = chromium(tmp_path)
+    try:
+        d.get(url + "/")
+        wait(d, "return document.getElementById('sampler').options.length > 0")
+        fill(d, mode="agent", sampler="bd3", block_size=2, task=3, max_rounds=2, call_tokens=64, max_errors=0)
+        d.find_element("id", "constrain").click()
+        d.find_element("id", "run").click()
+        runs = wait(
+            d,
+            "const r = window.blockdiffRuns; return r.length == 2"
+            " && r.every(x => x.result !== null || x.error !== null) && r",
+        )
+        assert [(r["agent"], r["error"]) for r in runs] == [("ar", None), ("diffusion", None)]
+        body = {"model": MODEL, "sampler": "bd3", "block_size": 2, "task": 3, "max_rounds": 2}
+        body |= {"max_new_tokens": 64, "max_errors": 0, "seed": 0, "json_schema": json.dumps(call_schema())}
+        for run in runs:
+            res = run["result"]
+            assert res["failure"] != "unparsable_call", res
+            assert timeless(res) == timeless(api_agent(url, {**body, "agent": run["agent"]}))
+        assert errors(d) == []
+    finally:
+        d.quit()
+
+
 def test_page_races_against_a_served_ar_model(tmp_path):
     """With `serve --ar-model`, the race's ar panel and the AR agent run on that model (its
     scheduler counts the forwards) and the header names it."""

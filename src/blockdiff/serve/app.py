@@ -25,6 +25,7 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..agent.evaluate import DIFFUSION_SAMPLER
+from ..agent.trajectory import call_schema as agent_call_schema
 from ..agent.world import EVAL_POOL
 from ..config import BlockdiffError
 from ..decoding import DEFAULT_SAMPLER, SAMPLERS, DecodeSpec
@@ -366,7 +367,11 @@ def create_app(server: Server, *routes: Callable[[FastAPI, Server], None]) -> Fa
             "samplers": {s: sorted(sampler_options.accepted(PLANS[s])) for s in SAMPLERS},
             "chat": bool(server.tok.chat_template),
             "max_batch": server.max_batch,
-            "agent": {"tasks": EVAL_POOL, "diffusion_sampler": DIFFUSION_SAMPLER},
+            "agent": {  # call_schema: both agents' json_schema when the page constrains their calls
+                "tasks": EVAL_POOL,
+                "diffusion_sampler": DIFFUSION_SAMPLER,
+                "call_schema": agent_call_schema(),
+            },
             "ar_model": server.ar.name if server.ar else None,  # the page's AR side, if its own
         }
 

@@ -190,9 +190,11 @@ async function runPanel(p, sampler) {
 
 function agentBody(agent) {
   const sampler = $("sampler").value;
-  return options({ model: modelFor(agent === "ar"), agent, sampler, task: Number($("task").value),
-                   max_rounds: Number($("max_rounds").value), max_new_tokens: Number($("call_tokens").value),
-                   max_errors: Number($("max_errors").value), seed: Number($("seed").value) }, sampler);
+  const body = options({ model: modelFor(agent === "ar"), agent, sampler, task: Number($("task").value),
+                         max_rounds: Number($("max_rounds").value), max_new_tokens: Number($("call_tokens").value),
+                         max_errors: Number($("max_errors").value), seed: Number($("seed").value) }, sampler);
+  if ($("constrain").checked) body.json_schema = JSON.stringify(info.agent.call_schema); // as agent eval --constrain
+  return body;
 }
 
 function item(p, round, cls, text) {
