@@ -377,6 +377,23 @@ def test_fsdp_kill9_then_resume_on_two_and_on_one_process(work):
     assert max_diff(state(work / "X", steps), want) == 0.0
 
 
+def test_fsdp_save_that_process_0_cannot_start_stops_every_process(work):
+    """Process 0 cannot make a checkpoint's directory (a full disk): it says why, and the other
+    process, waiting for the directory's name, stops with its own error (it waited in the
+    broadcast until torchrun's agent killed it — forever where no agent of its node learns of it),
+    and no checkpoint is named `latest`."""
+    entry = (str(Path(__file__).with_name("full_disk_in_save.py")),)
+    fsdp = ["--set", "train.parallel=fsdp", "--set", "train.steps=2", "--set", "train.save_every=1"]
+    p = subprocess.run(
+        [*torchrun_cmd(2, entry), "train", "R.yaml", "--out", "FULL", *fsdp],
+        cwd=work, env=child_env(), capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    log = " ".join((p.stdout + p.stderr).split())
+    assert p.returncode != 0, log[-2000:]
+    assert "No space left on device" in log and "process 0 could not make it" in log, log[-3000:]
+    assert not (work / "FULL" / "latest").exists()
+
+
 def test_accumulated_micro_batches_match_one_batch(work, straight):
     """One process, 4 micro-batches of one row per step: the step of the whole batch."""
     ok(blockdiff("train", "R.yaml", "--out", "ACC", "--set", "train.accumulate=4", cwd=work))

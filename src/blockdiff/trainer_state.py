@@ -206,9 +206,17 @@ class Checkpointing:
         if self.rank != 0:
             where = [None]
             dist.broadcast_object_list(where, src=0)
+            if where[0] is None:  # rank 0 could not make the directory (its error says why)
+                raise CheckpointError(f"cannot write {self.out / name}: process 0 could not make it")
             dcp.save(views, checkpoint_id=where[0])
             return
-        with atomic_dir(self.out / name) as d:
+        staged = contextlib.ExitStack()
+        try:
+            d = staged.enter_context(atomic_dir(self.out / name))
+        except BaseException:  # (a full disk): the others wait for a path, they stop too
+            dist.broadcast_object_list([None], src=0)
+            raise
+        with staged:
             dist.broadcast_object_list([str(d / SHARDED)], src=0)
             dcp.save(views, checkpoint_id=str(d / SHARDED))
             save_config(d, self.model, self.tok, self.delta_info or None)
