@@ -23,8 +23,11 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <deque>
+#include <utility>
+#include <vector>
 
 #include "common.h"
 
