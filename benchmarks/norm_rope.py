@@ -2,7 +2,9 @@
 replace, on one SmolLM2 token (bfloat16, 576 wide; 9 + 3 heads of 64), and their largest
 difference: `FastRMSNorm` (a LayerNorm over [x, -x]) vs torch's RMSNorm in float32, RoPE by one
 roll vs rotate-half; greedy argmax over SmolLM2's 49152 logits, torch's against numpy's
-(`policies.argmax`).
+(`policies.argmax`); the chosen token's probability (`sample`'s confidence) from a float64
+softmax against a float64 logsumexp (`policies` `prob` score); RoPE's angles with the frequencies
+computed per call against cached.
 
     python benchmarks/norm_rope.py
 """
@@ -14,7 +16,7 @@ import time
 
 import torch
 
-from blockdiff.decoding.policies import argmax
+from blockdiff.decoding.policies import PROB, argmax
 from blockdiff.model import RMSNorm, apply_rope, rope_cos_sin
 from blockdiff.runtime import FastRMSNorm
 
@@ -59,6 +61,30 @@ def main() -> None:
         old, new = us(lambda: logits.argmax(-1), n=500), us(lambda: argmax(logits), n=500)
         d = "same index" if same else "DIFFERS"
         print(f"| greedy argmax (49152 logits) | {old:.1f} | {new:.1f} | {d} |")
+        tok, wide, gen = argmax(logits), logits.double(), torch.Generator()
+
+        def by_softmax():
+            return logits.double().softmax(-1).gather(-1, tok[:, None])[:, 0]
+
+        d = (by_softmax() - PROB(wide, tok, gen)).abs().max()
+        old, new = us(by_softmax, n=300), us(lambda: PROB(logits.double(), tok, gen), n=300)
+        print(f"| confidence of the chosen token (49152 logits, float64) | {old:.1f} | {new:.1f} | {d:.3g} |")
+        pos = torch.tensor([[37]])
+
+        def per_call():
+            inv = 1.0 / (10000.0 ** (torch.arange(0, 64, 2).float() / 64))
+            freqs = pos.float()[..., None] * inv
+            emb = torch.cat([freqs, freqs], -1)[:, None]
+            sin = emb.sin()
+            sin[..., :32].neg_()
+            return emb.cos().bfloat16(), sin.bfloat16()
+
+        d = max(
+            (a.float() - b.float()).abs().max()
+            for a, b in zip(per_call(), rope_cos_sin(pos, 64, 10000.0, torch.bfloat16), strict=True)
+        )
+        old, new = us(per_call), us(lambda: rope_cos_sin(pos, 64, 10000.0, torch.bfloat16))
+        print(f"| RoPE angles of one token | {old:.1f} | {new:.1f} | {d:.3g} |")
 
 
 if __name__ == "__main__":

@@ -56,6 +56,22 @@ def test_every_storage_and_shape_equals_the_loop(precision, shape):
     assert torch.allclose(want.float(), got, atol=tol, rtol=tol), (want.float() - got).abs().max()
 
 
+def test_past_the_thread_thresholds_the_native_step_equals_the_loop():
+    """Attention over 300 cached keys and a delta's 4096 wide second product run on torch's threads
+    (past 2^15 multiply-adds; split by heads and by columns): the loop's numbers to rounding."""
+    q = prepare(with_delta(on_grid_model(intermediate_size=2048)), "int4")
+    q.width_switch.wide = False
+    args = stack_args(q, 1, 300)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))  # (on one thread both are the serial loops)
+    try:
+        want, got = runtime.decoder_stack(*args).float(), q.fused_layers.native(*args).float()
+    finally:
+        torch.set_num_threads(threads)
+    # bfloat16 rounding: ~1e-3 of the largest output; a column block read at the wrong offset: ~2e-2
+    assert (want - got).abs().max() < 1e-2 * want.abs().max(), (want - got).abs().max()
+
+
 @pytest.mark.parametrize("precision", ["float32", "int4"])
 def test_a_row_with_every_key_masked_gives_zero_as_torch(precision):
     q = prepare(with_delta(on_grid_model()), precision)

@@ -177,18 +177,27 @@ def scripted_events(k: int) -> list[dict]:
     return json.loads(json.dumps(events))
 
 
+def agent_runs(d, url, constrain: bool = False, **fields) -> list[dict]:
+    """Both agents run from the page in agents mode (`fields` filled, the call-schema switch on if
+    `constrain`): each run's record once both ended."""
+    d.get(url + "/")
+    wait(d, "return document.getElementById('sampler').options.length > 0")
+    fill(d, mode="agent", **fields)
+    if constrain:
+        d.find_element("id", "constrain").click()
+    d.find_element("id", "run").click()
+    return wait(
+        d,
+        "const r = window.blockdiffRuns; return r.length == 2"
+        " && r.every(x => x.result !== null || x.error !== null) && r",
+    )
+
+
 def test_page_races_the_two_agents(tmp_path, url):
     d = chromium(tmp_path)
     try:
-        d.get(url + "/")
-        wait(d, "return document.getElementById('sampler').options.length > 0")
-        fill(d, mode="agent", sampler="bd3", block_size=2, task=3, max_rounds=3, call_tokens=4, max_errors=2)
-        d.find_element("id", "run").click()
-        runs = wait(
-            d,
-            "const r = window.blockdiffRuns; return r.length == 2"
-            " && r.every(x => x.result !== null || x.error !== null) && r",
-        )
+        fields = dict(sampler="bd3", block_size=2, task=3, max_rounds=3, call_tokens=4, max_errors=2)
+        runs = agent_runs(d, url, **fields)
         assert [(r["agent"], r["sampler"], r["error"]) for r in runs] == [
             ("ar", "ar", None),
             ("diffusion", "bd3", None),
@@ -239,16 +248,8 @@ def test_page_constrains_the_agents_calls(tmp_path, url):
 
     d = chromium(tmp_path)
     try:
-        d.get(url + "/")
-        wait(d, "return document.getElementById('sampler').options.length > 0")
-        fill(d, mode="agent", sampler="bd3", block_size=2, task=3, max_rounds=2, call_tokens=64, max_errors=0)
-        d.find_element("id", "constrain").click()
-        d.find_element("id", "run").click()
-        runs = wait(
-            d,
-            "const r = window.blockdiffRuns; return r.length == 2"
-            " && r.every(x => x.result !== null || x.error !== null) && r",
-        )
+        fields = dict(sampler="bd3", block_size=2, task=3, max_rounds=2, call_tokens=64, max_errors=0)
+        runs = agent_runs(d, url, constrain=True, **fields)
         assert [(r["agent"], r["error"]) for r in runs] == [("ar", None), ("diffusion", None)]
         body = {"model": MODEL, "sampler": "bd3", "block_size": 2, "task": 3, "max_rounds": 2}
         body |= {"max_new_tokens": 64, "max_errors": 0, "seed": 0, "json_schema": json.dumps(call_schema())}

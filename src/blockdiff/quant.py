@@ -71,7 +71,7 @@ def forward_cost(precision: str | None, device: str = "cpu"):
 # How `project` multiplies: a dense matrix, int8 per channel, int4 in one or two 4-bit planes
 # (the tensors of `packed()`; an int4 projection's low-rank delta, if any, follows its planes), a
 # bfloat16 matrix in oneDNN's own blocked layout, 4-bit or 8-bit codes in the compiled kernel's
-# layout (csrc/lowbit.cpp: codes, steps, offsets, their order; then the delta, if any).
+# layout (csrc/lowbit.cpp: codes, steps, offsets; then the delta, if any).
 DENSE, INT8, INT4, INT4X2, PACKED, LOWBIT4, LOWBIT8 = 0, 1, 2, 3, 4, 5, 6
 
 
@@ -87,13 +87,11 @@ def project(x: Tensor, kind: int, out: int, ts: list[Tensor]) -> Tensor:
     k = x.shape[-1]
     flat = x if x.dim() == 2 else x.reshape(-1, k)
     low = flat  # the low-rank delta reads the activations as given, in float32
-    used = 4
+    used = 3
     if kind >= 5:  # LOWBIT4, LOWBIT8
-        bits = 4 if kind == 5 else 8
-        if torch.jit.is_scripting():  # cannot call the kernel (FusedLayers then runs the bfloat16 copy)
-            y = torch.nn.functional.linear(flat.float(), lowbit_weights(ts, bits)).to(flat.dtype)
-        else:
-            y = _native().lowbit_mm(flat, ts[0], ts[1], ts[2], bits, k)
+        if torch.jit.is_scripting():  # the compiled loop cannot call the kernel: FusedLayers never
+            raise RuntimeError("4-/8-bit codes are read by the native step only")  # routes them here
+        y = _native().lowbit_mm(flat, ts[0], ts[1], ts[2], 4 if kind == 5 else 8, k)
     else:
         if flat.dtype != torch.bfloat16:
             flat = flat.to(torch.bfloat16)
@@ -114,17 +112,6 @@ def project(x: Tensor, kind: int, out: int, ts: list[Tensor]) -> Tensor:
     shape = list(x.shape[:-1])
     shape.append(out)
     return y.reshape(shape)
-
-
-def lowbit_weights(ts: list[Tensor], bits: int) -> Tensor:
-    """The float32 weights [N, K] of codes in the compiled kernel's layout (its `order` in ts[3]):
-    weight = step * (base + code) + offset', base 128 for 4 bits, 256 for 8."""
-    codes, order = ts[0], ts[3]
-    if bits == 4:
-        codes = torch.stack([codes & 15, codes >> 4], -1).reshape(codes.shape[0], -1)
-    code = codes.index_select(1, order[0]).float()
-    base = 128.0 if bits == 4 else 256.0
-    return ts[1].index_select(1, order[1]) * (code + base) + ts[2].index_select(1, order[1])
 
 
 def _native():
@@ -195,7 +182,6 @@ class Int4Linear(nn.Module):
             self.register_buffer("codes", codes)
             self.register_buffer("steps", steps)
             self.register_buffer("offsets", offsets)
-            self.register_buffer("order", lowbit.lowbit_order(self.in_features, bits))
             self.kind = LOWBIT4 if bits == 4 else LOWBIT8
         else:
             self.kind = INT4 if len(planes) == 1 else INT4X2
@@ -216,7 +202,7 @@ class Int4Linear(nn.Module):
 
     def packed(self) -> tuple[int, int, list[Tensor]]:
         if self.kind >= LOWBIT4:
-            ts = [self.codes, self.steps, self.offsets, self.order]
+            ts = [self.codes, self.steps, self.offsets]
         else:
             ts = [self.q0, self.sz0] + ([self.q1, self.sz1] if self.planes == 2 else [])
         return self.kind, self.out_features, ts + ([self.lr_a, self.lr_b] if self.low_rank else [])

@@ -295,25 +295,6 @@ std::vector<at::Tensor> pack(const at::Tensor& codes_in, const at::Tensor& step_
   return {out, steps, offs};
 }
 
-at::Tensor order(int64_t k, int64_t bits) {
-  TORCH_CHECK((bits == 4 || bits == 8) && k > 0 && k % 32 == 0, "K a multiple of 32, codes of 4 or 8 bits");
-  const Shape sh(k, bits);
-  at::Tensor out = at::empty({2, k}, at::kLong);
-  int64_t *pos = out.data_ptr<int64_t>(), *slot = pos + k;
-  for (int64_t c = 0; c < sh.chunks; ++c) {
-    const bool tail = sh.tail && c == sh.full;
-    for (int p = 0; p < (tail ? 4 : 8); ++p)
-      for (int i = 0; i < LANES; ++i)
-        if (const int64_t w = c * CHUNK + weight_of(tail, p, i); w < k) {
-          const auto [byte, shift] = place(bits, tail, p, i);
-          const int64_t at_byte = c * 16 * bits + byte;
-          pos[w] = bits == 4 ? 2 * at_byte + shift / 4 : at_byte;
-          slot[w] = c * 4 + i % 4;
-        }
-  }
-  return out;
-}
-
 at::Tensor mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& steps, const at::Tensor& offsets,
               int64_t bits, int64_t k) {
   TORCH_CHECK(bits == 4 || bits == 8, "codes of 4 or 8 bits");

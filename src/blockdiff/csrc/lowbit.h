@@ -11,10 +11,6 @@ namespace lowbit {
 std::vector<at::Tensor> pack(const at::Tensor& codes, const at::Tensor& step, const at::Tensor& offset,
                              int64_t bits);
 
-// Where weight k's code and group step are held: [2, K] (position among the codes, low nibble
-// first; slot in steps/offsets), for readers without the kernel (runtime's TorchScript loop).
-at::Tensor order(int64_t k, int64_t bits);
-
 // x [M, K] (float32 or bfloat16) times the packed weights' transpose -> [M, N] in x's dtype.
 at::Tensor mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& steps, const at::Tensor& offsets,
               int64_t bits, int64_t k);

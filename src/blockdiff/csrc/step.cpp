@@ -190,10 +190,10 @@ void low_rank(const X* x, const bf16* a, const bf16* bm, Y* y, int64_t n, int64_
 }
 
 // x W^T for a projection stored as `kind` (quant.project's kinds: 0 dense, 1 int8, 2/3 int4 in
-// one/two planes, 5/6 4-/8-bit codes in lowbit's layout (then their column order), each of the
+// one/two planes, 5/6 4-/8-bit codes in lowbit's layout (codes, steps, offsets), each of the
 // last four with an optional low-rank delta; 4 bfloat16 in oneDNN's layout).
 Tensor project(const Tensor& x, int64_t kind, int64_t out, const std::vector<Tensor>& ts) {
-  const size_t need = kind == 0 || kind == 4 ? 1 : kind == 3 || kind >= 5 ? 4 : 2;
+  const size_t need = kind == 0 || kind == 4 ? 1 : kind == 3 ? 4 : kind >= 5 ? 3 : 2;
   TORCH_CHECK(kind >= 0 && kind <= 6 && ts.size() >= need, "projection kind ", kind, " with ", ts.size(), " tensors");
   if (kind == 0) return at::linear(x, ts[0]);
   if (kind == 4) {
@@ -204,7 +204,7 @@ Tensor project(const Tensor& x, int64_t kind, int64_t out, const std::vector<Ten
     return stack[0].toTensor();
   }
   Tensor y;
-  size_t used = 4;
+  size_t used = 3;
   if (kind >= 5) {
     y = lowbit::mm(x, ts[0], ts[1], ts[2], kind == 5 ? 4 : 8, x.size(1));
   } else {
@@ -347,6 +347,5 @@ Tensor layers(const Tensor& x, const Tensor& cos, const Tensor& sin, const std::
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("layers", &layers, py::call_guard<py::gil_scoped_release>());
   m.def("lowbit_pack", &lowbit::pack);
-  m.def("lowbit_order", &lowbit::order);
   m.def("lowbit_mm", &lowbit::mm, py::call_guard<py::gil_scoped_release>());
 }
