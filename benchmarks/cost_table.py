@@ -4,11 +4,13 @@ precision's quality.
 One forward of n new tokens over a cached 64-token prefix (SmolLM2-135M, batch 1), for the
 4-bit kernel alone, the bfloat16 copy alone, bfloat16, int8 and float32; one model (one side of
 int4's switch) at a time, medians of repeats interleaved over the widths, each the fastest of 3
-forwards back to back, as decoding runs them (with all four models loaded and interleaved, as
+forwards back to back after three more (the 4-bit side reads two layouts: lowbit's for one token,
+the tiles' for more), as decoding runs them (with all four models loaded and interleaved, as
 this script did before, the bfloat16 one-token forward read 11.6 ms against 7.9 alone: this
 machine's large shared cache keeps one model's weights between its forwards, not four models').
-`quant.NARROW_ROWS` is the widest forward for which the 4-bit kernel is the faster (it runs in the
-native step only: forwards of at most `runtime.NATIVE_ROWS` tokens). Quality:
+`quant.narrow_rows()` is the widest forward for which the 4-bit kernel is the faster (it runs in
+the native step only: forwards of at most `runtime.NATIVE_ROWS` tokens; NARROW_ROWS_TILES where
+the CPU has AMX tiles, as this run's, NARROW_ROWS without). Quality:
 teacher-forced, one token per forward over the cache (the decoding path), on held-out chat
 prompts and float32's greedy answers: KL(float32 || precision) per token and argmax agreement.
 
@@ -54,16 +56,19 @@ def timer(model, n: int, prefix: int = 64):
     return run
 
 
-def quality(model, seqs) -> list[torch.Tensor]:
-    """Log-probs of every answer token, fed one token per forward over the cache."""
+def quality(model, seqs, per: int = 1) -> list[torch.Tensor]:
+    """Log-probs of every answer token, fed `per` tokens per forward over the cache (causal within
+    them: 1 is the AR step's path; more, the 4-bit side's tiles)."""
     out = []
     for ids, n in seqs:
         cache = KVCache(model.config.num_hidden_layers)
         causal = torch.ones(n - 1, n - 1, dtype=torch.bool).tril()[None, None]  # as decoding feeds it
         model(ids[None, : n - 1], mask=causal, cache=cache, write_cache=True)
-        steps = [
-            model(ids[None, t : t + 1], cache=cache, write_cache=True) for t in range(n - 1, len(ids) - 1)
-        ]
+        steps = []
+        for t in range(n - 1, len(ids) - 1, per):
+            w = min(per, len(ids) - 1 - t)
+            mask = torch.ones(w, len(cache) + w, dtype=torch.bool).tril(len(cache))[None, None]
+            steps.append(model(ids[None, t : t + w], mask=mask, cache=cache, write_cache=True))
         out.append(torch.cat(steps, 1)[0].float().log_softmax(-1))
     return out
 
@@ -91,7 +96,9 @@ def main() -> None:
             widths = [n for n in ROWS if label != "int4 (4-bit kernel)" or n <= NATIVE_ROWS]
             times[label] = {n: [] for n in widths}
             for _ in range(a.repeats):
-                for n in widths:
+                for n in widths:  # warmed first: the 4-bit side reads two layouts (lowbit, tiles)
+                    for _ in range(3):
+                        runs[n]()
                     times[label][n].append(min(runs[n]() for _ in range(3)))  # back to back
         del model, runs
         gc.collect()
@@ -125,11 +132,12 @@ def main() -> None:
     got = {"float32": quality(ref, seqs)}
     for prec in ("bfloat16", "int4", "int8"):
         got[prec] = quality(load_model(a.model, prec)[0], seqs)
+    got["int4, 4 tokens a forward"] = quality(load_model(a.model, "int4")[0], seqs, per=4)
     total = sum(len(x) for x in got["float32"])
     head = "| vs | KL mean | KL median | KL max | argmax agreement |"
     print(f"\n| teacher-forced ({total} answer tokens) {head}\n|---|---|---|---|---|---|")
-    pairs = [("bfloat16", "float32"), ("int4", "float32"), ("int8", "float32")]
-    for label, against in [*pairs, ("int4", "bfloat16"), ("int8", "bfloat16")]:
+    pairs = [("bfloat16", "float32"), ("int4", "float32"), ("int4, 4 tokens a forward", "float32")]
+    for label, against in [*pairs, ("int8", "float32"), ("int4", "bfloat16"), ("int8", "bfloat16")]:
         ps, qs = got[against], got[label]
         kl = torch.cat([(p.exp() * (p - q)).sum(-1) for p, q in zip(ps, qs, strict=True)])
         agree = sum(int((p.argmax(-1) == q.argmax(-1)).sum()) for p, q in zip(ps, qs, strict=True))

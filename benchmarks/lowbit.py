@@ -1,9 +1,11 @@
-"""The 4-/8-bit products of a one-token step, torch's int4 kernel against blockdiff's
-(`csrc/lowbit.cpp`), on SmolLM2-135M's own shapes and random codes, in one process, interleaved.
+"""The 4-/8-bit products of a forward, torch's int4 kernel against blockdiff's two
+(`csrc/lowbit.cpp`; `csrc/tiles.cpp` on AMX), on SmolLM2-135M's own shapes and random codes, in
+one process, interleaved.
 
 Per product (x [rows, K] in bfloat16 times W^T, W [N, K] as codes per group of 32): torch's
 `_weight_int4pack_mm_for_cpu` (one 4-bit plane; the Q8_0 head needs two), blockdiff's `lowbit_mm`
-(one call, 4 or 8 bits). Also the error of each against the float64 product of the same weights.
+(one call, 4 or 8 bits) and `tiles_mm` (where the CPU has AMX). Also the error of each against the
+float64 product of the same weights.
 
     PYTHONPATH=src python benchmarks/lowbit.py [--repeats 7]
 """
@@ -52,6 +54,7 @@ def products(m, k: int, n: int, bits: int):
         for q, s, z in planes
     ]
     ours = m.lowbit_pack(codes, step, offset, bits)
+    tiled = m.tiles_pack(codes, step, offset, bits) if m.tiles_usable() else None
 
     def by_torch(x):
         ys = [torch._weight_int4pack_mm_for_cpu(x, q, 32, sz) for q, sz in packed]
@@ -60,7 +63,10 @@ def products(m, k: int, n: int, bits: int):
     def by_blockdiff(x):
         return m.lowbit_mm(x, *ours, bits, k)
 
-    return w, by_torch, by_blockdiff
+    def on_tiles(x):
+        return m.tiles_mm(x, *tiled, bits, n)
+
+    return w, by_torch, by_blockdiff, on_tiles if tiled else None
 
 
 def main() -> None:
@@ -73,25 +79,25 @@ def main() -> None:
     torch.manual_seed(0)
     print(f"command: python {' '.join(sys.argv)}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
-    print("| product (K → N) | rows | torch int4 µs | blockdiff µs | speed-up | rel. error torch / ours |")
-    print("|---|---|---|---|---|---|")
+    cols = "torch int4 µs | lowbit µs | tiles µs | lowbit vs torch | tiles vs lowbit"
+    print(f"| product (K → N) | rows | {cols} | rel. error torch / lowbit / tiles |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, (k, n, bits) in SHAPES.items():
-        w, by_torch, by_blockdiff = products(m, k, n, bits)
-        for rows in (1, 4, 8):
+        w, *kernels = products(m, k, n, bits)
+        kernels = [f for f in kernels if f is not None]
+        for rows in (1, 2, 4, 8, 16):
             x = torch.randn(rows, k).bfloat16()
-            calls = max(3, int(2e-2 / max(timed(lambda: by_blockdiff(x), 3), 1e-6)))  # noqa: B023
-            ts, us = [], []
+            calls = max(3, int(2e-2 / max(timed(lambda: kernels[1](x), 3), 1e-6)))  # noqa: B023
+            times = [[] for _ in kernels]
             for _ in range(a.repeats):  # interleaved: the machine is shared
-                ts.append(timed(lambda: by_torch(x), calls))  # noqa: B023
-                us.append(timed(lambda: by_blockdiff(x), calls))  # noqa: B023
+                for f, t in zip(kernels, times, strict=True):
+                    t.append(timed(lambda: f(x), calls))  # noqa: B023
             want = x.double() @ w.T
-            err = [
-                ((f(x).double() - want).abs().max() / want.abs().max()).item()
-                for f in (by_torch, by_blockdiff)
-            ]
-            t, u = statistics.median(ts) * 1e6, statistics.median(us) * 1e6
-            cells = [f"{name} ({k} → {n})", rows, f"{t:.1f}", f"{u:.1f}", f"{t / u:.2f}×"]
-            print("| " + " | ".join(map(str, cells)) + f" | {err[0]:.1e} / {err[1]:.1e} |")
+            err = [((f(x).double() - want).abs().max() / want.abs().max()).item() for f in kernels]
+            us = [statistics.median(t) * 1e6 for t in times] + [float("nan")] * (3 - len(kernels))
+            cells = [f"{name} ({k} → {n})", rows, *(f"{u:.1f}" for u in us)]
+            cells += [f"{us[0] / us[1]:.2f}×", f"{us[1] / us[2]:.2f}×" if len(kernels) == 3 else "–"]
+            print("| " + " | ".join(map(str, cells)) + " | " + " / ".join(f"{e:.1e}" for e in err) + " |")
 
 
 if __name__ == "__main__":

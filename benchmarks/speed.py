@@ -152,11 +152,12 @@ def main() -> None:
         t.numel() * 2 for t in {id(t): t for t in [*base16.parameters(), *base16.buffers()]}.values()
     )
     floor = wbytes / bw
-    b4 = sum(  # what a one-token step reads in the int4 runtime: the 4-bit planes and their scales
-        t.numel() * t.element_size()
+    b4 = sum(  # what a one-token step reads in the int4 runtime: the 4-bit codes and their scales
+        t.numel() * t.element_size()  # (not the tiles' copy of them: forwards of several tokens)
         for m in base4.modules()
         if isinstance(m, Int4Linear)
-        for t in m.buffers()
+        for name, t in m.named_buffers()
+        if not name.startswith("tile_")
     )
     print(
         f"read bandwidth {bw / 1e9:.1f} GB/s; bf16 weights {wbytes / 1e6:.0f} MB -> "

@@ -5,7 +5,7 @@ message, and where it cannot be built the runtime says so and runs TorchScript."
 import pytest
 import torch
 
-from blockdiff import native, runtime
+from blockdiff import delta, native, runtime
 from blockdiff.decoding import generate
 from blockdiff.model import KVCache, rope_cos_sin
 from blockdiff.runtime import prepare
@@ -170,3 +170,28 @@ def test_a_narrow_forward_the_native_step_does_not_take_runs_the_bfloat16_copy()
         q(ids[:, 7:], mask=additive, cache=cache, write_cache=True)
     assert not q.width_switch.wide  # a narrow forward (2 tokens over the cache)
     assert seen[-1] == fused.wide[1] and seen[-1] != fused.narrow[1]
+
+
+@pytest.mark.parametrize("q", [1, 8])
+def test_the_delta_reads_each_ranks_nonzero_columns_only_and_all_of_them(q):
+    """A fused projection's delta is block-diagonal; the native step skips B's zeros by each rank's
+    column range (`Int4Linear.lr_cols`). With a large delta, a range cut in half moves the output by
+    ~1x its largest value; the kept ranges equal the loop to bfloat16 rounding (~1e-2)."""
+    torch.manual_seed(0)
+    m = on_grid_model(intermediate_size=256)
+    delta.attach(m, delta.DeltaSpec(rank=4))
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.requires_grad:
+                p.add_(0.2 * torch.randn_like(p))
+    qm = prepare(m, "int4")
+    qm.width_switch.wide = False
+    lin = qm.model.layers[0].self_attn.qkv_proj.narrow
+    assert lin.lr_cols[:, 1].sub(lin.lr_cols[:, 0]).lt(lin.out_features).all()  # q, k, v: their own columns
+    args = stack_args(qm, q, 10)
+    want, got = runtime.decoder_stack(*args).float(), qm.fused_layers.native(*args).float()
+    assert (want - got).abs().max() < 5e-2 * want.abs().max()
+    cols = lin.lr_cols
+    cols[:, 1] = cols[:, 0] + (cols[:, 1] - cols[:, 0]) // 2
+    cut = qm.fused_layers.native(*stack_args(qm, q, 10)).float()
+    assert (want - cut).abs().max() > 3e-1 * want.abs().max()

@@ -99,8 +99,8 @@ def test_the_switch_reads_fed_tokens_over_a_cache_never_the_batch():
     calls = []
 
     class Spy(torch.nn.Linear):
-        def forward(self, x):
-            calls.append(self.tag)
+        def forward(self, x, tiled=False):
+            calls.append(self.tag + (" on tiles" if tiled else ""))
             return super().forward(x)
 
     narrow, wide = Spy(8, 8, bias=False), Spy(8, 8, bias=False)
@@ -110,7 +110,8 @@ def test_the_switch_reads_fed_tokens_over_a_cache_never_the_batch():
     for fed, cached, batch in ((4, 10, 1), (5, 10, 1), (1, 10, 6), (3, 0, 1)):
         sw.set(fed, cached)
         bw(torch.randn(batch, fed, 8))
-    assert calls == ["narrow", "wide", "narrow", "wide"]  # a prompt (no cache) is always wide
+    # a prompt (no cache) is always wide; tiles from TILE_TOKENS tokens per sequence, whatever the batch
+    assert calls == ["narrow on tiles", "wide", "narrow", "wide"]
 
 
 def test_int4_rows_decode_batched_as_alone(tok):

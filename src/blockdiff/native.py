@@ -3,8 +3,10 @@
 A one-token step of SmolLM2 runs ~1000 operator calls besides its matrix products: ~1-20 µs each
 of allocation, dispatch and TorchScript's interpreter, a third of the step (BENCHMARKS.md).
 `layers` runs them as loops in one call; `runtime.FusedLayers` uses it for forwards of at most
-`runtime.NATIVE_ROWS` (8) tokens per sequence and keeps TorchScript for wide ones (prompts, diffusion
-blocks), where operator overhead is small against the matrix products.
+`runtime.NATIVE_ROWS` (32) tokens per sequence and keeps TorchScript for wide ones (prompts, wide
+diffusion blocks), where operator overhead is small against the matrix products. The extension
+also holds the 4-/8-bit kernels: `csrc/lowbit.cpp` (one token) and `csrc/tiles.cpp` (AMX tiles,
+several tokens, where the CPU has them; `BLOCKDIFF_TILES=0` turns them off).
 
 Built with the system's C++ compiler (`$CXX`, else `c++`) against the installed torch, for this
 CPU (`-march=native`), into the blockdiff cache keyed by source, torch, Python, compiler and CPU:
@@ -33,7 +35,7 @@ import torch
 from .config import cache_dir
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = [CSRC / "step.cpp", CSRC / "lowbit.cpp"]  # and their headers, in the build key
+SOURCES = [CSRC / "step.cpp", CSRC / "lowbit.cpp", CSRC / "tiles.cpp"]  # and their headers, in the build key
 NAME = "blockdiff_step"
 # -ffp-contract=off: no fused multiply-adds, so an elementwise step rounds where torch's op does;
 # -fno-trapping-math (no floating-point traps: values unchanged) lets the loops with selects vectorise.
@@ -137,7 +139,8 @@ def layers():
 
 @functools.cache
 def module():
-    """The compiled extension (`layers`; `lowbit_pack` and `lowbit_mm`, csrc/lowbit.cpp), or None
+    """The compiled extension (`layers`; `lowbit_pack`/`lowbit_mm`, csrc/lowbit.cpp; `tiles_usable`/
+    `tiles_pack`/`tiles_mm`, csrc/tiles.cpp), or None
     where it cannot be had here (warned once) or `BLOCKDIFF_NATIVE=0`."""
     if os.environ.get("BLOCKDIFF_NATIVE", "1") == "0":
         return None

@@ -28,29 +28,51 @@ from torch import Tensor, nn
 
 GROUP = 32
 # Forwards over a cache feeding at most this many tokens per sequence take the 4-bit kernel,
-# others bfloat16: the crossover of the measured per-forward cost table (benchmarks/cost_table.py).
-NARROW_ROWS = 4
+# others bfloat16: the crossover of the measured per-forward cost table (benchmarks/cost_table.py),
+# with the tile kernel (NARROW_ROWS_TILES) or without it (NARROW_ROWS; `narrow_rows`).
+NARROW_ROWS, NARROW_ROWS_TILES = 4, 16
+# From this many tokens per sequence, 4-/8-bit codes are multiplied on AMX tiles where the CPU
+# has them (csrc/tiles.cpp: its cost grows slowly with rows up to 16), below by csrc/lowbit.cpp
+# (faster for one row). Per sequence, not per forward: a row's kernel never depends on its batch.
+# The native step has the same constant (its TILE_TOKENS; a test checks they agree).
+TILE_TOKENS = 2
 # The rows oneDNN lays a packed bfloat16 weight out for (a hint: any width runs, with the same
 # bits); the fastest of 8, 32 and 128 for SmolLM2's forwards of 1 to 64 rows (measured, 128).
 PACK_ROWS = 128
 # ms per forward over a 64-token cache by tokens fed per sequence, each precision's runtime on the
-# 2-core development VM, an Intel Xeon with AMX, forwards of <= 8 tokens as compiled C++ (4-bit
-# products: csrc/lowbit.cpp), each model (each side of int4's switch) timed warm on its own
-# (benchmarks/cost_table.py, BENCHMARKS.md; int4 past NARROW_ROWS is its bfloat16 copy): the cost
-# model that picks spec's draft length. Ratios matter, not the milliseconds; another CPU may order
-# near-ties (int4 vs bfloat16 at 4 rows) differently, which changes only speed, never the text.
+# 2-core development VM, an Intel Xeon with AMX, forwards of <= 32 tokens as compiled C++ (4-bit
+# products: csrc/lowbit.cpp for one token, csrc/tiles.cpp for more), each model (each side of
+# int4's switch) timed warm on its own (benchmarks/cost_table.py, BENCHMARKS.md; int4 past its
+# switch is its bfloat16 copy; "int4 without tiles": lowbit alone, switch at 4, an earlier run):
+# the cost model that picks spec's draft length. Ratios matter, not the milliseconds; another CPU
+# may order near-ties differently, which changes only speed, never the text.
 FORWARD_MS = {
-    "int4": {1: 4.3, 2: 5.6, 4: 8.8, 8: 11.1, 16: 13.1, 32: 16.4},
-    "bfloat16": {1: 8.4, 2: 9.3, 4: 9.5, 8: 11.4, 16: 13.3, 32: 17.2},
-    "int8": {1: 5.0, 2: 6.2, 4: 8.8, 8: 16.2, 16: 27.6, 32: 50.1},
-    "float32": {1: 16.3, 2: 16.9, 4: 25.4, 8: 31.5, 16: 37.3, 32: 47.7},
+    "int4": {1: 4.2, 2: 4.6, 4: 5.0, 8: 6.3, 16: 8.6, 32: 15.9},
+    "int4 without tiles": {1: 4.3, 2: 5.6, 4: 8.8, 8: 11.1, 16: 13.1, 32: 16.4},
+    "bfloat16": {1: 8.2, 2: 8.4, 4: 8.7, 8: 9.4, 16: 11.5, 32: 15.8},
+    "int8": {1: 5.1, 2: 6.2, 4: 7.9, 8: 14.3, 16: 25.3, 32: 47.6},
+    "float32": {1: 15.7, 2: 17.4, 4: 24.5, 8: 30.5, 16: 34.1, 32: 44.7},
 }
+
+
+@functools.cache
+def tiles() -> bool:
+    """Whether 4-/8-bit codes are also held for the tile kernel here (AMX, the extension built)."""
+    lowbit = _native()
+    return lowbit is not None and lowbit.tiles_usable()
+
+
+def narrow_rows() -> int:
+    """The int4 runtime's switch point on this machine (NARROW_ROWS[_TILES])."""
+    return NARROW_ROWS_TILES if tiles() else NARROW_ROWS
 
 
 def forward_cost(precision: str | None, device: str = "cpu"):
     """tokens per sequence -> a forward's cost relative to one token's, from the measured table of
     the CPU runtime `precision` (interpolated in log2 of the width, linear past 32); None where
     nothing was measured (other devices, unprepared models)."""
+    if precision == "int4" and not tiles():
+        precision = "int4 without tiles"
     table = FORWARD_MS.get(precision or "") if device == "cpu" else None
     if table is None:
         return None
@@ -75,11 +97,12 @@ def forward_cost(precision: str | None, device: str = "cpu"):
 DENSE, INT8, INT4, INT4X2, PACKED, LOWBIT4, LOWBIT8 = 0, 1, 2, 3, 4, 5, 6
 
 
-def project(x: Tensor, kind: int, out: int, ts: list[Tensor]) -> Tensor:
+def project(x: Tensor, kind: int, out: int, ts: list[Tensor], tiled: bool = False) -> Tensor:
     """x W^T for a projection stored as `kind` (TorchScript-compatible: the runtime's decoder
     loop calls it from a compiled graph on 2-D activations, the modules' `forward` from Python:
     one implementation; no operation is spent where none is needed). Kinds and the group size
-    are literals: TorchScript reads no module-level values."""
+    are literals: TorchScript reads no module-level values. `tiled`: 4-/8-bit codes on AMX tiles
+    where they are held so and x is bfloat16 (a forward of several tokens per sequence)."""
     if kind == 0:  # DENSE
         return torch.nn.functional.linear(x, ts[0])
     if kind == 4:  # PACKED
@@ -88,10 +111,15 @@ def project(x: Tensor, kind: int, out: int, ts: list[Tensor]) -> Tensor:
     flat = x if x.dim() == 2 else x.reshape(-1, k)
     low = flat  # the low-rank delta reads the activations as given, in float32
     used = 3
-    if kind >= 5:  # LOWBIT4, LOWBIT8
+    if kind >= 5:  # LOWBIT4, LOWBIT8: codes, steps, offsets, tile codes, tile scales
         if torch.jit.is_scripting():  # the compiled loop cannot call the kernel: FusedLayers never
             raise RuntimeError("4-/8-bit codes are read by the native step only")  # routes them here
-        y = _native().lowbit_mm(flat, ts[0], ts[1], ts[2], 4 if kind == 5 else 8, k)
+        used = 5
+        bits = 4 if kind == 5 else 8
+        if tiled and ts[3].numel() > 0 and flat.dtype == torch.bfloat16:
+            y = _native().tiles_mm(flat, ts[3], ts[4], bits, out)
+        else:
+            y = _native().lowbit_mm(flat, ts[0], ts[1], ts[2], bits, k)
     else:
         if flat.dtype != torch.bfloat16:
             flat = flat.to(torch.bfloat16)
@@ -182,6 +210,11 @@ class Int4Linear(nn.Module):
             self.register_buffer("codes", codes)
             self.register_buffer("steps", steps)
             self.register_buffer("offsets", offsets)
+            # the same weights on AMX tiles (csrc/tiles.cpp), for forwards of several tokens
+            none = torch.empty(0, dtype=torch.uint8), torch.empty(0)
+            tiled = lowbit.tiles_pack(code, s[-1], offset, bits) if tiles() else none
+            self.register_buffer("tile_codes", tiled[0])
+            self.register_buffer("tile_scales", tiled[1])
             self.kind = LOWBIT4 if bits == 4 else LOWBIT8
         else:
             self.kind = INT4 if len(planes) == 1 else INT4X2
@@ -198,17 +231,25 @@ class Int4Linear(nn.Module):
             # multiplies in float32 (torch's small bfloat16 products take a ~5x slower path)
             self.register_buffer("lr_a", a.detach().t().contiguous().bfloat16())
             self.register_buffer("lr_b", b.detach().t().contiguous().bfloat16())
+            # each rank's nonzero columns [lo, hi): a fused projection's B is block-diagonal,
+            # and the native step skips the zeros (exactly: they would add nothing)
+            nz = self.lr_b != 0
+            cols = torch.arange(nz.shape[1])
+            lo = torch.where(nz, cols, nz.shape[1]).amin(1)
+            hi = torch.where(nz, cols + 1, 0).amax(1)
+            self.register_buffer("lr_cols", torch.stack([lo, torch.maximum(lo, hi)], 1).contiguous())
             self.low_rank = True
 
     def packed(self) -> tuple[int, int, list[Tensor]]:
         if self.kind >= LOWBIT4:
-            ts = [self.codes, self.steps, self.offsets]
+            ts = [self.codes, self.steps, self.offsets, self.tile_codes, self.tile_scales]
         else:
             ts = [self.q0, self.sz0] + ([self.q1, self.sz1] if self.planes == 2 else [])
-        return self.kind, self.out_features, ts + ([self.lr_a, self.lr_b] if self.low_rank else [])
+        low = [self.lr_a, self.lr_b, self.lr_cols] if self.low_rank else []
+        return self.kind, self.out_features, ts + low
 
-    def forward(self, x: Tensor) -> Tensor:
-        return project(x, *self.packed())
+    def forward(self, x: Tensor, tiled: bool = False) -> Tensor:
+        return project(x, *self.packed(), tiled=tiled)
 
 
 NOT_COPIED = (
@@ -279,16 +320,17 @@ class Int8Linear(nn.Module):
 
 class WidthSwitch:
     """Which copy a forward uses, set once per forward by the model (`BlockDiffLM.forward`): the
-    4-bit kernel for a forward over a cache that feeds at most `NARROW_ROWS` tokens per sequence,
-    bfloat16 for anything else (a prompt, a wide step). The rule reads neither the batch size nor
-    the padding, so a row takes the same kernels alone or batched: batching never changes its
-    numbers (the engine's batched = unbatched rule)."""
+    4-bit codes for a forward over a cache that feeds at most `narrow_rows()` tokens per sequence
+    (on tiles from TILE_TOKENS), bfloat16 for anything else (a prompt, a wide step). The rule
+    reads neither the batch size nor the padding, so a row takes the same kernels alone or
+    batched: batching never changes its numbers (the engine's batched = unbatched rule)."""
 
-    def __init__(self, rows: int = NARROW_ROWS):
-        self.rows, self.wide = rows, True
+    def __init__(self, rows: int | None = None):
+        self.rows, self.wide, self.tiled = narrow_rows() if rows is None else rows, True, False
 
     def set(self, fed: int, cached: int) -> None:
         self.wide = cached == 0 or fed > self.rows
+        self.tiled = fed >= TILE_TOKENS  # as the native step chooses (csrc/step.cpp)
 
 
 class ByWidth(nn.Module):
@@ -300,7 +342,9 @@ class ByWidth(nn.Module):
         self.in_features, self.out_features = wide.in_features, wide.out_features
 
     def forward(self, x: Tensor) -> Tensor:
-        return (self.wide if self.switch.wide else self.narrow).forward(x)  # no second dispatch
+        if self.switch.wide:
+            return self.wide.forward(x)  # no second dispatch
+        return self.narrow.forward(x, self.switch.tiled)
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:

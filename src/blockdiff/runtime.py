@@ -6,7 +6,7 @@ RoPE call for q and k together); each fused projection is stored as the precisio
 * float32 / bfloat16 — one dense matrix (a delta merged into it);
 * int8  — per-output-channel int8, any weights (lossy: `quant.Int8Linear`);
 * int4  — the weights' own 4-bit grid (exact for SmolLM2's Q4_1 base, `quant.Int4Linear`), a
-  delta unmerged beside it, for forwards over a cache of up to `quant.NARROW_ROWS` tokens per
+  delta unmerged beside it, for forwards over a cache of up to `quant.narrow_rows()` tokens per
   sequence; a bfloat16 copy for the others, where the dense GEMM is cheaper (`quant.ByWidth`,
   `quant.WidthSwitch`). Refused for weights on no grid;
 * auto  — on a CPU, int4 where it is exact, float32 otherwise (the default: never rounds a
@@ -46,8 +46,11 @@ from .quant import (
 
 PRECISIONS = ("auto", "float32", "bfloat16", "int8", "int4")
 # Forwards of at most this many tokens per sequence run as the compiled step (`native`); wider ones
-# (prompts, diffusion blocks) as TorchScript, where the matrix products dominate and SDPA attends.
-NATIVE_ROWS = 8
+# (prompts, wide diffusion blocks) as TorchScript, where the matrix products dominate and SDPA
+# attends. 32: the int4 runtime's codes go to 16 tokens (tiles), and bfloat16 forwards of 16 and
+# 32 tokens cost less here than in TorchScript (11.4 / 15.7 ms against 13.2 / 16.2, one process
+# alternating the two; BENCHMARKS.md).
+NATIVE_ROWS = 32
 
 
 def check_precision(precision: str) -> str:

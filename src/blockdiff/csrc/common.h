@@ -2,7 +2,9 @@
 #pragma once
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <bit>
+#include <cmath>
 #include <cstdint>
 
 namespace blockdiff {
@@ -21,5 +23,21 @@ template <> inline bf16 to<bf16>(float v) {
   return v != v ? bf16(0x7FC0) : r;
 }
 template <typename T> inline T* ptr(const at::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); }
+
+// e^x to ~2 ulp in float32 (Cephes' polynomial): std::exp does not vectorise here; attention and
+// SiLU take ~10^5 exponentials per forward.
+inline float exp_approx(float x) {
+  x = std::clamp(x, -87.0f, 88.0f);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693359375f - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  return p * std::bit_cast<float>(uint32_t(int32_t(n) + 127) << 23);
+}
 
 }  // namespace blockdiff

@@ -10,7 +10,9 @@
 // Built once per machine by blockdiff.native.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include "common.h"
+#include "attention.h"
 #include "lowbit.h"
+#include "tiles.h"
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cmath>
@@ -26,22 +28,6 @@ using at::Tensor;
 namespace {
 
 using namespace blockdiff;
-
-// e^x to ~2 ulp in float32 (Cephes' polynomial): std::exp does not vectorise here; attention and
-// SiLU take ~10^5 exponentials per forward.
-inline float exp_approx(float x) {
-  x = std::clamp(x, -87.0f, 88.0f);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = x - n * 0.693359375f - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  return p * std::bit_cast<float>(uint32_t(int32_t(n) + 127) << 23);
-}
 
 template <typename T>
 void rms_norm(const T* x, const T* w, T* y, int64_t n, int64_t d, float eps) {
@@ -63,8 +49,9 @@ template <typename T>
 void rope(T* h, const T* cos, const T* sin, int64_t b, int64_t q, int64_t cb, int64_t heads, int64_t hd,
           int64_t stride) {
   const int64_t half = hd / 2;
-  for (int64_t bi = 0; bi < b; ++bi)
-    for (int64_t t = 0; t < q; ++t) {
+  at::parallel_for(0, b * q, b * q * heads * hd >= (1 << 14) ? 1 : b * q, [&](int64_t lo, int64_t hi) {
+    for (int64_t row = lo; row < hi; ++row) {  // rows: several tokens
+      const int64_t bi = row / q, t = row % q;
       const T* c = cos + ((cb > 1 ? bi : 0) * q + t) * hd;
       const T* s = sin + ((cb > 1 ? bi : 0) * q + t) * hd;
       for (int64_t hh = 0; hh < heads; ++hh) {
@@ -77,12 +64,14 @@ void rope(T* h, const T* cos, const T* sin, int64_t b, int64_t q, int64_t cb, in
         }
       }
     }
+  });
 }
 
 // silu(gate) * up, rounded after each as torch's two operations.
 template <typename T>
 void silu_mul(const T* gu, T* out, int64_t n, int64_t f) {
-  for (int64_t r = 0; r < n; ++r) {
+  at::parallel_for(0, n, n * f >= (1 << 14) ? 1 : n, [&](int64_t lo, int64_t hi) {  // rows: several tokens
+  for (int64_t r = lo; r < hi; ++r) {
     const T* g = gu + r * 2 * f;
     const T* u = g + f;
     T* o = out + r * f;
@@ -92,66 +81,6 @@ void silu_mul(const T* gu, T* out, int64_t n, int64_t f) {
       o[i] = to<T>(f32(to<T>(v / (1.f + exp_approx(-v)))) * f32(u[i]));
     }
   }
-}
-
-// Attention of the fed rows over the cache's `span` slots, then the fed keys themselves (read
-// from the projection's output). A masked key weighs exactly 0; a row with every key masked
-// gives 0, as torch's CPU kernel.
-template <typename T>
-void attend(const T* qkv, const T* kc, const T* vc, int64_t cap, const bool* mask, int64_t mb, int64_t b,
-            int64_t q, int64_t span, int64_t nh, int64_t nkv, int64_t hd, T* out) {
-  const int64_t stride = (nh + 2 * nkv) * hd, tk = span + q, group = nh / nkv;
-  const float scale = 1.f / std::sqrt(float(hd));
-  // In parallel (torch's threads) past ~2^15 multiply-adds (one token over ~60 keys): below that,
-  // starting threads costs more.
-  at::parallel_for(0, b * nh, b * nh * q * tk * hd >= (1 << 15) ? 1 : b * nh, [&](int64_t lo, int64_t hi) {
-    std::vector<float> qf(hd), sc(tk), acc(hd);
-    for (int64_t p = lo; p < hi; ++p) {
-      const int64_t bi = p / nh, hh = p % nh, g = hh / group;
-      auto key = [&](int64_t j) {
-        return j < span ? kc + ((bi * nkv + g) * cap + j) * hd : qkv + (bi * q + j - span) * stride + (nh + g) * hd;
-      };
-      auto value = [&](int64_t j) {
-        return j < span ? vc + ((bi * nkv + g) * cap + j) * hd : qkv + (bi * q + j - span) * stride + (nh + nkv + g) * hd;
-      };
-      for (int64_t t = 0; t < q; ++t) {
-        const T* qr = qkv + (bi * q + t) * stride + hh * hd;
-        const bool* m = mask ? mask + ((mb > 1 ? bi : 0) * q + t) * tk : nullptr;
-#pragma omp simd
-        for (int64_t e = 0; e < hd; ++e) qf[e] = f32(qr[e]) * scale;
-        float mx = -INFINITY;
-        for (int64_t j = 0; j < tk; ++j) {
-          if (m && !m[j]) {
-            sc[j] = -INFINITY;
-            continue;
-          }
-          const T* kr = key(j);
-          float s = 0.f;
-#pragma omp simd reduction(+ : s)
-          for (int64_t e = 0; e < hd; ++e) s = std::fma(qf[e], f32(kr[e]), s);
-          sc[j] = s;
-          mx = std::max(mx, s);
-        }
-        float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t j = 0; j < tk; ++j) {
-          sc[j] = sc[j] == -INFINITY ? 0.f : exp_approx(sc[j] - mx);
-          sum += sc[j];
-        }
-        std::fill(acc.begin(), acc.end(), 0.f);
-        for (int64_t j = 0; j < tk; ++j) {
-          const float pj = sc[j];
-          if (pj == 0.f) continue;  // masked (or too small to count in float32)
-          const T* vr = value(j);
-#pragma omp simd
-          for (int64_t e = 0; e < hd; ++e) acc[e] = std::fma(pj, f32(vr[e]), acc[e]);
-        }
-        T* o = out + (bi * q + t) * nh * hd + hh * hd;
-        const float inv = sum > 0.f ? 1.f / sum : 0.f;
-#pragma omp simd
-        for (int64_t e = 0; e < hd; ++e) o[e] = to<T>(acc[e] * inv);
-      }
-    }
   });
 }
 
@@ -160,40 +89,52 @@ void attend(const T* qkv, const T* kc, const T* vc, int64_t cap, const bool* mas
 // the conversions) for a few thousand multiply-adds, and a row's numbers never depend on the rows
 // beside it.
 template <typename X, typename Y>
-void low_rank(const X* x, const bf16* a, const bf16* bm, Y* y, int64_t n, int64_t k, int64_t r, int64_t nn) {
+void low_rank(const X* x, const bf16* a, const bf16* bm, const int64_t* cols, Y* y, int64_t n, int64_t k, int64_t r,
+              int64_t nn) {
   std::vector<float> t(n * r, 0.f);
-  for (int64_t row = 0; row < n; ++row)  // x A: r sums over K per row
-    for (int64_t i = 0; i < k; ++i) {
+  for (int64_t i = 0; i < k; ++i) {  // x A: r sums over K per row, the rows side by side
+    const bf16* ar = a + i * r;      // (independent chains; each row's sums in the same order)
+    for (int64_t row = 0; row < n; ++row) {
       const float xv = f32(x[row * k + i]);
-      const bf16* ar = a + i * r;
       float* tr = t.data() + row * r;
 #pragma omp simd
       for (int64_t j = 0; j < r; ++j) tr[j] = std::fma(xv, f32(ar[j]), tr[j]);
     }
-  // (x A) B by blocks of columns, in parallel even for one row (B is most of the bytes); a
-  // column's sum runs over the rank in one order, whatever the split
+  }
+  // (x A) B by blocks of columns, in parallel even for one row (B is most of the bytes), each
+  // row of B read once for all rows; a column's sum runs over the rank in one order, whatever
+  // the split or the rows
   at::parallel_for(0, nn, n * nn * r >= (1 << 15) ? 128 : nn, [&](int64_t c0, int64_t c1) {
-    std::vector<float> u(c1 - c0);
-    for (int64_t row = 0; row < n; ++row) {
-      std::fill(u.begin(), u.end(), 0.f);
-      for (int64_t j = 0; j < r; ++j) {
+    const int64_t w = c1 - c0;
+    std::vector<float> u(n * w, 0.f);
+    for (int64_t j = 0; j < r; ++j) {
+      const int64_t lo = std::max(c0, cols[2 * j]) - c0, hi = std::min(c1, cols[2 * j + 1]) - c0;
+      const bf16* br = bm + j * nn + c0;
+      for (int64_t row = 0; row < n; ++row) {
         const float tj = t[row * r + j];
-        const bf16* br = bm + j * nn + c0;
+        float* ur = u.data() + row * w;
 #pragma omp simd
-        for (int64_t c = 0; c < c1 - c0; ++c) u[c] = std::fma(tj, f32(br[c]), u[c]);
+        for (int64_t c = lo; c < hi; ++c) ur[c] = std::fma(tj, f32(br[c]), ur[c]);  // B's nonzeros
       }
+    }
+    for (int64_t row = 0; row < n; ++row) {
       Y* yr = y + row * nn + c0;
+      const float* ur = u.data() + row * w;
 #pragma omp simd
-      for (int64_t c = 0; c < c1 - c0; ++c) yr[c] = to<Y>(f32(yr[c]) + f32(to<Y>(u[c])));
+      for (int64_t c = 0; c < w; ++c) yr[c] = to<Y>(f32(yr[c]) + f32(to<Y>(ur[c])));
     }
   });
 }
 
+// From this many tokens per sequence, 4-/8-bit codes are multiplied on tiles (quant.TILE_TOKENS).
+constexpr int64_t TILE_TOKENS = 2;
+
 // x W^T for a projection stored as `kind` (quant.project's kinds: 0 dense, 1 int8, 2/3 int4 in
-// one/two planes, 5/6 4-/8-bit codes in lowbit's layout (codes, steps, offsets), each of the
-// last four with an optional low-rank delta; 4 bfloat16 in oneDNN's layout).
-Tensor project(const Tensor& x, int64_t kind, int64_t out, const std::vector<Tensor>& ts) {
-  const size_t need = kind == 0 || kind == 4 ? 1 : kind == 3 ? 4 : kind >= 5 ? 3 : 2;
+// one/two planes, 5/6 4-/8-bit codes in lowbit's layout and the tiles' (codes, steps, offsets,
+// tile codes, tile scales; the last two empty where the CPU has no tiles), each of the last four
+// with an optional low-rank delta; 4 bfloat16 in oneDNN's layout). `tiled`: as quant.project.
+Tensor project(const Tensor& x, int64_t kind, int64_t out, const std::vector<Tensor>& ts, bool tiled) {
+  const size_t need = kind == 0 || kind == 4 ? 1 : kind == 3 ? 4 : kind >= 5 ? 5 : 2;
   TORCH_CHECK(kind >= 0 && kind <= 6 && ts.size() >= need, "projection kind ", kind, " with ", ts.size(), " tensors");
   if (kind == 0) return at::linear(x, ts[0]);
   if (kind == 4) {
@@ -206,7 +147,11 @@ Tensor project(const Tensor& x, int64_t kind, int64_t out, const std::vector<Ten
   Tensor y;
   size_t used = 3;
   if (kind >= 5) {
-    y = lowbit::mm(x, ts[0], ts[1], ts[2], kind == 5 ? 4 : 8, x.size(1));
+    used = 5;
+    if (tiled && ts[3].numel() > 0 && x.scalar_type() == at::kBFloat16)
+      y = tiles::mm(x, ts[3], ts[4], kind == 5 ? 4 : 8, out);
+    else
+      y = lowbit::mm(x, ts[0], ts[1], ts[2], kind == 5 ? 4 : 8, x.size(1));
   } else {
     const Tensor& flat = x.scalar_type() == at::kBFloat16 ? x : x.to(at::kBFloat16);
     if (kind == 1) return at::_weight_int8pack_mm(flat, ts[0], ts[1]);
@@ -218,18 +163,20 @@ Tensor project(const Tensor& x, int64_t kind, int64_t out, const std::vector<Ten
   }
   TORCH_CHECK(y.dim() == 2 && y.size(1) == out, "a projection ", out, " wide");
   if (ts.size() > used) {
-    const Tensor &a = ts[used], &bm = ts[used + 1];
+    const Tensor &a = ts[used], &bm = ts[used + 1], &cols = ts.size() > used + 2 ? ts[used + 2] : Tensor();
     TORCH_CHECK(a.scalar_type() == at::kBFloat16 && bm.scalar_type() == at::kBFloat16 && a.is_contiguous() &&
                     bm.is_contiguous() && y.is_contiguous() && x.is_contiguous() && x.dim() == 2 &&
                     a.dim() == 2 && bm.dim() == 2 && a.size(0) == x.size(1) && bm.size(0) == a.size(1) &&
-                    bm.size(1) == out && ts.size() == used + 2,
-                "a low-rank delta: bfloat16 A [K, r] and B [r, N]");
+                    bm.size(1) == out && ts.size() == used + 3 && cols.scalar_type() == at::kLong &&
+                    cols.is_contiguous() && cols.dim() == 2 && cols.size(0) == a.size(1) && cols.size(1) == 2 &&
+                    (cols.numel() == 0 || (cols.min().item<int64_t>() >= 0 && cols.max().item<int64_t>() <= out)),
+                "a low-rank delta: bfloat16 A [K, r] and B [r, N], and B's nonzero columns [r, 2]");
     const int64_t rows = x.size(0), k = x.size(1), r = a.size(1);
     auto delta = [&](auto* xp) {
       if (y.scalar_type() == at::kFloat)
-        low_rank(xp, ptr<bf16>(a), ptr<bf16>(bm), ptr<float>(y), rows, k, r, out);
+        low_rank(xp, ptr<bf16>(a), ptr<bf16>(bm), cols.data_ptr<int64_t>(), ptr<float>(y), rows, k, r, out);
       else
-        low_rank(xp, ptr<bf16>(a), ptr<bf16>(bm), ptr<bf16>(y), rows, k, r, out);
+        low_rank(xp, ptr<bf16>(a), ptr<bf16>(bm), cols.data_ptr<int64_t>(), ptr<bf16>(y), rows, k, r, out);
     };
     if (x.scalar_type() == at::kFloat)
       delta(ptr<float>(x));
@@ -292,10 +239,11 @@ Tensor run(const Tensor& x_in, const Tensor& cos, const Tensor& sin, const std::
                 "a projection's output: [rows, ", cols, "] in the activations' dtype");
     return y.contiguous();
   };
+  const bool tiled = q >= TILE_TOKENS;
   for (size_t i = 0; i < norms.size() / 2; ++i) {
     const size_t j = 4 * i;
     rms_norm(ptr<T>(x), ptr<T>(norms[2 * i]), ptr<T>(hn), n, d, (float)eps);
-    Tensor qkv = checked(project(hn, kinds[j], outs[j], parts[j]), (nh + 2 * nkv) * hd);
+    Tensor qkv = checked(project(hn, kinds[j], outs[j], parts[j], tiled), (nh + 2 * nkv) * hd);
     T* h = ptr<T>(qkv);
     const int64_t stride = (nh + 2 * nkv) * hd;
     rope(h, ptr<T>(c), ptr<T>(s), b, q, c.size(0), nh + nkv, hd, stride);
@@ -319,14 +267,14 @@ Tensor run(const Tensor& x_in, const Tensor& cos, const Tensor& sin, const std::
           }
         }
     }
-    x.add_(checked(project(att, kinds[j + 1], outs[j + 1], parts[j + 1]), d));
+    x.add_(checked(project(att, kinds[j + 1], outs[j + 1], parts[j + 1], tiled), d));
     rms_norm(ptr<T>(x), ptr<T>(norms[2 * i + 1]), ptr<T>(hn), n, d, (float)eps);
-    Tensor gu = checked(project(hn, kinds[j + 2], outs[j + 2], parts[j + 2]), -1);
+    Tensor gu = checked(project(hn, kinds[j + 2], outs[j + 2], parts[j + 2], tiled), -1);
     TORCH_CHECK(gu.size(1) % 2 == 0, "gate|up: an even width");
     const int64_t f = gu.size(1) / 2;
     Tensor act = at::empty({n, f}, x.options());
     silu_mul(ptr<T>(gu), ptr<T>(act), n, f);
-    x.add_(checked(project(act, kinds[j + 3], outs[j + 3], parts[j + 3]), d));
+    x.add_(checked(project(act, kinds[j + 3], outs[j + 3], parts[j + 3], tiled), d));
   }
   return x.view({b, q, d});
 }
@@ -348,4 +296,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("layers", &layers, py::call_guard<py::gil_scoped_release>());
   m.def("lowbit_pack", &lowbit::pack);
   m.def("lowbit_mm", &lowbit::mm, py::call_guard<py::gil_scoped_release>());
+  m.attr("TILE_TOKENS") = TILE_TOKENS;
+  m.def("tiles_usable", &tiles::usable);
+  m.def("tiles_pack", &tiles::pack);
+  m.def("tiles_mm", &tiles::mm, py::call_guard<py::gil_scoped_release>());
 }
