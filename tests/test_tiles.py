@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from blockdiff import native, quant
+from blockdiff.decoding import generate
 from blockdiff.quant import Int4Linear
-from tests.test_runtime import q4_1, q8_0
+from blockdiff.runtime import prepare, tiles_from
+from tests.test_runtime import on_grid_model, q4_1, q8_0
 
 m = native.module()
 needs_tiles = pytest.mark.skipif(m is None or not m.tiles_usable(), reason="no AMX tiles on this CPU")
@@ -105,3 +107,28 @@ def test_bad_arguments_are_refused():
         m.tiles_mm(torch.randn(2, 96).bfloat16(), codes, scales, 4, 16)
     with pytest.raises(RuntimeError, match="out of range"):
         m.tiles_pack(torch.full((2, 32), 16), torch.ones(2, 1), torch.zeros(2, 1), 4)
+
+
+@needs_tiles
+def test_tiles_from_one_token_keeps_batched_equal_to_alone_and_runs_tiles(tok):
+    """`tiles_from(model, 1)` (what a server with batches does): every forward's codes on tiles,
+    and a row's tokens still never depend on its batch."""
+    q = prepare(on_grid_model(vocab=tok.vocab_size + 1), "int4")
+    tiles_from(q, 1)
+    assert all(
+        k in (quant.LOWBIT4 + quant.TILED, quant.LOWBIT8 + quant.TILED)
+        for k in q.fused_layers.narrow_tiled[1]
+    )
+    prompts = ["To be", "Shall I compare thee to a summer's day?", "O"]
+    together = generate(q, tok, prompts, sampler="ar", max_new_tokens=10, stop_at_eos=False)
+    for p, t in zip(prompts, together.tokens, strict=True):
+        assert generate(q, tok, [p], sampler="ar", max_new_tokens=10, stop_at_eos=False).tokens[0] == t
+    x = torch.randn(1, 1, q.config.hidden_size).bfloat16()  # the head: tiles from one row too
+    q.width_switch.set(1, 10)
+    head = q.lm_head.narrow
+    assert torch.equal(q.lm_head(x)[0], head(x[0], tiled=True))
+
+
+def test_tiles_from_takes_one_or_the_default():
+    with pytest.raises(ValueError, match="tiles from 1 or 2"):
+        tiles_from(torch.nn.Module(), 3)

@@ -10,8 +10,9 @@ several tokens, where the CPU has them; `BLOCKDIFF_TILES=0` turns them off).
 
 Built with the system's C++ compiler (`$CXX`, else `c++`) against the installed torch, for this
 CPU (`-march=native`), into the blockdiff cache keyed by source, torch, Python, compiler and CPU:
-the first use compiles (~20 s; `make setup` does it ahead), later ones load. Where that fails (no compiler,
-no headers) the runtime warns once and runs TorchScript; `BLOCKDIFF_NATIVE=0` asks for that.
+the first use compiles (~30 s on 2 cores; `make setup` does it ahead), later ones load. Where
+that fails (no compiler, no headers) the runtime warns once and runs TorchScript;
+`BLOCKDIFF_NATIVE=0` asks for that.
 """
 
 from __future__ import annotations

@@ -95,6 +95,7 @@ def forward_cost(precision: str | None, device: str = "cpu"):
 # bfloat16 matrix in oneDNN's own blocked layout, 4-bit or 8-bit codes in the compiled kernel's
 # layout (csrc/lowbit.cpp: codes, steps, offsets; then the delta, if any).
 DENSE, INT8, INT4, INT4X2, PACKED, LOWBIT4, LOWBIT8 = 0, 1, 2, 3, 4, 5, 6
+TILED = 2  # LOWBIT4/8 + TILED: the same codes, on tiles at every width (`WidthSwitch.tile_tokens` 1)
 
 
 def project(x: Tensor, kind: int, out: int, ts: list[Tensor], tiled: bool = False) -> Tensor:
@@ -115,8 +116,8 @@ def project(x: Tensor, kind: int, out: int, ts: list[Tensor], tiled: bool = Fals
         if torch.jit.is_scripting():  # the compiled loop cannot call the kernel: FusedLayers never
             raise RuntimeError("4-/8-bit codes are read by the native step only")  # routes them here
         used = 5
-        bits = 4 if kind == 5 else 8
-        if tiled and ts[3].numel() > 0 and flat.dtype == torch.bfloat16:
+        bits = 4 if kind % 2 == 1 else 8  # 5, 7: 4 bits; 6, 8: 8 bits
+        if (tiled or kind >= 7) and ts[3].numel() > 0 and flat.dtype == torch.bfloat16:
             y = _native().tiles_mm(flat, ts[3], ts[4], bits, out)
         else:
             y = _native().lowbit_mm(flat, ts[0], ts[1], ts[2], bits, k)
@@ -327,10 +328,11 @@ class WidthSwitch:
 
     def __init__(self, rows: int | None = None):
         self.rows, self.wide, self.tiled = narrow_rows() if rows is None else rows, True, False
+        self.tile_tokens = TILE_TOKENS  # 1: tiles at every width (runtime.tiles_from)
 
     def set(self, fed: int, cached: int) -> None:
         self.wide = cached == 0 or fed > self.rows
-        self.tiled = fed >= TILE_TOKENS  # as the native step chooses (csrc/step.cpp)
+        self.tiled = fed >= self.tile_tokens  # as the native step chooses (csrc/step.cpp)
 
 
 class ByWidth(nn.Module):

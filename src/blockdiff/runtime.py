@@ -33,7 +33,10 @@ from .model import KVCache, RMSNorm, SplitMask, apply_rope
 from .quant import (
     DENSE,
     LOWBIT4,
+    LOWBIT8,
     NOT_COPIED,
+    TILE_TOKENS,
+    TILED,
     ByWidth,
     Int4Linear,
     Int8Linear,
@@ -191,6 +194,9 @@ class FusedLayers:
 
         self.wide, self.narrow = packing("wide"), packing("narrow")
         self.native_codes = any(k >= LOWBIT4 for k in self.narrow[1])  # read by the native step only
+        # the same, every forward's codes on tiles (`tiles_from(model, 1)`)
+        kinds = [k + TILED if k in (LOWBIT4, LOWBIT8) else k for k in self.narrow[1]]
+        self.narrow_tiled = (self.narrow[0], kinds, *self.narrow[2:])
         self.switch, self.device = self.model.width_switch, norms[0].device
         self.native = native.layers() if self.device.type == "cpu" else None
 
@@ -215,7 +221,10 @@ class FusedLayers:
         narrow = (
             self.switch is not None and not self.switch.wide and (run is self.native or not self.native_codes)
         )
-        return run(x, cos, sin, mask, ks, vs, span, slots, *(self.narrow if narrow else self.wide))
+        weights = self.wide
+        if narrow:
+            weights = self.narrow_tiled if self.switch.tile_tokens == 1 else self.narrow
+        return run(x, cos, sin, mask, ks, vs, span, slots, *weights)
 
     @staticmethod
     def _native_takes(x: Tensor, mask: Tensor | None) -> bool:
@@ -284,6 +293,18 @@ def _on_grid(model) -> bool:
     except NotOnGrid:
         return False
     return True
+
+
+def tiles_from(model, tokens: int) -> None:
+    """From how many tokens per sequence an int4 model's forwards multiply its codes on AMX tiles:
+    `quant.TILE_TOKENS` (2, the default: lowbit is ~10 % faster for one token alone) or 1 (every
+    forward: a batch of one-token steps — a server's — then costs little more than one step).
+    Per model, never per batch: a sequence's numbers still never depend on the batch it is in.
+    Nothing changes where the CPU has no tiles or the model holds no 4-bit codes."""
+    if tokens not in (1, TILE_TOKENS):
+        raise ValueError(f"tiles from 1 or {TILE_TOKENS} tokens per sequence, not {tokens}")
+    if getattr(model, "width_switch", None) is not None:
+        model.width_switch.tile_tokens = tokens
 
 
 def prepare(model, precision: str = "auto", device: str | torch.device = "cpu"):

@@ -131,11 +131,12 @@ constexpr int64_t TILE_TOKENS = 2;
 
 // x W^T for a projection stored as `kind` (quant.project's kinds: 0 dense, 1 int8, 2/3 int4 in
 // one/two planes, 5/6 4-/8-bit codes in lowbit's layout and the tiles' (codes, steps, offsets,
-// tile codes, tile scales; the last two empty where the CPU has no tiles), each of the last four
-// with an optional low-rank delta; 4 bfloat16 in oneDNN's layout). `tiled`: as quant.project.
+// tile codes, tile scales; the last two empty where the CPU has no tiles), 7/8 the same on tiles
+// at every width, each of these with an optional low-rank delta; 4 bfloat16 in oneDNN's layout).
+// `tiled`: as quant.project.
 Tensor project(const Tensor& x, int64_t kind, int64_t out, const std::vector<Tensor>& ts, bool tiled) {
   const size_t need = kind == 0 || kind == 4 ? 1 : kind == 3 ? 4 : kind >= 5 ? 5 : 2;
-  TORCH_CHECK(kind >= 0 && kind <= 6 && ts.size() >= need, "projection kind ", kind, " with ", ts.size(), " tensors");
+  TORCH_CHECK(kind >= 0 && kind <= 8 && ts.size() >= need, "projection kind ", kind, " with ", ts.size(), " tensors");
   if (kind == 0) return at::linear(x, ts[0]);
   if (kind == 4) {
     static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
@@ -148,10 +149,11 @@ Tensor project(const Tensor& x, int64_t kind, int64_t out, const std::vector<Ten
   size_t used = 3;
   if (kind >= 5) {
     used = 5;
-    if (tiled && ts[3].numel() > 0 && x.scalar_type() == at::kBFloat16)
-      y = tiles::mm(x, ts[3], ts[4], kind == 5 ? 4 : 8, out);
+    const int64_t bits = kind % 2 == 1 ? 4 : 8;  // 7, 8: on tiles at every width
+    if ((tiled || kind >= 7) && ts[3].numel() > 0 && x.scalar_type() == at::kBFloat16)
+      y = tiles::mm(x, ts[3], ts[4], bits, out);
     else
-      y = lowbit::mm(x, ts[0], ts[1], ts[2], kind == 5 ? 4 : 8, x.size(1));
+      y = lowbit::mm(x, ts[0], ts[1], ts[2], bits, x.size(1));
   } else {
     const Tensor& flat = x.scalar_type() == at::kBFloat16 ? x : x.to(at::kBFloat16);
     if (kind == 1) return at::_weight_int8pack_mm(flat, ts[0], ts[1]);

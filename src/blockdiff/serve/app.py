@@ -34,6 +34,7 @@ from ..decoding.constraint import constraint_of
 from ..decoding.engine import check_length
 from ..decoding.samplers import PLANS
 from ..model import BlockDiffLM
+from ..runtime import tiles_from
 from ..tokenizer import Tokenizer
 from .protocol import (
     IGNORED,
@@ -71,6 +72,8 @@ class Server:
         self.model, self.tok, self.name, self.sampler = model, tokenizer, name, sampler
         self.timeout, self.api_key, self.default_max_tokens = timeout, api_key, default_max_tokens
         self.max_batch, self.max_queue = max_batch, max_queue
+        if max_batch > 1:  # batched one-token steps on AMX tiles: batch 8 ~2x faster, alone 0.95x
+            tiles_from(model, 1)
         self.scheduler = Scheduler(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
         self.ar: Server | None = None
 
