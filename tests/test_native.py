@@ -5,7 +5,7 @@ message, and where it cannot be built the runtime says so and runs TorchScript."
 import pytest
 import torch
 
-from blockdiff import delta, native, runtime
+from blockdiff import delta, native, quant, runtime
 from blockdiff.decoding import generate
 from blockdiff.model import KVCache, rope_cos_sin
 from blockdiff.runtime import prepare
@@ -173,10 +173,11 @@ def test_a_narrow_forward_the_native_step_does_not_take_runs_the_bfloat16_copy()
 
 
 @pytest.mark.parametrize("q", [1, 8])
-def test_the_delta_reads_each_ranks_nonzero_columns_only_and_all_of_them(q):
-    """A fused projection's delta is block-diagonal; the native step skips B's zeros by each rank's
-    column range (`Int4Linear.lr_cols`). With a large delta, a range cut in half moves the output by
-    ~1x its largest value; the kept ranges equal the loop to bfloat16 rounding (~1e-2)."""
+def test_the_delta_reads_each_ranks_nonzero_columns_only_and_all_of_them(q, monkeypatch):
+    """A fused projection's delta is block-diagonal; the native step's loops skip B's zeros by each
+    rank's column range (`Int4Linear.lr_cols`; 8 tokens: the loops as where the CPU has no tiles).
+    With a large delta, a range cut in half moves the output by ~1x its largest value; the kept
+    ranges equal the loop to bfloat16 rounding (~1e-2)."""
     torch.manual_seed(0)
     m = on_grid_model(intermediate_size=256)
     delta.attach(m, delta.DeltaSpec(rank=4))
@@ -184,9 +185,11 @@ def test_the_delta_reads_each_ranks_nonzero_columns_only_and_all_of_them(q):
         for p in m.parameters():
             if p.requires_grad:
                 p.add_(0.2 * torch.randn_like(p))
+    monkeypatch.setattr(quant, "tiles", lambda: False)  # no tile codes: the loops at every width
     qm = prepare(m, "int4")
     qm.width_switch.wide = False
     lin = qm.model.layers[0].self_attn.qkv_proj.narrow
+    assert lin.tile_codes.numel() == 0
     assert lin.lr_cols[:, 1].sub(lin.lr_cols[:, 0]).lt(lin.out_features).all()  # q, k, v: their own columns
     args = stack_args(qm, q, 10)
     want, got = runtime.decoder_stack(*args).float(), qm.fused_layers.native(*args).float()

@@ -10,10 +10,11 @@ import sys
 import pytest
 import torch
 
-from blockdiff import native, quant
+from blockdiff import delta, native, quant, runtime
 from blockdiff.decoding import generate
 from blockdiff.quant import Int4Linear
 from blockdiff.runtime import prepare, tiles_from
+from tests.test_native import stack_args
 from tests.test_runtime import on_grid_model, q4_1, q8_0
 
 m = native.module()
@@ -132,3 +133,25 @@ def test_tiles_from_one_token_keeps_batched_equal_to_alone_and_runs_tiles(tok):
 def test_tiles_from_takes_one_or_the_default():
     with pytest.raises(ValueError, match="tiles from 1 or 2"):
         tiles_from(torch.nn.Module(), 3)
+
+
+@needs_tiles
+def test_the_delta_on_tiles_equals_the_loop_to_rounding():
+    """8 tokens: codes and low-rank delta on tiles (x A rounded to bfloat16 before B) against the
+    Python loop (float32 delta); with the tiles' copy of B zeroed the output moves by ~1x."""
+    torch.manual_seed(0)
+    m = on_grid_model(intermediate_size=256)
+    delta.attach(m, delta.DeltaSpec(rank=4))
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.requires_grad:
+                p.add_(0.2 * torch.randn_like(p))
+    qm = prepare(m, "int4")
+    qm.width_switch.wide = False
+    args = stack_args(qm, 8, 10)
+    want, got = runtime.decoder_stack(*args).float(), qm.fused_layers.native(*args).float()
+    assert (want - got).abs().max() < 5e-2 * want.abs().max()
+    for layer in qm.model.layers:
+        layer.mlp.gate_up_proj.narrow.lr_b_tiles.zero_()
+    cut = qm.fused_layers.native(*stack_args(qm, 8, 10)).float()
+    assert (want - cut).abs().max() > 3e-1 * want.abs().max()

@@ -239,6 +239,11 @@ class Int4Linear(nn.Module):
             lo = torch.where(nz, cols, nz.shape[1]).amin(1)
             hi = torch.where(nz, cols + 1, 0).amax(1)
             self.register_buffer("lr_cols", torch.stack([lo, torch.maximum(lo, hi)], 1).contiguous())
+            # A and B again as tile operands: the delta of forwards whose codes run on tiles
+            on = self.kind >= LOWBIT4 and tiles()
+            none = torch.empty(0, dtype=torch.bfloat16)
+            self.register_buffer("lr_a_tiles", _native().tiles_pack_dense(a.detach()) if on else none)
+            self.register_buffer("lr_b_tiles", _native().tiles_pack_dense(b.detach()) if on else none)
             self.low_rank = True
 
     def packed(self) -> tuple[int, int, list[Tensor]]:
@@ -247,6 +252,8 @@ class Int4Linear(nn.Module):
         else:
             ts = [self.q0, self.sz0] + ([self.q1, self.sz1] if self.planes == 2 else [])
         low = [self.lr_a, self.lr_b, self.lr_cols] if self.low_rank else []
+        if self.low_rank and self.kind >= LOWBIT4:
+            low += [self.lr_a_tiles, self.lr_b_tiles]
         return self.kind, self.out_features, ts + low
 
     def forward(self, x: Tensor, tiled: bool = False) -> Tensor:

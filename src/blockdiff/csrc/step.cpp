@@ -126,15 +126,18 @@ void low_rank(const X* x, const bf16* a, const bf16* bm, const int64_t* cols, Y*
   });
 }
 
-// From this many tokens per sequence, 4-/8-bit codes are multiplied on tiles (quant.TILE_TOKENS).
-constexpr int64_t TILE_TOKENS = 2;
+// From this many tokens per sequence, 4-/8-bit codes are multiplied on tiles (quant.TILE_TOKENS),
+// and from DELTA_TILE_TOKENS their low-rank delta too (measured: even at 4, faster past it,
+// slower below: benchmarks/batch_step.py, BENCHMARKS.md).
+constexpr int64_t TILE_TOKENS = 2, DELTA_TILE_TOKENS = 4;
 
 // x W^T for a projection stored as `kind` (quant.project's kinds: 0 dense, 1 int8, 2/3 int4 in
 // one/two planes, 5/6 4-/8-bit codes in lowbit's layout and the tiles' (codes, steps, offsets,
 // tile codes, tile scales; the last two empty where the CPU has no tiles), 7/8 the same on tiles
 // at every width, each of these with an optional low-rank delta; 4 bfloat16 in oneDNN's layout).
-// `tiled`: as quant.project.
-Tensor project(const Tensor& x, int64_t kind, int64_t out, const std::vector<Tensor>& ts, bool tiled) {
+// `tokens`: fed per sequence (from TILE_TOKENS the codes run on tiles, as quant.project's `tiled`;
+// from DELTA_TILE_TOKENS their delta too, below which its loops are faster).
+Tensor project(const Tensor& x, int64_t kind, int64_t out, const std::vector<Tensor>& ts, int64_t tokens) {
   const size_t need = kind == 0 || kind == 4 ? 1 : kind == 3 ? 4 : kind >= 5 ? 5 : 2;
   TORCH_CHECK(kind >= 0 && kind <= 8 && ts.size() >= need, "projection kind ", kind, " with ", ts.size(), " tensors");
   if (kind == 0) return at::linear(x, ts[0]);
@@ -147,10 +150,12 @@ Tensor project(const Tensor& x, int64_t kind, int64_t out, const std::vector<Ten
   }
   Tensor y;
   size_t used = 3;
+  bool on_tiles = false;
   if (kind >= 5) {
     used = 5;
     const int64_t bits = kind % 2 == 1 ? 4 : 8;  // 7, 8: on tiles at every width
-    if ((tiled || kind >= 7) && ts[3].numel() > 0 && x.scalar_type() == at::kBFloat16)
+    on_tiles = (tokens >= TILE_TOKENS || kind >= 7) && ts[3].numel() > 0 && x.scalar_type() == at::kBFloat16;
+    if (on_tiles)
       y = tiles::mm(x, ts[3], ts[4], bits, out);
     else
       y = lowbit::mm(x, ts[0], ts[1], ts[2], bits, x.size(1));
@@ -169,11 +174,24 @@ Tensor project(const Tensor& x, int64_t kind, int64_t out, const std::vector<Ten
     TORCH_CHECK(a.scalar_type() == at::kBFloat16 && bm.scalar_type() == at::kBFloat16 && a.is_contiguous() &&
                     bm.is_contiguous() && y.is_contiguous() && x.is_contiguous() && x.dim() == 2 &&
                     a.dim() == 2 && bm.dim() == 2 && a.size(0) == x.size(1) && bm.size(0) == a.size(1) &&
-                    bm.size(1) == out && ts.size() == used + 3 && cols.scalar_type() == at::kLong &&
+                    bm.size(1) == out && (ts.size() == used + 3 || ts.size() == used + 5) &&
+                    cols.scalar_type() == at::kLong &&
                     cols.is_contiguous() && cols.dim() == 2 && cols.size(0) == a.size(1) && cols.size(1) == 2 &&
                     (cols.numel() == 0 || (cols.min().item<int64_t>() >= 0 && cols.max().item<int64_t>() <= out)),
                 "a low-rank delta: bfloat16 A [K, r] and B [r, N], and B's nonzero columns [r, 2]");
     const int64_t rows = x.size(0), k = x.size(1), r = a.size(1);
+    if (on_tiles && tokens >= DELTA_TILE_TOKENS && ts.size() == used + 5 && ts[used + 3].numel() > 0) {
+      // the codes ran on tiles: so does the delta, x A (float32 sums) rounded to bfloat16, then B
+      const Tensor t = tiles::dense_mm(x, ts[used + 3], r);
+      Tensor tb = at::zeros({rows, ts[used + 4].size(1) * 32}, x.options());
+      tb.narrow(1, 0, r).copy_(t);
+      const Tensor u = tiles::dense_mm(tb, ts[used + 4], out);
+      const float* up = u.data_ptr<float>();
+      bf16* yp = ptr<bf16>(y);
+#pragma omp simd
+      for (int64_t i = 0; i < rows * out; ++i) yp[i] = to<bf16>(f32(yp[i]) + f32(to<bf16>(up[i])));
+      return y;
+    }
     auto delta = [&](auto* xp) {
       if (y.scalar_type() == at::kFloat)
         low_rank(xp, ptr<bf16>(a), ptr<bf16>(bm), cols.data_ptr<int64_t>(), ptr<float>(y), rows, k, r, out);
@@ -241,11 +259,10 @@ Tensor run(const Tensor& x_in, const Tensor& cos, const Tensor& sin, const std::
                 "a projection's output: [rows, ", cols, "] in the activations' dtype");
     return y.contiguous();
   };
-  const bool tiled = q >= TILE_TOKENS;
   for (size_t i = 0; i < norms.size() / 2; ++i) {
     const size_t j = 4 * i;
     rms_norm(ptr<T>(x), ptr<T>(norms[2 * i]), ptr<T>(hn), n, d, (float)eps);
-    Tensor qkv = checked(project(hn, kinds[j], outs[j], parts[j], tiled), (nh + 2 * nkv) * hd);
+    Tensor qkv = checked(project(hn, kinds[j], outs[j], parts[j], q), (nh + 2 * nkv) * hd);
     T* h = ptr<T>(qkv);
     const int64_t stride = (nh + 2 * nkv) * hd;
     rope(h, ptr<T>(c), ptr<T>(s), b, q, c.size(0), nh + nkv, hd, stride);
@@ -269,14 +286,14 @@ Tensor run(const Tensor& x_in, const Tensor& cos, const Tensor& sin, const std::
           }
         }
     }
-    x.add_(checked(project(att, kinds[j + 1], outs[j + 1], parts[j + 1], tiled), d));
+    x.add_(checked(project(att, kinds[j + 1], outs[j + 1], parts[j + 1], q), d));
     rms_norm(ptr<T>(x), ptr<T>(norms[2 * i + 1]), ptr<T>(hn), n, d, (float)eps);
-    Tensor gu = checked(project(hn, kinds[j + 2], outs[j + 2], parts[j + 2], tiled), -1);
+    Tensor gu = checked(project(hn, kinds[j + 2], outs[j + 2], parts[j + 2], q), -1);
     TORCH_CHECK(gu.size(1) % 2 == 0, "gate|up: an even width");
     const int64_t f = gu.size(1) / 2;
     Tensor act = at::empty({n, f}, x.options());
     silu_mul(ptr<T>(gu), ptr<T>(act), n, f);
-    x.add_(checked(project(act, kinds[j + 3], outs[j + 3], parts[j + 3], tiled), d));
+    x.add_(checked(project(act, kinds[j + 3], outs[j + 3], parts[j + 3], q), d));
   }
   return x.view({b, q, d});
 }
@@ -302,4 +319,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("tiles_usable", &tiles::usable);
   m.def("tiles_pack", &tiles::pack);
   m.def("tiles_mm", &tiles::mm, py::call_guard<py::gil_scoped_release>());
+  m.def("tiles_pack_dense", &tiles::pack_dense);
+  m.def("tiles_dense_mm", &tiles::dense_mm, py::call_guard<py::gil_scoped_release>());
 }

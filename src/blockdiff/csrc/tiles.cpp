@@ -193,6 +193,48 @@ void run(const bf16* xp, const float* xs, int64_t m_rows, int64_t k, const uint8
   });
 }
 
+// y [M, N] float32 = x [M, K] times bfloat16 weights packed as B operands [column tiles, groups,
+// 16, 32] (pack_dense): one sum over all of K per output in two result tiles (even and odd
+// groups, added at the end: two products in flight).
+void dense_run(const bf16* xp, int64_t m_rows, int64_t k, const bf16* wp, float* yp, int64_t n_out) {
+  const int64_t groups = k / 32, nt = (n_out + ROWS - 1) / ROWS;
+  at::parallel_for(0, nt, nt * ROWS * k * m_rows >= (1 << 16) ? 1 : nt, [&](int64_t t0, int64_t t1) {
+    alignas(64) float c[2 * 256];
+    int64_t configured = -1;
+    for (int64_t t = t0; t < t1; ++t) {
+      const bf16* w = wp + t * groups * 512;
+      const int64_t cols = std::min(ROWS, n_out - t * ROWS);
+      for (int64_t m0 = 0; m0 < m_rows; m0 += ROWS) {
+        const int64_t mr = std::min(ROWS, m_rows - m0);
+        if (mr != configured) configure(mr), configured = mr;
+        const bf16* x = xp + m0 * k;
+        _tile_zero(4);
+        _tile_zero(5);
+        int64_t g = 0;
+        for (; g + 2 <= groups; g += 2) {
+          _tile_loadd(0, x + 32 * g, 2 * k);
+          _tile_loadd(1, x + 32 * (g + 1), 2 * k);
+          _tile_loadd(2, w + 512 * g, 64);
+          _tile_loadd(6, w + 512 * (g + 1), 64);
+          _tile_dpbf16ps(4, 0, 2);
+          _tile_dpbf16ps(5, 1, 6);
+        }
+        if (g < groups) {
+          _tile_loadd(0, x + 32 * g, 2 * k);
+          _tile_loadd(2, w + 512 * g, 64);
+          _tile_dpbf16ps(4, 0, 2);
+        }
+        _tile_stored(4, c, 64);
+        _tile_stored(5, c + 256, 64);
+        for (int64_t m = 0; m < mr; ++m)
+          for (int64_t j = 0; j < cols; ++j)
+            yp[(m0 + m) * n_out + t * ROWS + j] = c[ROWS * m + j] + c[256 + ROWS * m + j];
+      }
+    }
+    _tile_release();
+  });
+}
+
 bool granted() {
   unsigned a, b, c, d;
   if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 22)) || !(d & (1u << 24))) return false;
@@ -282,6 +324,31 @@ at::Tensor mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& sc
     run<4>(xp, xsum.data(), m_rows, k, codes.data_ptr<uint8_t>(), scales.data_ptr<float>(), blockdiff::ptr<bf16>(y), n_out);
   else
     run<8>(xp, xsum.data(), m_rows, k, codes.data_ptr<uint8_t>(), scales.data_ptr<float>(), blockdiff::ptr<bf16>(y), n_out);
+#endif
+  return y;
+}
+
+at::Tensor pack_dense(const at::Tensor& w_in) {
+  TORCH_CHECK(w_in.dim() == 2, "weights [N, K]");
+  const int64_t n_out = w_in.size(0), k = w_in.size(1), kp = (k + 31) / 32 * 32, groups = kp / 32;
+  const int64_t nt = (n_out + ROWS - 1) / ROWS;
+  const at::Tensor w = at::constant_pad_nd(w_in.to(at::kBFloat16), {0, kp - k, 0, nt * ROWS - n_out}).contiguous();
+  // B[p][2j + h] = w[16 t + j][32 g + 2 p + h]
+  return w.view({nt, ROWS, groups, 16, 2}).permute({0, 2, 3, 1, 4}).contiguous().view({nt, groups, 512});
+}
+
+at::Tensor dense_mm(const at::Tensor& x, const at::Tensor& w, int64_t n_out) {
+  TORCH_CHECK(usable(), "the tile kernel needs AMX (BLOCKDIFF_TILES=0 or not this CPU)");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) % 32 == 0 && x.scalar_type() == at::kBFloat16 && x.device().is_cpu(),
+              "x [M, K] of bfloat16 on the CPU, K a multiple of 32");
+  const int64_t m_rows = x.size(0), k = x.size(1), nt = (n_out + ROWS - 1) / ROWS;
+  TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.is_contiguous() && w.dim() == 3 && w.size(0) == nt &&
+                  w.size(1) == k / 32 && w.size(2) == 512,
+              "weights as tiles.pack_dense makes them for K = ", k, ", N = ", n_out);
+  at::Tensor y = at::empty({m_rows, n_out}, x.options().dtype(at::kFloat));
+#if BLOCKDIFF_TILES
+  const at::Tensor xc = x.contiguous();
+  dense_run(blockdiff::ptr<bf16>(xc), m_rows, k, blockdiff::ptr<bf16>(w), y.data_ptr<float>(), n_out);
 #endif
   return y;
 }

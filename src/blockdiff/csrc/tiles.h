@@ -19,4 +19,10 @@ std::vector<at::Tensor> pack(const at::Tensor& codes, const at::Tensor& step, co
 // x [M, K] bfloat16 times the packed weights' transpose -> [M, N] bfloat16.
 at::Tensor mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, int64_t bits, int64_t n);
 
+// Dense bfloat16 weights [N, K] as the tile multiply's B operands [ceil(N/16), ceil(K/32), 512]
+// (zeros padding both), and x [M, K'] (bfloat16, K' = K padded) times them -> [M, N] float32:
+// the low-rank delta of several rows.
+at::Tensor pack_dense(const at::Tensor& w);
+at::Tensor dense_mm(const at::Tensor& x, const at::Tensor& w, int64_t n);
+
 }  // namespace tiles
