@@ -93,7 +93,8 @@ def forward_cost(precision: str | None, device: str = "cpu"):
 # How `project` multiplies: a dense matrix, int8 per channel, int4 in one or two 4-bit planes
 # (the tensors of `packed()`; an int4 projection's low-rank delta, if any, follows its planes), a
 # bfloat16 matrix in oneDNN's own blocked layout, 4-bit or 8-bit codes in the compiled kernel's
-# layout (csrc/lowbit.cpp: codes, steps, offsets; then the delta, if any).
+# layout (csrc/lowbit.cpp: codes, steps, offsets; the tiles' codes and scales, empty without
+# AMX; then the delta, if any: A, B, B's nonzero columns, and A, B as tiles).
 DENSE, INT8, INT4, INT4X2, PACKED, LOWBIT4, LOWBIT8 = 0, 1, 2, 3, 4, 5, 6
 TILED = 2  # LOWBIT4/8 + TILED: the same codes, on tiles at every width (`WidthSwitch.tile_tokens` 1)
 

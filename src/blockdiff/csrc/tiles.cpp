@@ -3,7 +3,7 @@
 // row and a tile multiply takes up to 16 rows of x at once for nearly the price of one.
 //
 // Exact products: a code c is the bfloat16 number 128 + c (4 bits: its bits OR-ed into 128's
-// mantissa) or c (8 bits: converted, exact below 256), x is bfloat16, and `tdpbf16ps` sums their
+// mantissa; 8 bits: two nibble planes, below), x is bfloat16, and `tdpbf16ps` sums their
 // products in float32. Per group of 32 the tile's 16 x 16 float32 result is scaled by the group's
 // steps (one per weight row) and the offset enters through the group's sum of x, as in lowbit:
 // y = sum_g step_g * sum_j (base + c_j) x_j + (offset_g - base * step_g) * sum_j x_j.
@@ -13,9 +13,12 @@
 // Layout, per 16 weight rows (a "column tile", N padded with zero codes) and group: the 16 x 32
 // weights as the tile multiply's B operand wants them (pairs of K per weight row: B[p][2j + h] =
 // w[j][2p + h]). 4 bits: four 64-byte quads; word j of quad q holds code (j, 2(4q + i) + h) at bits
-// 4i + 16h, so B row 4q + i is ((word >> 4i) & 0x000F000F) | 0x43004300. 8 bits: 16 rows of 32
-// bytes; byte t of row p is code (t / 2, 2p + t % 2), byte 16 + t code (8 + t / 2, 2p + t % 2), so
-// converting both halves to float and packing them to bfloat16 gives B row p.
+// 4i + 16h, so B row 4q + i is ((word >> 4i) & 0x000F000F) | 0x43004300. 8 bits: the codes' high
+// nibbles in that layout, then their low nibbles; the high plane decodes with 0x4500 (16 (128 + h),
+// exact) and both planes multiply into one result tile: sum x (2176 + c), base 2176.
+//
+// Also a plain bfloat16 product on tiles (pack_dense, dense_mm; one float32 sum over all of K): the
+// low-rank delta beside the codes in forwards of several tokens.
 #include "tiles.h"
 
 #include <ATen/Parallel.h>
