@@ -5,7 +5,7 @@ message, and where it cannot be built the runtime says so and runs TorchScript."
 import pytest
 import torch
 
-from blockdiff import delta, native, quant, runtime
+from blockdiff import native, quant, runtime
 from blockdiff.decoding import generate
 from blockdiff.model import KVCache, rope_cos_sin
 from blockdiff.runtime import prepare
@@ -33,7 +33,10 @@ SHAPES = {
     "gqa": {},  # 4 query heads over 2 key/value heads, head size 16
     "mha": {"num_key_value_heads": 4},
     "padded": {"hidden_size": 32, "num_attention_heads": 8, "num_key_value_heads": 1},  # q|k|v 40 wide:
-}  # the 4-bit kernel pads its rows to 48, the delta is added after the cut
+    # the 4-bit kernel pads its rows to 48, the delta is added after the cut; head size 4: attention's
+    # per-key loops for several tokens (its query blocks take head sizes 16, 32, 64, 128)
+    "hd64": {"hidden_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1},  # SmolLM2's head size
+}
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -178,13 +181,7 @@ def test_the_delta_reads_each_ranks_nonzero_columns_only_and_all_of_them(q, monk
     rank's column range (`Int4Linear.lr_cols`; 8 tokens: the loops as where the CPU has no tiles).
     With a large delta, a range cut in half moves the output by ~1x its largest value; the kept
     ranges equal the loop to bfloat16 rounding (~1e-2)."""
-    torch.manual_seed(0)
-    m = on_grid_model(intermediate_size=256)
-    delta.attach(m, delta.DeltaSpec(rank=4))
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.requires_grad:
-                p.add_(0.2 * torch.randn_like(p))
+    m = with_delta(on_grid_model(intermediate_size=256), scale=0.2)
     monkeypatch.setattr(quant, "tiles", lambda: False)  # no tile codes: the loops at every width
     qm = prepare(m, "int4")
     qm.width_switch.wide = False

@@ -46,13 +46,14 @@ def on_grid_model(vocab: int = 70, tied: bool = True, **config) -> BlockDiffLM:
     return m.eval()
 
 
-def with_delta(m: BlockDiffLM) -> BlockDiffLM:
-    """m with a rank-4 delta attached and moved off zero (a trained delta's shape)."""
+def with_delta(m: BlockDiffLM, scale: float = 0.05) -> BlockDiffLM:
+    """m with a rank-4 delta attached and moved off zero (a trained delta's shape; a large `scale`:
+    a delta whose mistakes show in the output)."""
     delta.attach(m, delta.DeltaSpec(rank=4))
     with torch.no_grad():
         for p in m.parameters():
             if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))
+                p.add_(scale * torch.randn_like(p))
     return m
 
 

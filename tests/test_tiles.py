@@ -10,12 +10,12 @@ import sys
 import pytest
 import torch
 
-from blockdiff import delta, native, quant, runtime
+from blockdiff import native, quant, runtime
 from blockdiff.decoding import generate
 from blockdiff.quant import Int4Linear
 from blockdiff.runtime import prepare, tiles_from
 from tests.test_native import stack_args
-from tests.test_runtime import on_grid_model, q4_1, q8_0
+from tests.test_runtime import on_grid_model, q4_1, q8_0, with_delta
 
 m = native.module()
 needs_tiles = pytest.mark.skipif(m is None or not m.tiles_usable(), reason="no AMX tiles on this CPU")
@@ -139,13 +139,7 @@ def test_tiles_from_takes_one_or_the_default():
 def test_the_delta_on_tiles_equals_the_loop_to_rounding():
     """8 tokens: codes and low-rank delta on tiles (x A rounded to bfloat16 before B) against the
     Python loop (float32 delta); with the tiles' copy of B zeroed the output moves by ~1x."""
-    torch.manual_seed(0)
-    m = on_grid_model(intermediate_size=256)
-    delta.attach(m, delta.DeltaSpec(rank=4))
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.requires_grad:
-                p.add_(0.2 * torch.randn_like(p))
+    m = with_delta(on_grid_model(intermediate_size=256), scale=0.2)
     qm = prepare(m, "int4")
     qm.width_switch.wide = False
     args = stack_args(qm, 8, 10)
@@ -155,3 +149,15 @@ def test_the_delta_on_tiles_equals_the_loop_to_rounding():
         layer.mlp.gate_up_proj.narrow.lr_b_tiles.zero_()
     cut = qm.fused_layers.native(*stack_args(qm, 8, 10)).float()
     assert (want - cut).abs().max() > 3e-1 * want.abs().max()
+
+
+def test_a_server_with_batches_runs_every_forward_on_tiles(tok):
+    """`blockdiff serve --max-batch` > 1 sets `tiles_from(model, 1)`; a server of one row keeps the
+    default (where the CPU has no tiles the setting changes nothing)."""
+    pytest.importorskip("fastapi")
+    from blockdiff.serve.app import Server
+
+    batched, alone = (prepare(on_grid_model(vocab=tok.vocab_size + 1), "int4") for _ in range(2))
+    Server(batched, tok, "m", max_batch=8)
+    Server(alone, tok, "m", max_batch=1)
+    assert batched.width_switch.tile_tokens == 1 and alone.width_switch.tile_tokens == quant.TILE_TOKENS

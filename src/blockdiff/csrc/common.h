@@ -1,4 +1,5 @@
-// bfloat16 as its bits, and conversions as torch's (shared by step.cpp and lowbit.cpp).
+// bfloat16 as its bits, conversions as torch's, and what the kernels share (step.cpp, lowbit.cpp,
+// tiles.cpp).
 #pragma once
 #include <torch/extension.h>
 
@@ -38,6 +39,26 @@ inline float exp_approx(float x) {
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
   return p * std::bit_cast<float>(uint32_t(int32_t(n) + 127) << 23);
+}
+
+// Codes [N, K] (0 .. 2^bits - 1), a step and an offset [N, K/32] per group of 32, as the packers
+// read them (int64 codes, float32 steps and offsets), checked: a wrong argument is an error.
+struct Codes {
+  at::Tensor codes, step, offset;
+  int64_t n, k, groups;
+};
+inline Codes checked_codes(const at::Tensor& codes, const at::Tensor& step, const at::Tensor& offset, int64_t bits) {
+  TORCH_CHECK(bits == 4 || bits == 8, "codes of 4 or 8 bits");
+  TORCH_CHECK(codes.dim() == 2 && codes.size(1) % 32 == 0, "codes [N, K] with K a multiple of 32");
+  Codes c{codes.to(at::kLong).contiguous(), step.to(at::kFloat).contiguous(), offset.to(at::kFloat).contiguous(),
+          codes.size(0), codes.size(1), codes.size(1) / 32};
+  TORCH_CHECK(c.step.sizes() == c.offset.sizes() && c.step.dim() == 2 && c.step.size(0) == c.n &&
+                  c.step.size(1) == c.groups,
+              "a step and an offset [N, K/32] per group");
+  TORCH_CHECK(c.codes.numel() == 0 ||
+                  (c.codes.min().item<int64_t>() >= 0 && c.codes.max().item<int64_t>() < (int64_t(1) << bits)),
+              "codes out of range for ", bits, " bits");
+  return c;
 }
 
 }  // namespace blockdiff

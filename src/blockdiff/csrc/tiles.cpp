@@ -261,16 +261,9 @@ bool usable() {
 
 std::vector<at::Tensor> pack(const at::Tensor& codes_in, const at::Tensor& step_in, const at::Tensor& offset_in,
                              int64_t bits) {
-  TORCH_CHECK(bits == 4 || bits == 8, "codes of 4 or 8 bits");
-  TORCH_CHECK(codes_in.dim() == 2 && codes_in.size(1) % 32 == 0, "codes [N, K] with K a multiple of 32");
-  const int64_t n_out = codes_in.size(0), k = codes_in.size(1), groups = k / 32, nt = (n_out + ROWS - 1) / ROWS;
+  const auto [codes, step, offset, n_out, k, groups] = blockdiff::checked_codes(codes_in, step_in, offset_in, bits);
+  const int64_t nt = (n_out + ROWS - 1) / ROWS;
   const float base = bits == 4 ? 128.f : 16.f * 128.f + 128.f;  // the decoded codes' base
-  const at::Tensor codes = codes_in.to(at::kLong).contiguous();
-  const at::Tensor step = step_in.to(at::kFloat).contiguous(), offset = offset_in.to(at::kFloat).contiguous();
-  TORCH_CHECK(step.sizes() == offset.sizes() && step.dim() == 2 && step.size(0) == n_out && step.size(1) == groups,
-              "a step and an offset [N, K/32] per group");
-  TORCH_CHECK(codes.numel() == 0 || (codes.min().item<int64_t>() >= 0 && codes.max().item<int64_t>() < (1 << bits)),
-              "codes out of range for ", bits, " bits");
   at::Tensor out = at::zeros({nt, groups, block_bytes(bits)}, at::kByte);
   at::Tensor sc = at::zeros({nt, groups, 2, ROWS});
   const int64_t* q = codes.data_ptr<int64_t>();
