@@ -184,8 +184,18 @@ def main() -> None:
         "blockdiff ar int4 runtime (adapted)": bd_runner(ad4, atok, "ar", N),
         "blockdiff spec k=3 greedy int4 runtime (adapted)": bd_runner(ad4, atok, "spec", N, draft_len=3),
         "blockdiff spec k=1 greedy int4 runtime (adapted)": bd_runner(ad4, atok, "spec", N, draft_len=1),
+        "blockdiff spec k=1 w=2 (tree) greedy int4 runtime (adapted)": bd_runner(
+            ad4, atok, "spec", N, draft_len=1, draft_width=2
+        ),
+        "blockdiff spec k=3 w=4 (tree) greedy int4 runtime (adapted)": bd_runner(
+            ad4, atok, "spec", N, draft_len=3, draft_width=4
+        ),
         "blockdiff spec auto greedy int4 runtime (adapted)": bd_runner(ad4, atok, "spec", N),
         "blockdiff spec k=3 greedy bf16 (adapted)": bd_runner(ad16, atok, "spec", N, draft_len=3),
+        "blockdiff spec k=1 greedy bf16 (adapted)": bd_runner(ad16, atok, "spec", N, draft_len=1),
+        "blockdiff spec k=1 w=2 (tree) greedy bf16 (adapted)": bd_runner(
+            ad16, atok, "spec", N, draft_len=1, draft_width=2
+        ),
         "blockdiff spec auto greedy bf16 (adapted)": bd_runner(ad16, atok, "spec", N),
         "blockdiff bd3 B=4, 2 tok/NFE int4 runtime (adapted)": bd_runner(
             ad4, atok, "bd3", N, block_size=4, steps=2, order="confidence", temperature=0.0

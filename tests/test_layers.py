@@ -12,7 +12,7 @@ ROOT = Path(next(iter(blockdiff.__path__)))  # a namespace package: no __init__.
 FLOORS = [
     {"config", "tokenizer", "quant", "native"},
     {"model", "delta"},
-    {"masks", "runtime", "convert"},
+    {"masks", "runtime", "convert", "costs"},
     {"noise", "checkpoint", "sharding"},
     {"objectives", "trainer_state", "data"},
     {"hub"},

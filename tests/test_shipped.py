@@ -1,6 +1,6 @@
 """The shipped `smollm2-nbdiff` delta over the real SmolLM2 base (from its PyPI wheel): small,
 loads over the right base only, answers a question through a diffusion sampler, and greedy
-`spec` on it equals greedy `ar` token for token."""
+`spec` on it (chain and tree) equals greedy `ar` token for token."""
 
 import json
 import shutil
@@ -39,9 +39,10 @@ def test_greedy_spec_equals_greedy_ar_on_the_real_model():
     model, tok = load_model("smollm2-nbdiff", "float32")  # bf16 shapes round differently
     prompts = [tok.chat(q) for q in ("Name three colors.", "Why is the sky blue?")]
     ar = generate(model, tok, prompts, sampler="ar", max_new_tokens=48)
-    sp = generate(model, tok, prompts, sampler="spec", max_new_tokens=48, draft_len=3)
-    assert sp.tokens == ar.tokens
-    assert sum(r.tokens for r in sp.rows) > 1.3 * sum(r.nfe for r in sp.rows)  # drafts get accepted
+    for width in (1, 3):  # a chain, and a tree with two other candidates for draft 1
+        sp = generate(model, tok, prompts, sampler="spec", max_new_tokens=48, draft_len=3, draft_width=width)
+        assert sp.tokens == ar.tokens
+        assert sum(r.tokens for r in sp.rows) > 1.3 * sum(r.nfe for r in sp.rows)  # drafts get accepted
 
 
 def test_a_delta_over_another_base_is_refused(tmp_path):

@@ -1,6 +1,7 @@
-"""Self-speculative decoding: greedy = greedy AR token for token, batched = unbatched, the cache
-after rejections = recomputation, sampled output distributed as AR's (and a wrong acceptance
-rule caught), >= 1 token per forward, clear errors for models without an AR path."""
+"""Self-speculative decoding, chains and token trees: greedy = greedy AR token for token, batched =
+unbatched, every fed token's AR logits and the cache after rejections = recomputation, sampled
+output distributed as AR's (and a wrong acceptance rule caught), >= 1 token per forward, clear
+errors for models without an AR path."""
 
 import re
 
@@ -34,18 +35,36 @@ def nbdiff(corpus_dir, tmp_path_factory):
     return load_model(out)
 
 
-@pytest.mark.parametrize("draft", [1, 2, 3, 5])
-def test_greedy_spec_equals_greedy_ar(nbdiff, draft):
+def _moves(monkeypatch) -> list[int]:
+    """Counts the cache moves of accepted tree candidates (the test has power where > 0)."""
+    from blockdiff.model import KVCache
+
+    seen, orig = [], KVCache.move
+    monkeypatch.setattr(KVCache, "move", lambda self, *a: seen.append(1) or orig(self, *a))
+    return seen
+
+
+@pytest.mark.parametrize("draft,width", [(1, 1), (2, 1), (3, 1), (5, 1), (1, 3), (3, 2), (3, 4)])
+def test_greedy_spec_equals_greedy_ar(nbdiff, monkeypatch, draft, width):
     model, tok = nbdiff
+    moves = _moves(monkeypatch)
+    kw = {
+        "sampler": "spec",
+        "max_new_tokens": 24,
+        "draft_len": draft,
+        "draft_width": width,
+        "stop_at_eos": False,
+    }
     ar = generate(model, tok, PROMPTS, sampler="ar", max_new_tokens=24, stop_at_eos=False)
-    sp = generate(model, tok, PROMPTS, sampler="spec", max_new_tokens=24, draft_len=draft, stop_at_eos=False)
+    sp = generate(model, tok, PROMPTS, **kw)
     assert sp.tokens == ar.tokens
     for i, p in enumerate(PROMPTS[:2]):  # batched = unbatched
-        one = generate(model, tok, [p], sampler="spec", max_new_tokens=24, draft_len=draft, stop_at_eos=False)
+        one = generate(model, tok, [p], **kw)
         assert one.tokens[0] == sp.tokens[i]
     assert all(r.nfe <= r.tokens for r in sp.rows)  # at least one token per forward
     if draft == 3:
         assert sum(r.nfe for r in sp.rows) < sum(r.nfe for r in ar.rows)  # it does speculate
+    assert bool(moves) == (width > 1)  # trees: some first token was another candidate
 
 
 def test_greedy_spec_with_eos_matches_ar(nbdiff):
@@ -55,27 +74,42 @@ def test_greedy_spec_with_eos_matches_ar(nbdiff):
     assert sp.texts == ar.texts
 
 
-def test_cache_after_rejections_equals_recomputation(nbdiff, monkeypatch):
+@pytest.mark.parametrize("width", [1, 3])
+def test_cache_after_rejections_equals_recomputation(nbdiff, monkeypatch, width):
+    """At every verifying forward, each fed token's AR logits equal a from-scratch forward over
+    the committed prefix and the tokens it follows in the tree: the cache after rejected drafts
+    and moved candidates, the tree's mask and its positions are right."""
     model, tok = nbdiff
-    seen = {"steps": 0, "rejections": 0}
+    moves = _moves(monkeypatch)
+    seen = {"steps": 0}
     orig = Runner.speculate
 
-    def checked(self, n, clean, attach, B):
-        ar, dr = orig(self, n, clean, attach, B)
-        if len(attach) > 1:  # a verifying forward: AR logits at the pending token, from scratch
+    def checked(self, n, clean, attach, B, parent=None):
+        ar, dr = orig(self, n, clean, attach, B, parent)
+        if len(attach) > 1:  # a verifying forward
+            parent = parent or list(range(-1, clean.shape[1] - 1))
             for r in range(self.c.batch):
                 pad = int(-self.c.pos[r, 0])
-                ids = self.c.tokens[r, pad : int(n[r]) + 1][None]
-                want = model(ids, mask=torch.ones(1, 1, ids.shape[1], ids.shape[1]).tril().bool())[0, -1]
-                want[self.c.mask_id] = float("-inf")
-                assert torch.allclose(ar[r, 0], want, atol=1e-4)
+                for i in range(clean.shape[1]):
+                    branch, j = [], i
+                    while j > 0:
+                        branch, j = [int(clean[r, j])] + branch, parent[j]
+                    ids = torch.cat(
+                        [self.c.tokens[r, pad : int(n[r]) + 1], torch.tensor(branch, dtype=torch.long)]
+                    )
+                    L = len(ids)
+                    want = model(ids[None], mask=torch.ones(1, 1, L, L).tril().bool())[0, -1]
+                    want[self.c.mask_id] = float("-inf")
+                    assert torch.allclose(ar[r, i], want, atol=1e-4), (r, i)
             seen["steps"] += 1
         return ar, dr
 
     monkeypatch.setattr(Runner, "speculate", checked)
-    out = generate(model, tok, PROMPTS[:3], sampler="spec", max_new_tokens=30, stop_at_eos=False, draft_len=3)
+    kw = {"max_new_tokens": 30, "stop_at_eos": False, "draft_len": 3, "draft_width": width}
+    out = generate(model, tok, PROMPTS[:3], sampler="spec", **kw)
     assert seen["steps"] > 3
     assert any(r.tokens < 4 * r.nfe for r in out.rows)  # some drafts were rejected on the way
+    assert bool(moves) == (width > 1)
 
 
 def _tiny_vocab_model():
@@ -128,11 +162,11 @@ class _PairCursor:
         self.at += 1
 
 
-def _first_two(model, sampler, n, seed0, constraint=None):
+def _first_two(model, sampler, n, seed0, constraint=None, **kw):
     c = Canvas.build([[1, 2, 3]] * n, 2, 5, 4, 4, 1)
     c.set_grid(1)
     c.stop_at_eos = False
-    plan = PLANS[sampler](model, 2, [], temperature=1.0)
+    plan = PLANS[sampler](model, 2, [], temperature=1.0, **kw)
     plan.constraint = constraint
     gens = [torch.Generator().manual_seed(seed0 + r) for r in range(n)]
     with torch.no_grad():
@@ -146,16 +180,21 @@ def _chi2(a, b):
     return float((((a - b) ** 2) / (a + b))[keep].sum()), int(keep.sum()) - 1
 
 
-def test_sampled_spec_is_distributed_as_ar(monkeypatch):
+@pytest.mark.parametrize("width", [1, 3])
+def test_sampled_spec_is_distributed_as_ar(monkeypatch, width):
+    """The second token (the first one verified: draft 1, or in a tree the other candidates
+    after it, tried against the residual) is distributed as AR's, jointly with the first."""
     model = _tiny_vocab_model()
     n = 4000
+    moves = _moves(monkeypatch)
     ar = _first_two(model, "ar", n, 0)
-    sp = _first_two(model, "spec", n, 10**6)
+    sp = _first_two(model, "spec", n, 10**6, draft_width=width)
     stat, df = _chi2(ar, sp)
     assert df >= 8  # the test has power: many joint outcomes occur
     assert stat < df + 4 * (2 * df) ** 0.5, (stat, df)  # ~ 4 sigma of a chi-square with df
+    assert (len(moves) > n // 20) == (width > 1)  # other candidates were often accepted
     monkeypatch.setattr(speculative, "accept", lambda u, p, q: True)  # the wrong rule: always accept
-    bad = _first_two(model, "spec", n, 10**6)
+    bad = _first_two(model, "spec", n, 10**6, draft_width=width)
     stat_bad, df = _chi2(ar, bad)
     assert stat_bad > df + 4 * (2 * df) ** 0.5, (stat_bad, df)
 
@@ -197,43 +236,44 @@ def test_constrained_greedy_spec_equals_constrained_greedy_ar(nbdiff, monkeypatc
 
 
 def test_best_draft_length_by_hand():
-    """Tokens per forward cost, hand-computed: with a forward of n tokens costing 1 + 0.1 (n - 1)
-    and blocks of 4, k drafts feed 5 (k + 1) tokens: 1.9, 2.4, 2.9 for k = 1, 2, 3."""
+    """Tokens per forward cost, hand-computed: with a forward of n tokens costing 1 + 0.1 (n - 1),
+    k drafts feed (k + 1)(k + 2) tokens (blocks of k + 1): 1.5, 2.1, 2.9 for k = 1, 2, 3."""
     cost = lambda n: 1 + 0.1 * (n - 1)  # noqa: E731
     many = 10**6
-    # every draft accepted: 2/1.9, 3/2.4, 4/2.9 -> k = 3
-    assert speculative.best_k([many] * 3, [many] * 3, 3, 4, cost) == 3
-    # half accepted: 1.5/1.9, 1.75/2.4, 1.875/2.9 all < 1 -> plain AR
-    assert speculative.best_k([many] * 3, [2 * many] * 3, 3, 4, cost) == 0
-    # first always, second never: 2/1.9 = 1.05 > 2/2.4 -> k = 1
-    assert speculative.best_k([many, 0, 0], [many, many, 0], 3, 4, cost) == 1
+    # every draft accepted: 2/1.5 = 1.33, 3/2.1 = 1.43, 4/2.9 = 1.38 -> k = 2
+    assert speculative.best_shape([many] * 3, [many] * 3, [0], 0, 3, 1, cost) == (2, 1)
+    # half accepted: 1.5/1.5, 1.75/2.1, 1.875/2.9, none > 1 -> plain AR
+    assert speculative.best_shape([many] * 3, [2 * many] * 3, [0], 0, 3, 1, cost) == (0, 1)
+    # first always, second never: 2/1.5 > 2/2.1 -> k = 1
+    assert speculative.best_shape([many, 0, 0], [many, many, 0], [0], 0, 3, 1, cost) == (1, 1)
     # a flat cost: any acceptance pays -> the longest
-    assert speculative.best_k([1, 1, 1], [4, 4, 4], 3, 4, lambda n: 1.0) == 3
+    assert speculative.best_shape([1, 1, 1], [4, 4, 4], [0], 0, 3, 1, lambda n: 1.0) == (3, 1)
     # Laplace smoothing: nothing tried yet counts as 1/2
-    assert speculative.best_k([0] * 3, [0] * 3, 3, 4, lambda n: 1.0) == 3
+    assert speculative.best_shape([0] * 3, [0] * 3, [0], 0, 3, 1, lambda n: 1.0) == (3, 1)
 
 
-def test_forward_cost_tables():
-    from blockdiff.quant import FORWARD_MS, forward_cost
+def test_best_tree_width_by_hand():
+    """One draft (blocks of 2: (1 + w) 3 tokens a forward), a forward of n tokens costing
+    1 + 0.05 (n - 1): 1.25, 1.4, 1.55 for w = 1, 2, 3. Draft 1 accepted 40 of 98 (Laplace: 0.41);
+    the first token the drafter's 2nd choice in 30 of 98 forwards, its 3rd in 2 (of 98 + 2):
+    1.41/1.25 = 1.13, 1.71/1.4 = 1.22, 1.73/1.55 = 1.12 -> w = 2; with the 2nd choice in 5 only
+    1.46/1.4 = 1.04 -> the chain."""
+    cost = lambda n: 1 + 0.05 * (n - 1)  # noqa: E731
+    assert speculative.best_shape([40], [98], [40, 30, 2], 98, 1, 3, cost) == (1, 2)
+    assert speculative.best_shape([40], [98], [40, 5, 5], 98, 1, 3, cost) == (1, 1)
+    assert speculative.best_shape([40], [98], [40, 30, 2], 98, 1, 1, cost) == (1, 1)  # width 1 only
+    assert speculative.best_shape([0], [98], [0, 0, 0], 98, 1, 3, cost) == (0, 1)  # nothing pays: AR
 
-    c = forward_cost("int4")
-    t = FORWARD_MS["int4"]
-    assert c(1) == 1.0 and c(8) == pytest.approx(t[8] / t[1])
-    assert c(16) == pytest.approx(t[16] / t[1])
-    assert c(4) < c(6) < c(8)  # interpolated between the measured widths
-    assert c(64) > c(32)  # extrapolated past the widest
-    assert forward_cost("int4", "cuda") is None and forward_cost(None) is None
 
-
-@pytest.mark.parametrize("slope", [0.0, 0.1, 0.15, 1.0])
+@pytest.mark.parametrize("slope", [0.0, 0.1, 0.2, 1.0])
 def test_adaptive_spec_equals_ar_whatever_it_chooses(nbdiff, monkeypatch, slope):
     """Without --draft-len, spec picks its draft length from the runtime's cost table and the
     acceptance it measures; greedy output stays greedy AR's whatever it picks. A forward of n
-    tokens costing 1 + slope (n - 1), blocks of 4 (k drafts: 5 (k + 1) tokens): flat, it keeps
-    drafting; at 0.1 k = 3 (2.9) pays only if nearly every draft is accepted — the probe's 4
-    forwards all accepted would show it (5/6 each, Laplace: 3.1 tokens), so it probes, and stops
-    as soon as even its remaining drafts all accepted could not pay; at 0.15 (3.85) not even that
-    could, nor at 1: it never drafts."""
+    tokens costing 1 + slope (n - 1), blocks of k + 1 (k drafts: (k + 1)(k + 2) tokens, 6, 12,
+    20): flat, it keeps drafting; at 0.1 one draft (1.5) pays only if it is accepted more than
+    half the time — the probe's 4 forwards all accepted would show it (5/6, Laplace), so it
+    probes, and stops as soon as even its remaining drafts all accepted could not pay; at 0.2
+    (one draft: 2.0) not even that could, nor at 1: it never drafts."""
     from blockdiff.decoding import samplers
 
     model, tok = nbdiff
@@ -249,14 +289,14 @@ def test_adaptive_spec_equals_ar_whatever_it_chooses(nbdiff, monkeypatch, slope)
         one = generate(model, tok, [p], sampler="spec", max_new_tokens=30, stop_at_eos=False)
         assert one.tokens[0] == ar.tokens[i]
         assert one.rows[0].tokens == 30 and one.rows[0].nfe <= 30
-        if slope >= 0.15:  # never drafts: the AR step from the start
+        if slope >= 0.2:  # never drafts: the AR step from the start
             assert not forwards
         elif slope == 0.1:  # the prefill and at most 4 probing forwards, then the AR step
             assert 1 <= len(forwards) <= 5 and one.rows[0].nfe > len(forwards)
     per_forward = sum(r.tokens for r in sp.rows) / sum(r.nfe for r in sp.rows)
     said = " ".join(sp.notes)
     if slope == 0:
-        assert per_forward > 1.2 and "draft length" not in said
+        assert per_forward > 1.2 and "-> 0" not in said  # the widest tree, or its draft length
     elif slope == 0.1:
         assert re.search(r"draft length 3 -> 0 after [1-4] forwards?", said), sp.notes
         assert 1.0 <= per_forward < 1.2
@@ -264,15 +304,69 @@ def test_adaptive_spec_equals_ar_whatever_it_chooses(nbdiff, monkeypatch, slope)
         assert "no draft length pays" in said and per_forward == 1.0
 
 
-@pytest.mark.parametrize("prior", [(0.3, 0.2, 0.1), (0.83, 0.83, 0.83), (0.9, 0.9, 0.9)])
+def test_spec_equals_ar_whatever_shapes_it_switches_between(nbdiff, monkeypatch):
+    """Shapes changing from forward to forward (longer chains than the last forward's blocks
+    drafted, trees, back to chains): greedy output is AR's, batched as alone, and the shapes were
+    all fed."""
+    import itertools
+
+    from blockdiff.decoding import samplers
+
+    model, tok = nbdiff
+    monkeypatch.setattr(samplers, "forward_cost", lambda *a: lambda n: 1.0)
+    shapes = itertools.cycle([(1, 1), (3, 3), (2, 1), (3, 1), (1, 4), (2, 2)])
+
+    def rates(*a):  # the next shape in the cycle promises clearly more than any other
+        r = {(0, 1): 1.0, **{(k, w): 1.5 for k in range(1, 4) for w in range(1, 5)}}
+        r[next(shapes)] = 2.0
+        return r
+
+    monkeypatch.setattr(speculative, "rates", rates)
+    fed = set()
+    orig = Runner.speculate
+
+    def spy(self, n, clean, attach, B, parent=None):
+        fed.add((clean.shape[1], B))
+        return orig(self, n, clean, attach, B, parent)
+
+    monkeypatch.setattr(Runner, "speculate", spy)
+    ar = generate(model, tok, PROMPTS, sampler="ar", max_new_tokens=30, stop_at_eos=False)
+    sp = generate(model, tok, PROMPTS, sampler="spec", max_new_tokens=30, stop_at_eos=False)
+    assert sp.tokens == ar.tokens
+    one = generate(model, tok, PROMPTS[:1], sampler="spec", max_new_tokens=30, stop_at_eos=False)
+    assert one.tokens[0] == ar.tokens[0]
+    # (clean tokens, block) fed: one draft, blocks of 2; two drafts (all the blocks of 3 made) while
+    # blocks of 4 draft three; a tree of 4 candidates for draft 1, blocks of 2
+    assert {(2, 2), (3, 4), (5, 2)} <= fed, sorted(fed)
+
+
+@pytest.mark.parametrize("better", [1.01, 1.1])
+def test_spec_keeps_its_shape_unless_another_clearly_pays_more(nbdiff, monkeypatch, better):
+    """After the probe (three drafts, a chain), a tree of one draft and width 2 promising 1 %
+    more does not replace it (near-even shapes would alternate forward after forward); 10 % more
+    does."""
+    from blockdiff.decoding import samplers
+
+    model, tok = nbdiff
+    monkeypatch.setattr(samplers, "forward_cost", lambda *a: lambda n: 1.0)
+    monkeypatch.setattr(speculative, "rates", lambda *a: {(0, 1): 1.0, (3, 1): 1.5, (1, 2): 1.5 * better})
+    fed = []
+    orig = Runner.speculate
+    monkeypatch.setattr(Runner, "speculate", lambda self, *a: fed.append(a[1].shape[1]) or orig(self, *a))
+    out = generate(model, tok, PROMPTS[:1], sampler="spec", max_new_tokens=30, stop_at_eos=False)
+    assert (3 in fed) == (better > 1.03)  # the tree: the pending token, draft 1, one other candidate
+    assert bool(out.notes) == (better > 1.03)
+
+
+@pytest.mark.parametrize("prior", [(0.3, 0.2, 0.1), (0.5, 0.5, 0.5), (0.9, 0.9, 0.9)])
 def test_spec_starts_from_the_models_measured_acceptance(nbdiff, monkeypatch, prior):
     """A model's config may carry its drafts' measured acceptance: counted as 8 tries per position
     from the start. At a cost of 1 + 0.1 (n - 1) per forward the probe's drafts all accepted would
     pay, so without a prior spec probes (above). With one, spec starts from it alone: at
-    0.3/0.2/0.1, and at 0.83 (which the probe's drafts, all accepted, would lift to paying: one
-    row adds 4 tries per position, a batch of 3 adds 12), no draft length pays and spec is plain
-    AR from the start, without one drafting forward; at 0.9 it drafts from the start. Greedy
-    output is AR's."""
+    0.3/0.2/0.1, and at 0.5 (one draft: 1.5 tokens for 1.5; the probe's drafts, all accepted,
+    would lift it to paying: one row adds 4 tries per position, a batch of 3 adds 12), no draft
+    length pays and spec is plain AR from the start, without one drafting forward; at 0.9
+    (1.82 for 1.5) it drafts from the start. Greedy output is AR's."""
     from blockdiff.decoding import samplers
 
     model, tok = nbdiff
@@ -309,5 +403,10 @@ def test_spec_refuses_models_without_an_ar_path(make_model, tok, nbdiff):
     for bad in (0, -2, 64):  # 64 drafts would feed 4225 tokens per forward
         with pytest.raises(ValueError, match="draft_len must be"):
             generate(model, tok, "To be", sampler="spec", max_new_tokens=8, draft_len=bad)
+    for bad in (0, 9):
+        with pytest.raises(ValueError, match="draft_width must be"):
+            generate(model, tok, "To be", sampler="spec", max_new_tokens=8, draft_width=bad)
+    with pytest.raises(ValueError, match="draft_width 6 exceeds the vocabulary"):
+        PLANS["spec"](_tiny_vocab_model(), 2, [], draft_width=6)  # 6 tokens, one of them the mask
     with pytest.raises(ValueError, match="blanks"):
         generate(model, tok, "To <|mask|> be", sampler="spec", max_new_tokens=8)

@@ -188,6 +188,11 @@ class KVCache:
         self.lengths = new.clone()
         self.span = int(self.lengths.max()) if len(self.lengths) else 0
 
+    def move(self, row: int, src: list[int], dst: list[int]) -> None:
+        """Copy one row's slots `src` to `dst` (a speculative tree's accepted branch, consecutive)."""
+        for buf in (b for b in self.k + self.v if b is not None):
+            buf[row, :, dst] = buf[row, :, src]
+
     def visible(self) -> Tensor | None:
         """[b, span] True where a row's slot holds a live key (None: all slots of all rows)."""
         if self.lengths is None or bool((self.lengths == self.span).all()):

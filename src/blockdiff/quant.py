@@ -21,7 +21,6 @@ picks per forward.
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 from torch import Tensor, nn
@@ -39,20 +38,6 @@ TILE_TOKENS = 2
 # The rows oneDNN lays a packed bfloat16 weight out for (a hint: any width runs, with the same
 # bits); the fastest of 8, 32 and 128 for SmolLM2's forwards of 1 to 64 rows (measured, 128).
 PACK_ROWS = 128
-# ms per forward over a 64-token cache by tokens fed per sequence, each precision's runtime on the
-# 2-core development VM, an Intel Xeon with AMX, forwards of <= 32 tokens as compiled C++ (4-bit
-# products: csrc/lowbit.cpp for one token, csrc/tiles.cpp for more), each model (each side of
-# int4's switch) timed warm on its own (benchmarks/cost_table.py, BENCHMARKS.md; int4 past its
-# switch is its bfloat16 copy; "int4 without tiles": lowbit alone, switch at 4, an earlier run):
-# the cost model that picks spec's draft length. Ratios matter, not the milliseconds; another CPU
-# may order near-ties differently, which changes only speed, never the text.
-FORWARD_MS = {
-    "int4": {1: 4.2, 2: 4.6, 4: 5.0, 8: 6.3, 16: 8.6, 32: 15.9},
-    "int4 without tiles": {1: 4.3, 2: 5.6, 4: 8.8, 8: 11.1, 16: 13.1, 32: 16.4},
-    "bfloat16": {1: 8.2, 2: 8.4, 4: 8.7, 8: 9.4, 16: 11.5, 32: 15.8},
-    "int8": {1: 5.1, 2: 6.2, 4: 7.9, 8: 14.3, 16: 25.3, 32: 47.6},
-    "float32": {1: 15.7, 2: 17.4, 4: 24.5, 8: 30.5, 16: 34.1, 32: 44.7},
-}
 
 
 @functools.cache
@@ -65,29 +50,6 @@ def tiles() -> bool:
 def narrow_rows() -> int:
     """The int4 runtime's switch point on this machine (NARROW_ROWS[_TILES])."""
     return NARROW_ROWS_TILES if tiles() else NARROW_ROWS
-
-
-def forward_cost(precision: str | None, device: str = "cpu"):
-    """tokens per sequence -> a forward's cost relative to one token's, from the measured table of
-    the CPU runtime `precision` (interpolated in log2 of the width, linear past 32); None where
-    nothing was measured (other devices, unprepared models)."""
-    if precision == "int4" and not tiles():
-        precision = "int4 without tiles"
-    table = FORWARD_MS.get(precision or "") if device == "cpu" else None
-    if table is None:
-        return None
-    xs = sorted(table)
-
-    def cost(n: int) -> float:
-        if n >= xs[-1]:
-            slope = (table[xs[-1]] - table[xs[-2]]) / (xs[-1] - xs[-2])
-            return (table[xs[-1]] + slope * (n - xs[-1])) / table[1]
-        hi = next(x for x in xs if x >= n)
-        lo = max(x for x in xs if x <= n)
-        f = 0.0 if hi == lo else (math.log2(n) - math.log2(lo)) / (math.log2(hi) - math.log2(lo))
-        return (table[lo] + f * (table[hi] - table[lo])) / table[1]
-
-    return cost
 
 
 # How `project` multiplies: a dense matrix, int8 per channel, int4 in one or two 4-bit planes

@@ -15,7 +15,8 @@ from ..runtime import PRECISIONS
 
 
 def sampler_kwargs(a: argparse.Namespace) -> dict:
-    names = ("block_size", "steps", "threshold", "temperature", "top_p", "top_k", "seed", "draft_len")
+    names = ("block_size", "steps", "threshold", "temperature", "top_p", "top_k", "seed")
+    names += ("draft_len", "draft_width")
     kw = {k: getattr(a, k) for k in names if getattr(a, k, None) is not None}
     if getattr(a, "regex", None) is not None:
         kw["regex"] = a.regex
@@ -71,6 +72,10 @@ def decode_args(g: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--draft-len", type=int, dest="draft_len",
         help="spec: tokens drafted per forward (default: as many as pay on this runtime, per answer)",
+    )  # fmt: skip
+    g.add_argument(
+        "--draft-width", type=int, dest="draft_width",
+        help="spec: candidates for the first drafted token, a token tree (default: as many as pay)",
     )  # fmt: skip
     g.add_argument("--cache", choices=["none", "prefix", "dual", "exact"])
     g.add_argument("--no-cache", action="store_true", dest="no_cache")

@@ -78,6 +78,7 @@ CHECKS: dict[str, Callable[[Any], Any]] = {
     "top_k": _int("top_k", 1),
     # a spec forward feeds (k + 1) + (k + 1)^2 tokens: past 8 drafts it costs more than it saves
     "draft_len": _int("draft_len", 1, 8),
+    "draft_width": _int("draft_width", 1, 8),
     "window": _int("window", 1),
     "max_span": _int("max_span", 1),
     "expand_step": _int("expand_step", 1),

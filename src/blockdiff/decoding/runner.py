@@ -31,6 +31,21 @@ from .canvas import Canvas
 CACHE_MODES = ("none", "exact", "prefix", "dual")
 
 
+def tree(parent: list[int]) -> tuple[Tensor, Tensor]:
+    """Depth [C] of each token of a tree (parent[i] < i; the root's is -1), and [C, C] whether
+    token i follows token j (j is i or one of its ancestors): what i may attend to."""
+    C = len(parent)
+    depth = torch.zeros(C, dtype=torch.long)
+    follows = torch.eye(C, dtype=torch.bool)
+    for i, p in enumerate(parent):
+        if not -1 <= p < i or (p == -1) != (i == 0):
+            raise ValueError(f"not a tree in feed order: token {i}'s parent is {p}")
+        if p >= 0:
+            depth[i] = depth[p] + 1
+            follows[i] |= follows[p]
+    return depth, follows
+
+
 # ---- refresh policies (prefix / dual caches) ---------------------------------------------------
 
 
@@ -237,16 +252,21 @@ class Runner:
                 raise RuntimeError(f"no output for column {lo - 1} (shifted logits): cache bookkeeping bug")
         return token_logits(out[:, lo - f_lo : hi - f_lo], self.cfg, prev)
 
-    def speculate(self, n: Tensor, clean: Tensor, attach: list[int], B: int) -> tuple[Tensor, Tensor]:
+    def speculate(
+        self, n: Tensor, clean: Tensor, attach: list[int], B: int, parent: list[int] | None = None
+    ) -> tuple[Tensor, Tensor]:
         """One forward for self-speculative decoding (context-causal, shifted models).
 
-        Feeds, per row r, `clean` [b, C] as causal tokens at columns n[r]..n[r]+C-1 (their keys
-        go into the cache at those slots), and after each clean index j in `attach` a block of
-        B mask tokens at the next B positions, which sees the cache, clean tokens 0..j and its
-        own block (the training layout of a noisy block over a clean prefix). Rows see only their
-        own cache slots below n[r]. Returns (AR logits [b, C, V]: index i predicts column
-        n+i+1; draft logits [b, len(attach), B-1, V]: block j's position i predicts column
-        n+j+2+i).
+        Feeds, per row r, `clean` [b, C] as causal tokens from column n[r] (their keys go into
+        the cache at slots n[r]..n[r]+C-1), and after each clean index j in `attach` a block of
+        B mask tokens at the next B positions, which sees the cache, clean token j and what it
+        follows, and its own block (the training layout of a noisy block over a clean prefix).
+        `parent` (default: a chain) makes the clean tokens a tree: token i follows parent[i] < i,
+        sits at column n + its depth and sees only the tokens it follows (whoever keeps a branch
+        moves its keys to consecutive slots: `KVCache.move`). Rows see only their own cache slots
+        below n[r]. Returns (AR logits [b, C, V]: index i predicts the column after token i;
+        draft logits [b, len(attach), B-1, V]: block t's position i predicts the column
+        2 + i after clean token attach[t]).
         """
         c, dev = self.c, self.device
         b, C = clean.shape
@@ -254,22 +274,19 @@ class Runner:
         if self.cache.lengths is not None and len(self.cache):
             self.cache.truncate(torch.minimum(self.cache.lengths, n.to(self.cache.lengths.device)))
         span = len(self.cache)
+        depth, follows = tree(list(range(-1, C - 1)) if parent is None else parent)
         # fed layout: clean 0..C-1, then block t (after clean attach[t]) at C + t*B + i
-        j = torch.tensor(attach)
+        j = torch.tensor(attach, dtype=torch.long)
         owner = torch.cat([torch.arange(C), C + torch.arange(nb).repeat_interleave(B)])  # block id
-        after = torch.cat([torch.arange(C), j.repeat_interleave(B)])  # last clean index seen
-        is_clean = torch.arange(C + nb * B) < C
-        fed_mask = torch.where(
-            is_clean[:, None],
-            is_clean[None, :] & (torch.arange(C + nb * B)[None, :] <= torch.arange(C + nb * B)[:, None]),
-            (is_clean[None, :] & (torch.arange(C + nb * B)[None, :] <= after[:, None]))
-            | (owner[None, :] == owner[:, None]),
-        )
+        host = torch.cat([torch.arange(C), j.repeat_interleave(B)])  # the clean token it is behind
+        fed_mask = torch.cat([follows[host], torch.zeros(C + nb * B, nb * B, dtype=torch.bool)], 1)
+        fed_mask |= owner[None, :] == owner[:, None]
         base = n[:, None] + c.pos[:, :1]  # each row's position of column n (pos = column - padding)
-        offs = torch.cat([torch.arange(C), (j[:, None] + 1 + torch.arange(B)[None]).flatten()])
+        offs = torch.cat([depth, (depth[j][:, None] + 1 + torch.arange(B)[None]).flatten()])
         pos = base + offs[None]
-        cols = n[:, None] + torch.arange(C)[None]
-        clean_valid = c.valid.gather(1, cols.clamp(max=c.T - 1)) | (cols >= c.T)
+        cols = n[:, None] + torch.arange(C)[None]  # cache slots
+        at = n[:, None] + depth[None]  # canvas columns
+        clean_valid = c.valid.gather(1, at.clamp(max=c.T - 1)) | (at >= c.T)
         key_valid = torch.cat([clean_valid, torch.ones(b, nb * B, dtype=torch.bool)], 1)
         m = fed_mask[None] & key_valid[:, None, :]
         m = m | torch.eye(C + nb * B, dtype=torch.bool)[None]  # padding queries see themselves

@@ -11,8 +11,8 @@ from collections.abc import Callable
 from typing import Any
 
 from ..config import did_you_mean
+from ..costs import forward_cost
 from ..model import BlockDiffLM
-from ..quant import forward_cost
 from . import options
 from .constraint import constraint_of
 from .policies import (
@@ -29,6 +29,8 @@ from .policies import (
 )
 from .runner import RefreshEvery, RefreshPerBlock
 from .speculative import Speculate
+
+SPEC_WIDTH = 4  # the most candidates spec weighs for the first drafted token when it chooses
 
 
 def _trained_sizes(model: BlockDiffLM) -> list[int]:
@@ -241,11 +243,14 @@ def plan_structural(
 
 
 def plan_spec(
-    model, max_new_tokens, notes, draft_len=None, temperature=0.0, top_k=None, top_p=None, cache="exact", **kw
-) -> Plan:
-    """Self-speculative: mask blocks draft `draft_len` tokens, the AR path verifies (speculative.py).
-    Without `draft_len`, up to the trained block size - 1, as many as pay on this runtime's
-    measured forward costs at the measured acceptance (none: plain AR)."""
+    model, max_new_tokens, notes, draft_len=None, draft_width=None, temperature=0.0, top_k=None, top_p=None,
+    cache="exact", **kw,
+) -> Plan:  # fmt: skip
+    """Self-speculative: mask blocks draft `draft_len` tokens, `draft_width` candidates for the
+    first (a token tree), the AR path verifies (speculative.py). Without either, up to the trained
+    block size - 1 drafts and 4 candidates, as many as pay on this runtime's measured forward
+    costs at the measured acceptance (none: plain AR); with one, the other is fixed too (draft
+    length: the trained block size - 1; width: 1, a chain)."""
     cfg = model.config
     why = None
     if not cfg.shifted:
@@ -261,10 +266,12 @@ def plan_spec(
     if cache != "exact":
         raise ValueError(f"spec decodes with the exact cache (rolled back per row), not '{cache}'")
     cost = None
-    if draft_len is None:
-        draft_len = min(max(_trained_sizes(model)) - 1, 8)
-        device = next(model.parameters()).device.type
-        cost = forward_cost(getattr(model, "precision", None), device)
+    if draft_len is None and draft_width is None:
+        cost = forward_cost(model)
+    draft_len = draft_len or min(max(_trained_sizes(model)) - 1, 8)
+    draft_width = draft_width or (SPEC_WIDTH if cost else 1)
+    if draft_width > cfg.vocab_size - 1:
+        raise ValueError(f"spec: draft_width {draft_width} exceeds the vocabulary ({cfg.vocab_size} tokens)")
     if draft_len + 1 > cfg.max_position_embeddings:
         raise ValueError(f"spec: draft_len {draft_len} exceeds the context ({cfg.max_position_embeddings})")
     if draft_len + 1 not in _trained_sizes(model):
@@ -272,7 +279,7 @@ def plan_spec(
         notes.append(f"spec: draft blocks of {draft_len + 1} tokens; the model was trained with {sizes}")
     return Plan(
         BlockWindow(1), TopK(1), 1, "exact", temperature=temperature, top_k=top_k, top_p=top_p,
-        spec=Speculate(draft_len, cost, notes=notes, prior=tuple(cfg.draft_acceptance)), **kw,
+        spec=Speculate(draft_len, draft_width, cost, notes=notes, prior=tuple(cfg.draft_acceptance)), **kw,
     )  # fmt: skip
 
 
