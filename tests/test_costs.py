@@ -25,7 +25,7 @@ def test_a_prepared_model_is_measured_once_then_read(tmp_path, monkeypatch):
     model = prepare(model, "bfloat16")
     calls = []
     real = costs.measure
-    monkeypatch.setattr(costs, "measure", lambda m: calls.append(1) or real(m, repeats=1))
+    monkeypatch.setattr(costs, "measure", lambda m: calls.append(1) or real(m, rounds=1))
     c = costs.forward_cost(model)
     table = json.loads((tmp_path / "costs.json").read_text())
     assert len(calls) == 1 and len(table) == 1

@@ -5,7 +5,7 @@ Measured where it runs, not carried from another machine: the ratios depend on t
 tiles or not, its caches, its cores) and on the model as prepared (precision, kernels, an
 unmerged delta's rank): an int4 forward of 8 tokens costs 1.5x one token's on a Xeon with AMX
 tiles, 1.8-2.2x on an AMD EPYC without (BENCHMARKS.md). The first decode that needs it times
-this model's forwards of 1..32 tokens over a 64-token cache (about a second on a CPU; a GPU is
+this model's forwards of 1..32 tokens over a 64-token cache (2-7 s on a 2-core CPU; a GPU is
 synchronised around each) and keeps the table in the cache directory, keyed by the machine and
 the model's shapes, so later runs (and a seed's sampled text) see the same table there.
 """
@@ -44,30 +44,31 @@ def curve(table: dict[int, float]) -> Callable[[int], float]:
     return cost
 
 
-def measure(model, widths=WIDTHS, repeats: int = 3, prefix: int = 64) -> dict[int, float]:
+def measure(model, widths=WIDTHS, rounds: int = 5, prefix: int = 64) -> dict[int, float]:
     """ms per forward of n new tokens over a cached prefix (batch 1) as spec feeds them: under an
     explicit mask, logits for every token (a verifying forward reads them for most of its rows;
-    the LM head is a sixth of SmolLM2's weights). For each width, the fastest of `repeats` back
-    to back after two more, as a decode runs one shape many times (a 4-bit model reads a
-    different layout for one token than for several: cold, either looks slower)."""
+    the LM head is a sixth of SmolLM2's weights). The fastest over `rounds` rounds through all
+    widths (a burst of load spoils one round, not a width), each width timed twice after one
+    untimed forward, as a decode runs one shape many times (a 4-bit model reads a different
+    layout for one token than for several: cold, either looks slower)."""
     V, dev = model.config.vocab_size, next(model.parameters()).device
     sync = torch.cuda.synchronize if dev.type == "cuda" else lambda: None
     gen = torch.Generator().manual_seed(0)
     cache = KVCache(model.config.num_hidden_layers)
-    best = {}
+    best = dict.fromkeys(widths, math.inf)
     with torch.no_grad():
         model(torch.randint(0, V, (1, prefix), generator=gen).to(dev), cache=cache, write_cache=True)
-        for n in widths:
-            x = torch.randint(0, V, (1, n), generator=gen).to(dev)
-            mask = torch.ones(1, 1, n, prefix + n, dtype=torch.bool).tril(prefix).to(dev)
-            ts = []
-            for _ in range(repeats + 2):
-                sync()
-                t = time.perf_counter()
-                model(x, mask=mask, cache=cache, write_cache=False)
-                sync()
-                ts.append((time.perf_counter() - t) * 1e3)
-            best[n] = min(ts[2:])
+        xs = {n: torch.randint(0, V, (1, n), generator=gen).to(dev) for n in widths}
+        masks = {n: torch.ones(1, 1, n, prefix + n, dtype=torch.bool).tril(prefix).to(dev) for n in widths}
+        for _ in range(rounds):
+            for n in widths:
+                for i in range(3):
+                    sync()
+                    t = time.perf_counter()
+                    model(xs[n], mask=masks[n], cache=cache, write_cache=False)
+                    sync()
+                    if i:
+                        best[n] = min(best[n], (time.perf_counter() - t) * 1e3)
     return best
 
 
