@@ -25,6 +25,7 @@ from .config import cache_dir
 from .model import KVCache
 
 WIDTHS = (1, 2, 4, 8, 16, 32)
+METHOD = 1  # how `measure` times; raising it after a change re-measures every kept table
 
 
 def curve(table: dict[int, float]) -> Callable[[int], float]:
@@ -83,7 +84,7 @@ def _key(model) -> str:
     where = (
         torch.cuda.get_device_name(dev) if dev.type == "cuda" else [native._key(), torch.get_num_threads()]
     )
-    what = [where, model.precision, tiles(), sizes]
+    what = [METHOD, where, model.precision, tiles(), sizes]
     return hashlib.sha256(json.dumps(what, default=str).encode()).hexdigest()[:16]
 
 
