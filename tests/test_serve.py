@@ -724,3 +724,17 @@ def test_a_second_model_serves_the_ar_side():
         assert after["forwards"] == 0 and after["ar_model"]["forwards"] > before["ar_model"]["forwards"]
         code, r = request(u, "/v1/completions", {**body, "model": "gpt-4", "prompt": "x"})
         assert code == 404 and f"'{MODEL}', 'demo'" in r["error"]["message"]
+
+
+def test_a_spec_server_times_its_cost_curve_at_start(monkeypatch):
+    """`spec` chooses its shape by this machine's forward costs (measured once, 2-7 s): a server
+    whose sampler is spec measures them when it starts, not inside a client's first request."""
+    from blockdiff.serve import app
+
+    model, tok = load_model(MODEL)
+    seen = []
+    monkeypatch.setattr(app, "forward_cost", lambda m: seen.append(m))
+    app.Server(model, tok, MODEL, sampler="spec", timeout=5)
+    assert seen == [model]
+    app.Server(model, tok, MODEL, sampler="bd3", timeout=5)
+    assert seen == [model]

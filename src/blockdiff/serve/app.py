@@ -28,6 +28,7 @@ from ..agent.evaluate import DIFFUSION_SAMPLER
 from ..agent.trajectory import call_schema as agent_call_schema
 from ..agent.world import EVAL_POOL
 from ..config import BlockdiffError
+from ..costs import forward_cost
 from ..decoding import DEFAULT_SAMPLER, SAMPLERS, DecodeSpec
 from ..decoding import options as sampler_options
 from ..decoding.constraint import constraint_of
@@ -74,12 +75,13 @@ class Server:
         self.max_batch, self.max_queue = max_batch, max_queue
         if max_batch > 1:  # batched one-token steps on AMX tiles: batch 8 ~2x faster, alone 0.95x
             tiles_from(model, 1)
+        if sampler == "spec":  # its cost curve timed now (once per machine), not in a first request
+            forward_cost(model)
         self.scheduler = Scheduler(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
         self.ar: Server | None = None
 
     def add_ar_model(self, model: BlockDiffLM, tokenizer: Tokenizer, name: str) -> None:
-        """Serve a second model beside this one, with its own scheduler (its own thread touches
-        it); the page's AR side (the race's `ar` panel, the AR agent) uses it."""
+        """A second model beside this one, own scheduler: the page's AR side (race, AR agent)."""
         if name == self.name:
             raise ValueError(f"the AR model needs a name of its own, '{name}' is the main model's")
         self.ar = Server(
