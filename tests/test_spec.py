@@ -35,6 +35,22 @@ def nbdiff(corpus_dir, tmp_path_factory):
     return load_model(out)
 
 
+def test_tree_layout_by_hand():
+    """Depths and what each token may attend to, for a chain and for the tree spec feeds with two
+    drafts and two other candidates for the first (parents -1, 0, 1, 0); bad parents refused."""
+    from blockdiff.decoding.runner import tree
+
+    depth, follows = tree(None, 3)
+    assert depth.tolist() == [0, 1, 2] and follows.tolist() == [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
+    assert speculative.parents(2, 2) == [-1, 0, 1, 0]
+    depth, follows = tree([-1, 0, 1, 0], 4)
+    assert depth.tolist() == [0, 1, 2, 1]
+    assert follows.int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 1]]
+    for bad in ([-1, 1, 0], [0, 0], [-1, -1]):
+        with pytest.raises(ValueError, match="not a tree"):
+            tree(bad, len(bad))
+
+
 def _moves(monkeypatch) -> list[int]:
     """Counts the cache moves of accepted tree candidates (the test has power where > 0)."""
     from blockdiff.model import KVCache
@@ -227,6 +243,9 @@ def test_constrained_greedy_spec_equals_constrained_greedy_ar(nbdiff, monkeypatc
     for draft in (1, 3):
         sp = generate(model, tok, PROMPTS, sampler="spec", max_new_tokens=n, draft_len=draft, regex=pattern)
         assert sp.tokens == ar.tokens
+    kw = {"sampler": "spec", "max_new_tokens": n, "draft_len": 3, "draft_width": 3, "regex": pattern}
+    sp = generate(model, tok, PROMPTS, **kw)  # a tree asked for under a constraint: a chain, told
+    assert sp.tokens == ar.tokens and any("drafts are a chain" in x for x in sp.notes)
     pattern, n = r"(ab|ba)+c?", 6
     kw = {"sampler": "spec", "max_new_tokens": n, "regex": pattern, "temperature": 1.0, "draft_len": 3}
     real = generate(model, tok, PROMPTS, **kw)
@@ -235,21 +254,25 @@ def test_constrained_greedy_spec_equals_constrained_greedy_ar(nbdiff, monkeypatc
     assert real.tokens == brute.tokens
 
 
+def best(*counts):
+    return speculative.best_shape(speculative.rates(*counts))
+
+
 def test_best_draft_length_by_hand():
     """Tokens per forward cost, hand-computed: with a forward of n tokens costing 1 + 0.1 (n - 1),
     k drafts feed (k + 1)(k + 2) tokens (blocks of k + 1): 1.5, 2.1, 2.9 for k = 1, 2, 3."""
     cost = lambda n: 1 + 0.1 * (n - 1)  # noqa: E731
     many = 10**6
     # every draft accepted: 2/1.5 = 1.33, 3/2.1 = 1.43, 4/2.9 = 1.38 -> k = 2
-    assert speculative.best_shape([many] * 3, [many] * 3, [0], 0, 3, 1, cost) == (2, 1)
+    assert best([many] * 3, [many] * 3, [0], 0, 3, 1, cost) == (2, 1)
     # half accepted: 1.5/1.5, 1.75/2.1, 1.875/2.9, none > 1 -> plain AR
-    assert speculative.best_shape([many] * 3, [2 * many] * 3, [0], 0, 3, 1, cost) == (0, 1)
+    assert best([many] * 3, [2 * many] * 3, [0], 0, 3, 1, cost) == (0, 1)
     # first always, second never: 2/1.5 > 2/2.1 -> k = 1
-    assert speculative.best_shape([many, 0, 0], [many, many, 0], [0], 0, 3, 1, cost) == (1, 1)
+    assert best([many, 0, 0], [many, many, 0], [0], 0, 3, 1, cost) == (1, 1)
     # a flat cost: any acceptance pays -> the longest
-    assert speculative.best_shape([1, 1, 1], [4, 4, 4], [0], 0, 3, 1, lambda n: 1.0) == (3, 1)
+    assert best([1, 1, 1], [4, 4, 4], [0], 0, 3, 1, lambda n: 1.0) == (3, 1)
     # Laplace smoothing: nothing tried yet counts as 1/2
-    assert speculative.best_shape([0] * 3, [0] * 3, [0], 0, 3, 1, lambda n: 1.0) == (3, 1)
+    assert best([0] * 3, [0] * 3, [0], 0, 3, 1, lambda n: 1.0) == (3, 1)
 
 
 def test_best_tree_width_by_hand():
@@ -259,10 +282,10 @@ def test_best_tree_width_by_hand():
     1.41/1.25 = 1.13, 1.71/1.4 = 1.22, 1.73/1.55 = 1.12 -> w = 2; with the 2nd choice in 5 only
     1.46/1.4 = 1.04 -> the chain."""
     cost = lambda n: 1 + 0.05 * (n - 1)  # noqa: E731
-    assert speculative.best_shape([40], [98], [40, 30, 2], 98, 1, 3, cost) == (1, 2)
-    assert speculative.best_shape([40], [98], [40, 5, 5], 98, 1, 3, cost) == (1, 1)
-    assert speculative.best_shape([40], [98], [40, 30, 2], 98, 1, 1, cost) == (1, 1)  # width 1 only
-    assert speculative.best_shape([0], [98], [0, 0, 0], 98, 1, 3, cost) == (0, 1)  # nothing pays: AR
+    assert best([40], [98], [40, 30, 2], 98, 1, 3, cost) == (1, 2)
+    assert best([40], [98], [40, 5, 5], 98, 1, 3, cost) == (1, 1)
+    assert best([40], [98], [40, 30, 2], 98, 1, 1, cost) == (1, 1)  # width 1 only
+    assert best([0], [98], [0, 0, 0], 98, 1, 3, cost) == (0, 1)  # nothing pays: AR
 
 
 @pytest.mark.parametrize("slope", [0.0, 0.1, 0.2, 1.0])
@@ -366,7 +389,9 @@ def test_spec_starts_from_the_models_measured_acceptance(nbdiff, monkeypatch, pr
     0.3/0.2/0.1, and at 0.5 (one draft: 1.5 tokens for 1.5; the probe's drafts, all accepted,
     would lift it to paying: one row adds 4 tries per position, a batch of 3 adds 12), no draft
     length pays and spec is plain AR from the start, without one drafting forward; at 0.9
-    (1.82 for 1.5) it drafts from the start. Greedy output is AR's."""
+    (1.82 for 1.5) it drafts from the start, in the prior's best shape: one draft (1.82/1.5 =
+    1.21 against two: 2.49/2.1 = 1.19, three: 1.05), so its blocks have 2 tokens from the
+    prefill on, not k_max + 1 = 4. Greedy output is AR's."""
     from blockdiff.decoding import samplers
 
     model, tok = nbdiff
@@ -374,7 +399,7 @@ def test_spec_starts_from_the_models_measured_acceptance(nbdiff, monkeypatch, pr
     monkeypatch.setattr(model.config, "draft_acceptance", list(prior))
     forwards = []
     orig = Runner.speculate
-    monkeypatch.setattr(Runner, "speculate", lambda self, *a: forwards.append(1) or orig(self, *a))
+    monkeypatch.setattr(Runner, "speculate", lambda self, *a: forwards.append(a[3]) or orig(self, *a))
     for p in PROMPTS[:2]:
         forwards.clear()
         ar = generate(model, tok, [p], sampler="ar", max_new_tokens=30, stop_at_eos=False)
@@ -385,7 +410,7 @@ def test_spec_starts_from_the_models_measured_acceptance(nbdiff, monkeypatch, pr
             generate(model, tok, [p], sampler="spec", max_new_tokens=30, temperature=0.8, seed=1)
             assert forwards  # sampling: the greedy prior does not apply, it probes
         else:
-            assert len(forwards) > 1  # the prefill, then drafting forwards
+            assert len(forwards) > 1 and forwards[0] == 2  # the prefill's block: one draft
     forwards.clear()  # a batch too: before its first forward its rows share their columns
     ar = generate(model, tok, PROMPTS, sampler="ar", max_new_tokens=30, stop_at_eos=False)
     sp = generate(model, tok, PROMPTS, sampler="spec", max_new_tokens=30, stop_at_eos=False)

@@ -76,7 +76,8 @@ CHECKS: dict[str, Callable[[Any], Any]] = {
     "block_size": _int("block_size", 1),
     "steps": _int("steps", 1),
     "top_k": _int("top_k", 1),
-    # a spec forward feeds (k + 1) + (k + 1)^2 tokens: past 8 drafts it costs more than it saves
+    # a spec forward feeds (k + w)(k + 2) tokens (k drafts, w candidates for the first): past 8
+    # of either it costs more than it saves
     "draft_len": _int("draft_len", 1, 8),
     "draft_width": _int("draft_width", 1, 8),
     "window": _int("window", 1),

@@ -31,19 +31,22 @@ from .canvas import Canvas
 CACHE_MODES = ("none", "exact", "prefix", "dual")
 
 
-def tree(parent: list[int]) -> tuple[Tensor, Tensor]:
-    """Depth [C] of each token of a tree (parent[i] < i; the root's is -1), and [C, C] whether
-    token i follows token j (j is i or one of its ancestors): what i may attend to."""
-    C = len(parent)
-    depth = torch.zeros(C, dtype=torch.long)
-    follows = torch.eye(C, dtype=torch.bool)
+def tree(parent: list[int] | None, C: int) -> tuple[Tensor, Tensor]:
+    """Depth [C] of each of C tokens of a tree (parent[i] < i, the root's -1; None: a chain), and
+    [C, C] whether token i follows token j (j is i or one of its ancestors): what i may attend to.
+    A chain (a prompt: hundreds of tokens) directly; a tree (a few) token by token."""
+    if parent is None:
+        return torch.arange(C), torch.ones(C, C, dtype=torch.bool).tril()
+    if len(parent) != C:
+        raise ValueError(f"{len(parent)} parents for {C} tokens")
+    depth, follows = [0] * C, torch.eye(C, dtype=torch.bool)
     for i, p in enumerate(parent):
         if not -1 <= p < i or (p == -1) != (i == 0):
             raise ValueError(f"not a tree in feed order: token {i}'s parent is {p}")
         if p >= 0:
             depth[i] = depth[p] + 1
             follows[i] |= follows[p]
-    return depth, follows
+    return torch.tensor(depth), follows
 
 
 # ---- refresh policies (prefix / dual caches) ---------------------------------------------------
@@ -274,7 +277,7 @@ class Runner:
         if self.cache.lengths is not None and len(self.cache):
             self.cache.truncate(torch.minimum(self.cache.lengths, n.to(self.cache.lengths.device)))
         span = len(self.cache)
-        depth, follows = tree(list(range(-1, C - 1)) if parent is None else parent)
+        depth, follows = tree(parent, C)
         # fed layout: clean 0..C-1, then block t (after clean attach[t]) at C + t*B + i
         j = torch.tensor(attach, dtype=torch.long)
         owner = torch.cat([torch.arange(C), C + torch.arange(nb).repeat_interleave(B)])  # block id

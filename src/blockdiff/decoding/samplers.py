@@ -248,7 +248,7 @@ def plan_spec(
 ) -> Plan:  # fmt: skip
     """Self-speculative: mask blocks draft `draft_len` tokens, `draft_width` candidates for the
     first (a token tree), the AR path verifies (speculative.py). Without either, up to the trained
-    block size - 1 drafts and 4 candidates, as many as pay on this runtime's measured forward
+    block size - 1 drafts and SPEC_WIDTH candidates, as many as pay on this runtime's measured forward
     costs at the measured acceptance (none: plain AR); with one, the other is fixed too (draft
     length: the trained block size - 1; width: 1, a chain)."""
     cfg = model.config

@@ -37,9 +37,9 @@ from .runner import Runner
 class Speculate:
     draft_len: int = 3  # drafts per forward (k, the most with `cost`); the mask blocks have k + 1 tokens
     width: int = 1  # candidates for the first drafted column (a token tree; the most with `cost`)
-    cost: Callable[[int], float] | None = None  # forward cost by width: shape chosen, `best_shape`
+    cost: Callable[[int], float] | None = None  # forward cost by width: shape chosen (`rates`)
     probe: int = 4  # forwards at draft_len that measure the acceptance before the first choice
-    notes: list[str] | None = None  # where a change of draft length is told
+    notes: list[str] | None = None  # where a change of shape is told
     prior: tuple[float, ...] = ()  # the model's measured acceptance per draft position (its config)
 
 
@@ -56,7 +56,7 @@ def rows(k: int, w: int = 1) -> int:
     return 1 if k == 0 else (k + w) * (k + 2)
 
 
-def tree(k: int, w: int) -> list[int]:
+def parents(k: int, w: int) -> list[int]:
     """Parents of the fed clean tokens: 0 the pending token, 1..k the drafts (a chain), then the
     w - 1 other candidates for draft 1's column (leaves after the pending token)."""
     return [-1, *range(k)] + [0] * (w - 1)
@@ -79,10 +79,9 @@ def rates(
     return out
 
 
-def best_shape(*counts, **kw) -> tuple[int, int]:
-    """The shape of the most tokens per unit of cost (`rates`; ties: the smaller). Lossless at any
-    shape, so only speed depends on it."""
-    r = rates(*counts, **kw)
+def best_shape(r: dict[tuple[int, int], float]) -> tuple[int, int]:
+    """The shape of the most tokens per unit of cost among `rates`' (ties: the smaller). Lossless
+    at any shape, so only speed depends on it."""
     return max(r, key=r.get)
 
 
@@ -138,8 +137,7 @@ class SpecStep:
                 )
             self._hand_over()
         elif sp.cost is not None and self.prior:  # the prior's best shape; the probe measures it
-            r = self._rates(*self._counts())
-            self.k, self.w = max(r, key=r.get)
+            self.k, self.w = best_shape(self._rates(*self._counts()))
 
     def _rates(self, hits: list[float], tried: list[float]) -> dict[tuple[int, int], float]:
         return rates(hits, tried, self.ranks, self.seen, self.kmax, self.wmax, self.plan.spec.cost)
@@ -150,8 +148,7 @@ class SpecStep:
         decides whether to start drafting and whether to go on probing."""
         hits, tried = self._counts()
         more = max(self.plan.spec.probe - self.forwards, 0) * self.c.batch if probing else 0
-        r = self._rates([h + more for h in hits], [t + more for t in tried])
-        return max(r, key=r.get)[0] > 0
+        return best_shape(self._rates([h + more for h in hits], [t + more for t in tried]))[0] > 0
 
     def _counts(self) -> tuple[list[float], list[float]]:
         """Accepted and tried per draft position: counted, plus the model's prior as PRIOR_TRIES
@@ -215,7 +212,7 @@ class SpecStep:
             a = c.tokens.gather(1, self.n.clamp(max=c.T - 1)[:, None])
             clean = torch.cat([a, self.drafts[:, :k], self.drafts[:, self.kmax : self.kmax + w - 1]], 1)
             blocks = list(range(clean.shape[1])) if k else []
-            ar, dr = self.run.speculate(self.n, clean, blocks, B, tree(k, w) if k else None)
+            ar, dr = self.run.speculate(self.n, clean, blocks, B, parents(k, w) if k else None)
             start = self.n
         c.step += 1
         n_new = start.clone()
@@ -272,7 +269,7 @@ class SpecStep:
         if self.forwards < sp.probe and self._may_pay():
             return
         r = self._rates(*self._counts())
-        (k, w), best = (self.k, self.w), max(r, key=r.get)
+        (k, w), best = (self.k, self.w), best_shape(r)
         if best[0] == 0 or r[best] > SWITCH * r[k, w]:
             self.k, self.w = best
         if self.k == 0:
